@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class RobotsConfig(AppConfig):
+    name = "robots"
+    verbose_name = "Fleet"

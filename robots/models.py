@@ -1,0 +1,171 @@
+"""The fleet's metadata: robots, tasks, assignments, episodes and their intervention segments, the audit log.
+
+Frames never live here: an Episode points at its payload file (robots/episode_file.py). State changes go through
+robots/services.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+from .protocol import ControlSource, Outcome, RobotState, Split
+
+
+def _choices(enum_cls):
+    return [(m.value, m.value.replace("_", " ")) for m in enum_cls]
+
+
+class Task(models.Model):
+    """Something the fleet can be asked to do: a simulator environment and the language prompts that describe it."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    env_id = models.CharField(max_length=100, help_text="Simulator environment, e.g. 'drawer-open-v3' (Meta-World)")
+    prompts = models.JSONField(default=list, help_text="One or more language instructions; one is picked per episode")
+    max_steps = models.PositiveIntegerField(default=150)
+    enabled = models.BooleanField(default=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class Robot(models.Model):
+    """One robot (or simulated robot) of the fleet. Authenticates with a per-robot token stored only as a hash."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    token_hash = models.CharField(max_length=64, unique=True, null=True, blank=True, editable=False)
+    token_prefix = models.CharField(max_length=16, blank=True, editable=False, help_text="First characters, to tell tokens apart")
+    token_created_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    # live state, written by the robot socket (robots/consumers.py via services)
+    connected = models.BooleanField(default=False)
+    state = models.CharField(max_length=16, choices=_choices(RobotState), default=RobotState.OFFLINE.value)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    connected_at = models.DateTimeField(null=True, blank=True)
+    current_task = models.ForeignKey(Task, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    current_prompt = models.CharField(max_length=500, blank=True)
+    current_episode = models.UUIDField(null=True, blank=True)
+    current_step = models.PositiveIntegerField(default=0)
+    policy_version = models.PositiveIntegerField(null=True, blank=True, help_text="Checkpoint version the robot runs")
+    policy_name = models.CharField(max_length=100, blank=True)
+    control_source = models.CharField(max_length=16, choices=_choices(ControlSource), default=ControlSource.POLICY.value)
+    loop_hz = models.FloatField(default=0.0)
+    loop_p99_ms = models.FloatField(default=0.0)
+    spool_pending = models.PositiveIntegerField(default=0)
+    capabilities = models.JSONField(default=list, blank=True)
+    agent_version = models.CharField(max_length=50, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def group_name(self) -> str:
+        """Channel-layer group of this robot's socket(s)."""
+        return f"robot.{self.pk}"
+
+
+class TaskAssignment(models.Model):
+    """A weighted entry of a robot's task mix. ``robot=None`` entries form the fleet-wide mix, used by robots
+    that have no entries of their own."""
+
+    robot = models.ForeignKey(Robot, null=True, blank=True, on_delete=models.CASCADE, related_name="assignments")
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="assignments")
+    weight = models.FloatField(default=1.0)
+    split = models.CharField(max_length=8, choices=_choices(Split), default=Split.ONLINE.value)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["robot", "task"], name="one_assignment_per_robot_task")]
+
+    def __str__(self):
+        return f"{self.robot or 'fleet'} -> {self.task} (x{self.weight})"
+
+
+class Episode(models.Model):
+    class Status(models.TextChoices):
+        RECORDING = "recording"  # announced over the socket, still running on the robot
+        UPLOADING = "uploading"  # upload opened, bytes arriving
+        VERIFIED = "verified"  # payload stored, checksum and schema checked: visible to training
+        REJECTED = "rejected"  # the last upload attempt failed verification; the robot keeps its copy and retries
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, help_text="Made by the robot; makes uploads idempotent")
+    robot = models.ForeignKey(Robot, on_delete=models.PROTECT, related_name="episodes")
+    task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="episodes")
+    prompt = models.CharField(max_length=500, blank=True)
+    policy_version = models.PositiveIntegerField(null=True, blank=True)
+    policy_name = models.CharField(max_length=100, blank=True)
+    split = models.CharField(max_length=8, choices=_choices(Split), default=Split.ONLINE.value, db_index=True)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    steps = models.PositiveIntegerField(default=0)
+    outcome = models.CharField(max_length=16, choices=_choices(Outcome), blank=True)
+    success = models.BooleanField(null=True)
+    outcome_source = models.CharField(max_length=16, blank=True, help_text="'robot' (environment), 'operator' (label)")
+    outcome_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    intervention_count = models.PositiveIntegerField(default=0)
+    intervention_steps = models.PositiveIntegerField(default=0)
+    control_hz = models.FloatField(default=0.0)
+    image_shape = models.JSONField(default=list, blank=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECORDING, db_index=True)
+    payload_path = models.CharField(max_length=300, blank=True, help_text="Relative to PAYLOAD_DIR")
+    payload_size = models.BigIntegerField(default=0)
+    payload_sha256 = models.CharField(max_length=64, blank=True)
+    received_bytes = models.BigIntegerField(default=0)
+    error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    verified_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["task", "split", "status"])]
+
+    def __str__(self):
+        return f"{self.id} ({self.task_id}, {self.outcome or self.status})"
+
+
+class InterventionSegment(models.Model):
+    """Steps [start_step, end_step) of an episode driven by a human operator or the simulated operator."""
+
+    episode = models.ForeignKey(Episode, on_delete=models.CASCADE, related_name="segments")
+    start_step = models.PositiveIntegerField()
+    end_step = models.PositiveIntegerField()
+    source = models.CharField(max_length=16, choices=_choices(ControlSource))
+    operator = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    operator_name = models.CharField(max_length=150, blank=True, help_text="As recorded by the robot")
+    reason = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["episode", "start_step"]
+
+    @property
+    def steps(self) -> int:
+        return self.end_step - self.start_step
+
+
+class AuditEvent(models.Model):
+    """Append-only record of safety- and data-relevant actions (takeovers, e-stops, relabels, tokens, deployments)."""
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_name = models.CharField(max_length=150, blank=True, help_text="Kept if the user is deleted; 'system' for the server")
+    action = models.CharField(max_length=50, db_index=True)
+    robot = models.ForeignKey(Robot, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self):
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action}"

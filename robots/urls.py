@@ -1,0 +1,3 @@
+"""API URL patterns under /api/ (placeholder until the API lands)."""
+
+urlpatterns = []

@@ -1,0 +1,5 @@
+"""The SOP web project: settings, ASGI routing, Celery app."""
+
+from .celery import app as celery_app
+
+__all__ = ["celery_app"]

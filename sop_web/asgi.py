@@ -1,0 +1,40 @@
+"""ASGI entry point: HTTP (Django, with static files for one-machine deployments) and the websocket routes.
+
+/ws/robots/  robot agents, authenticated by per-robot token (robots/auth.py)
+/ws/console/ browsers, authenticated by session, origin-checked (AllowedHostsOriginValidator)
+"""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sop_web.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_http = get_asgi_application()  # must run before importing anything that touches models
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+from robots import routing as robot_routing  # noqa: E402
+from sop_web.limits import BodySizeLimit  # noqa: E402
+
+http_app = BodySizeLimit(ASGIStaticFilesHandler(django_http) if settings.SOP_SERVE_STATIC else django_http)
+
+application = ProtocolTypeRouter(
+    {
+        "http": http_app,
+        "websocket": URLRouter(
+            [
+                *robot_routing.robot_urlpatterns,  # robots are not browsers: token auth, no Origin header
+                *[
+                    # browser sockets: session auth + origin check against ALLOWED_HOSTS
+                    type(p)(p.pattern, AllowedHostsOriginValidator(AuthMiddlewareStack(p.callback)), name=p.name)
+                    for p in robot_routing.console_urlpatterns
+                ],
+            ]
+        ),
+    }
+)

