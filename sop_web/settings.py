@@ -115,8 +115,10 @@ def _database(url: str) -> dict:
             "TEST": {"NAME": DATA_DIR / "test.sqlite3"},
         }
     u = urlparse(url)
+    if u.scheme == "sqlite":  # sqlite:////absolute/path.sqlite3 (test servers started as subprocesses use this)
+        return {**_database(""), "NAME": unquote(u.path), "TEST": {"NAME": unquote(u.path)}}
     if u.scheme not in ("postgres", "postgresql"):
-        raise ValueError(f"DATABASE_URL scheme {u.scheme!r} not supported (use postgresql://)")
+        raise ValueError(f"DATABASE_URL scheme {u.scheme!r} not supported (use postgresql:// or sqlite:///)")
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": unquote(u.path.lstrip("/")),

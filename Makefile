@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Everything else is a building block.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ROBOTS ?= 2
+
+.PHONY: install migrate demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+# torch first and pinned: installing a torch dependant first makes pip resolve a multi-GB CUDA build.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $$(grep -E '^(torch|numpy)==' requirements.txt)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+migrate: install
+	$(PY) manage.py migrate
+
+demo: install
+	$(PY) manage.py demo --robots $(ROBOTS)
+
+# The whole suite. Tests get their own data directory (database, payloads, embedded Redis) so that they never
+# touch a running demo.
+test: install
+	SOP_DATA_DIR=$(CURDIR)/var/test $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	SOP_DATA_DIR=$(CURDIR)/var/test $(VENV)/bin/pytest -m "not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf var/test

@@ -1,0 +1,94 @@
+// Fleet page: robots and latest episodes, refreshed every 2 s from the REST API.
+const REFRESH_MS = 2000;
+const robotsTable = document.getElementById("robots");
+const episodesTable = document.getElementById("episodes");
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+const badge = (text, cls = text) => `<span class="badge ${esc(cls)}">${esc(String(text).replace("_", " "))}</span>`;
+const pct = (x) => (x === null || x === undefined ? "–" : `${Math.round(x * 100)}%`);
+const ago = (iso) => {
+  if (!iso) return "–";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  return s < 60 ? `${Math.round(s)} s ago` : s < 3600 ? `${Math.round(s / 60)} min ago` : new Date(iso).toLocaleString();
+};
+
+async function getJSON(url) {
+  const resp = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+  if (resp.status === 401 || resp.status === 403) { window.location.reload(); throw new Error("logged out"); }
+  if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}`);
+  return resp.json();
+}
+
+function renderRobots(robots) {
+  const body = robotsTable.tBodies[0];
+  if (!robots.length) {
+    body.innerHTML = `<tr><td colspan="10" class="muted">No robots yet. Add one with <code>python manage.py add_robot NAME</code>.</td></tr>`;
+    return;
+  }
+  body.innerHTML = robots.map((r) => {
+    const state = r.connected ? r.state : "offline";
+    const policy = r.policy_version ? `v${r.policy_version}` : (r.policy_name || "–");
+    const loop = r.connected && r.loop_hz ? `${r.loop_hz.toFixed(1)} Hz · p99 ${r.loop_p99_ms.toFixed(0)} ms` : "–";
+    return `<tr>
+      <td><strong>${esc(r.name)}</strong><div class="prompt">seen ${ago(r.last_seen)}</div></td>
+      <td>${badge(state)}</td>
+      <td>${esc(r.current_task || "–")}<div class="prompt">${esc(r.current_prompt || "")}</div></td>
+      <td>${r.current_episode ? `${esc(r.current_episode.slice(0, 8))} · ${r.current_step}` : "–"}</td>
+      <td>${badge(r.control_source)}</td>
+      <td>${esc(policy)}</td>
+      <td>${loop}</td>
+      <td>${r.spool_pending ?? 0}</td>
+      <td>${r.episodes ?? 0}</td>
+      <td>${pct(r.success_rate)}</td>
+    </tr>`;
+  }).join("");
+}
+
+function renderEpisodes(episodes) {
+  const body = episodesTable.tBodies[0];
+  if (!episodes.length) {
+    body.innerHTML = `<tr><td colspan="9" class="muted">No episodes yet.</td></tr>`;
+    return;
+  }
+  body.innerHTML = episodes.map((e) => `<tr>
+      <td>${ago(e.ended_at || e.started_at)}</td>
+      <td>${esc(e.robot)}</td>
+      <td>${esc(e.task)}<div class="prompt">${esc(e.prompt)}</div></td>
+      <td>${e.policy_version ? `v${e.policy_version}` : esc(e.policy_name || "–")}</td>
+      <td>${e.steps}</td>
+      <td>${e.outcome ? badge(e.outcome) : "–"}</td>
+      <td>${e.intervention_count ? `${e.intervention_count} (${e.intervention_steps} steps)` : "–"}</td>
+      <td>${esc(e.split)}</td>
+      <td>${badge(e.status)}</td>
+    </tr>`).join("");
+}
+
+function renderSummary(robots, episodeCount) {
+  const set = (k, v) => { document.querySelector(`[data-stat="${k}"]`).textContent = v; };
+  const total = robots.reduce((n, r) => n + (r.episodes || 0), 0);
+  const ok = robots.reduce((n, r) => n + (r.successes || 0), 0);
+  const iv = robots.reduce((n, r) => n + (r.intervened_episodes || 0), 0);
+  set("online", `${robots.filter((r) => r.connected).length} / ${robots.length}`);
+  set("episodes", episodeCount ?? total);
+  set("success", total ? pct(ok / total) : "–");
+  set("interventions", iv);
+}
+
+async function refresh() {
+  try {
+    const [robots, episodes] = await Promise.all([
+      getJSON(robotsTable.dataset.url),
+      getJSON(`${episodesTable.dataset.url}?page_size=12`),
+    ]);
+    const robotList = robots.results ?? robots;
+    renderRobots(robotList);
+    renderEpisodes(episodes.results ?? episodes);
+    renderSummary(robotList, episodes.count);
+    document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  } catch (err) {
+    document.getElementById("updated").textContent = `Update failed: ${err.message}; retrying…`;
+  }
+}
+
+refresh();
+setInterval(refresh, REFRESH_MS);
