@@ -1,14 +1,30 @@
-"""Errors of the fleet app: small classes with a stable code, a status and a default message (like DRF's)."""
+"""Errors of the fleet app: small classes with a stable code, a status and a default message (like DRF's).
 
-from rest_framework import status
+Services raise them; the API answers ``{"code": ..., "detail": ...}`` (plus a class's extra fields, e.g. ``offset``)
+and the robot socket answers a protocol ``error`` message with ``protocol_code``.
+"""
+
+import logging
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404
+from rest_framework import exceptions, status
 from rest_framework.exceptions import APIException
+from rest_framework.response import Response
 from rest_framework.views import exception_handler
+
+log = logging.getLogger(__name__)
 
 
 class SopError(APIException):
     status_code = status.HTTP_400_BAD_REQUEST
     default_code = "invalid"
     default_detail = "Invalid request."
+    protocol_code = "invalid"  # the protocol.ErrorCode sent when this happens on the robot socket
+
+    def __init__(self, detail=None, code=None, **extra):
+        super().__init__(detail, code)
+        self.extra = extra  # added to the error body, e.g. offset=... for offset_mismatch
 
 
 class UnknownTask(SopError):
@@ -20,12 +36,25 @@ class ForbiddenEpisode(SopError):
     status_code = status.HTTP_403_FORBIDDEN
     default_code = "forbidden"
     default_detail = "This episode belongs to another robot."
+    protocol_code = "forbidden"
+
+
+class EpisodeNotFound(SopError):
+    status_code = status.HTTP_404_NOT_FOUND
+    default_code = "not_found"
+    default_detail = "No such episode."
 
 
 class EpisodeConflict(SopError):
     status_code = status.HTTP_409_CONFLICT
     default_code = "conflict"
     default_detail = "This episode was already stored with different content."
+
+
+class UploadNotOpen(SopError):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "upload_not_open"
+    default_detail = "No upload is open for this episode: announce it with POST /api/robot/episodes/ first."
 
 
 class OffsetMismatch(SopError):
@@ -53,9 +82,31 @@ class InvalidPayload(SopError):
 
 
 def api_exception_handler(exc, context):
-    """DRF's handler, plus a stable ``code`` field on every error body: ``{"code": ..., "detail": ...}``."""
+    """Every API error body is ``{"code": str, "detail": str}`` (+ extra fields); never a traceback."""
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied()
     response = exception_handler(exc, context)
-    if response is not None and isinstance(response.data, dict) and "detail" in response.data:
-        codes = exc.get_codes() if hasattr(exc, "get_codes") else None
-        response.data = {"code": codes if isinstance(codes, str) else "invalid", "detail": str(response.data["detail"])}
+    if response is None:
+        # Not an API error: a bug or an outage. Log it with its traceback; the client gets a plain 500.
+        view = context.get("view")
+        log.exception("unhandled error in %s", type(view).__name__ if view else "API view", exc_info=exc)
+        return Response({"code": "server_error", "detail": "Internal server error."}, status=500)
+    if isinstance(exc, exceptions.ValidationError):
+        response.data = {"code": "invalid", "detail": _flatten(exc.detail), "fields": exc.detail}
+    else:
+        codes = exc.get_codes()
+        response.data = {"code": codes if isinstance(codes, str) else "invalid", "detail": str(exc.detail)}
+    response.data.update(getattr(exc, "extra", None) or {})
     return response
+
+
+def _flatten(detail, path=()) -> str:
+    """``{"interventions": {0: {"end": ["..."]}}}`` -> ``"interventions.0.end: ..."``: one readable line."""
+    if isinstance(detail, dict):
+        return "; ".join(_flatten(value, (*path, str(key))) for key, value in detail.items())
+    if isinstance(detail, list):
+        return "; ".join(_flatten(value, path) for value in detail if value)
+    name = ".".join(path)
+    return f"{name}: {detail}" if name else str(detail)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import models
 
 from .protocol import ControlSource, Outcome, RobotState, Split
@@ -18,10 +19,16 @@ def _choices(enum_cls):
     return [(m.value, m.value.replace("_", " ")) for m in enum_cls]
 
 
+# Names travel in protocol messages, which accept only lowercase identifiers (protocol._NAME).
+validate_name = RegexValidator(
+    r"^[a-z0-9][a-z0-9_-]{0,99}$", "Use lowercase letters, digits, '-' and '_' (e.g. 'drawer-open', 'sim-01')."
+)
+
+
 class Task(models.Model):
     """Something the fleet can be asked to do: a simulator environment and the language prompts that describe it."""
 
-    name = models.SlugField(max_length=100, unique=True)
+    name = models.SlugField(max_length=100, unique=True, validators=[validate_name])
     env_id = models.CharField(max_length=100, help_text="Simulator environment, e.g. 'drawer-open-v3' (Meta-World)")
     prompts = models.JSONField(default=list, help_text="One or more language instructions; one is picked per episode")
     max_steps = models.PositiveIntegerField(default=150)
@@ -39,7 +46,7 @@ class Task(models.Model):
 class Robot(models.Model):
     """One robot (or simulated robot) of the fleet. Authenticates with a per-robot token stored only as a hash."""
 
-    name = models.SlugField(max_length=100, unique=True)
+    name = models.SlugField(max_length=100, unique=True, validators=[validate_name])
     token_hash = models.CharField(max_length=64, unique=True, null=True, blank=True, editable=False)
     token_prefix = models.CharField(max_length=16, blank=True, editable=False, help_text="First characters, to tell tokens apart")
     token_created_at = models.DateTimeField(null=True, blank=True, editable=False)

@@ -45,6 +45,13 @@ class ErrorCode(str, enum.Enum):
     REVOKED = "revoked"
 
 
+class CloseCode(enum.IntEnum):
+    """Websocket close codes the server uses (4000-4999 are application codes)."""
+
+    REVOKED = 4003  # the robot's token was revoked or rotated: reconnecting with it is refused (HTTP 403)
+    TOO_MANY_ERRORS = 4008  # more than SOP_MAX_BAD_MESSAGES invalid messages within 60 s
+
+
 class MessageType(str, enum.Enum):
     # robot -> server
     HELLO = "hello"

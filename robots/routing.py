@@ -1,4 +1,8 @@
-"""Websocket URL patterns (placeholder until the consumers land)."""
+"""Websocket URL patterns. sop_web/asgi.py wraps console_urlpatterns with session auth and an origin check."""
 
-robot_urlpatterns = []
+from django.urls import path
+
+from .consumers import RobotConsumer
+
+robot_urlpatterns = [path("ws/robots/", RobotConsumer.as_asgi())]
 console_urlpatterns = []

@@ -1,0 +1,113 @@
+"""Per-robot tokens: ``sop_`` + 43 random URL-safe characters, stored only as a sha256 hash; revocable.
+
+One door for each transport: ``RobotTokenAuthentication`` for the HTTP data plane (``Authorization: Bearer``),
+``token_from_scope`` for the robot websocket. Both end in ``authenticate_token``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Optional
+
+from rest_framework import authentication, exceptions, permissions
+
+from .models import Robot
+
+TOKEN_PREFIX = "sop_"
+SHOWN_PREFIX_CHARS = 12  # "sop_" + 8 random characters: tells tokens apart in the admin, useless to an attacker
+MAX_TOKEN_CHARS = 200
+
+
+def generate_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(raw: str) -> str:
+    # A plain sha256 is enough: tokens carry 256 random bits, so there is nothing for a slow hash to protect.
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def shown_prefix(raw: str) -> str:
+    return raw[:SHOWN_PREFIX_CHARS]
+
+
+def authenticate_token(raw: Optional[str]) -> Optional[Robot]:
+    """The robot holding this token, or None for an unknown, malformed or revoked token."""
+    if not raw or not raw.startswith(TOKEN_PREFIX) or len(raw) > MAX_TOKEN_CHARS:
+        return None
+    # Revocation clears token_hash, so a revoked token can never match; revoked_at is checked as a second lock.
+    return Robot.objects.filter(token_hash=hash_token(raw), revoked_at__isnull=True).first()
+
+
+def token_from_scope(scope) -> Optional[str]:
+    """The bearer token of a websocket handshake (``Authorization: Bearer <token>``), or None.
+
+    Only the header counts: a token in the URL would end up in access logs.
+    """
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            return _bearer(value)
+    return None
+
+
+def _bearer(value: bytes) -> Optional[str]:
+    parts = value.split()
+    if len(parts) != 2 or parts[0].lower() != b"bearer":
+        return None
+    try:
+        return parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+class RobotIdentity:
+    """What ``request.user`` is on robot endpoints: authenticated, but never a Django user, staff or superuser."""
+
+    is_authenticated = True
+    is_anonymous = False
+    is_active = True
+    is_staff = False
+    is_superuser = False
+
+    def __init__(self, robot: Robot):
+        self.robot = robot
+        self.pk = None  # no Django user behind it
+
+    def __str__(self):
+        return f"robot:{self.robot.name}"
+
+
+class RobotTokenAuthentication(authentication.BaseAuthentication):
+    """``Authorization: Bearer sop_...``. Sets ``request.user`` to a RobotIdentity and ``request.auth`` to the Robot."""
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request)
+        if not header:
+            return None
+        raw = _bearer(header)
+        if raw is None:
+            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <robot token>'.")
+        robot = authenticate_token(raw)
+        if robot is None:
+            raise exceptions.AuthenticationFailed("Unknown or revoked robot token.")
+        return RobotIdentity(robot), robot
+
+    def authenticate_header(self, request):
+        return 'Bearer realm="robots"'  # makes DRF answer 401 (not 403) without credentials
+
+
+class IsRobot(permissions.BasePermission):
+    """Only requests authenticated by a robot token."""
+
+    def has_permission(self, request, view):
+        return isinstance(request.auth, Robot)
+
+
+class IsOperator(permissions.BasePermission):
+    """A logged-in console user. A robot token never passes, even if robot auth were enabled on the view."""
+
+    def has_permission(self, request, view):
+        return bool(request.user and request.user.is_authenticated and request.user.is_active) and not isinstance(
+            request.auth, Robot
+        )

@@ -1,0 +1,27 @@
+"""``manage.py add_robot NAME [--rotate]``: create a robot and print its token, once."""
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from robots import services
+from robots.models import Robot
+
+
+class Command(BaseCommand):
+    help = "Create a robot and print its token (shown once). With --rotate, issue a new token to an existing robot."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="lowercase name, e.g. sim-01")
+        parser.add_argument("--rotate", action="store_true", help="replace the token of an existing robot")
+        parser.add_argument("--server", default="http://127.0.0.1:8000", help="server URL shown in the agent hint")
+
+    def handle(self, name, rotate, server, **options):
+        if Robot.objects.filter(name=name).exists() and not rotate:
+            raise CommandError(f"robot {name!r} exists; use --rotate to issue a new token (the old one stops working)")
+        try:
+            robot, token = services.register_robot(name)
+        except ValidationError as exc:
+            raise CommandError(f"invalid robot name {name!r}: {' '.join(exc.messages)}") from None
+        self.stdout.write(f"robot {robot.name}: {'token rotated' if rotate else 'created'}")
+        self.stdout.write(f"token (shown once, store it on the robot): {token}")
+        self.stdout.write(f"run the agent:  python -m robots.agent --server {server} --token {token}")
