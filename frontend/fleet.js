@@ -38,8 +38,8 @@ function renderRobots(robots) {
       <td>${esc(policy)}</td>
       <td>${loop}</td>
       <td>${r.spool_pending ?? 0}</td>
-      <td>${r.episodes ?? 0}</td>
-      <td>${pct(r.success_rate)}</td>
+      <td>${r.verified_episode_count}</td>
+      <td>${r.verified_episode_count ? pct(r.successful_episode_count / r.verified_episode_count) : "–"}</td>
     </tr>`;
   }).join("");
 }
@@ -51,7 +51,7 @@ function renderEpisodes(episodes) {
     return;
   }
   body.innerHTML = episodes.map((e) => `<tr>
-      <td>${ago(e.ended_at || e.started_at)}</td>
+      <td>${e.status === "recording" ? "running now" : ago(e.ended_at || e.started_at)}</td>
       <td>${esc(e.robot)}</td>
       <td>${esc(e.task)}<div class="prompt">${esc(e.prompt)}</div></td>
       <td>${e.policy_version ? `v${e.policy_version}` : esc(e.policy_name || "–")}</td>
@@ -63,15 +63,14 @@ function renderEpisodes(episodes) {
     </tr>`).join("");
 }
 
-function renderSummary(robots, episodeCount) {
+function renderSummary(robots) {
   const set = (k, v) => { document.querySelector(`[data-stat="${k}"]`).textContent = v; };
-  const total = robots.reduce((n, r) => n + (r.episodes || 0), 0);
-  const ok = robots.reduce((n, r) => n + (r.successes || 0), 0);
-  const iv = robots.reduce((n, r) => n + (r.intervened_episodes || 0), 0);
+  const sum = (f) => robots.reduce((n, r) => n + (r[f] || 0), 0);
+  const total = sum("verified_episode_count");
   set("online", `${robots.filter((r) => r.connected).length} / ${robots.length}`);
-  set("episodes", episodeCount ?? total);
-  set("success", total ? pct(ok / total) : "–");
-  set("interventions", iv);
+  set("episodes", total);
+  set("success", total ? pct(sum("successful_episode_count") / total) : "–");
+  set("spool", sum("spool_pending"));
 }
 
 async function refresh() {
@@ -83,7 +82,7 @@ async function refresh() {
     const robotList = robots.results ?? robots;
     renderRobots(robotList);
     renderEpisodes(episodes.results ?? episodes);
-    renderSummary(robotList, episodes.count);
+    renderSummary(robotList);
     document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
     document.getElementById("updated").textContent = `Update failed: ${err.message}; retrying…`;

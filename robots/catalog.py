@@ -45,6 +45,9 @@ MT10: tuple[TaskSpec, ...] = (
 
 CATALOG: dict[str, TaskSpec] = {spec.name: spec for spec in MT10}
 
+# What `manage.py demo` runs by default: tasks whose scripted experts are reliable and quick.
+DEMO_TASKS: tuple[str, ...] = ("reach", "drawer-open", "button-press-topdown", "window-open")
+
 
 def lookup(names: list[str] | tuple[str, ...]) -> list[TaskSpec]:
     """The specs for ``names`` (task names or env ids), in catalog order. Raises KeyError naming the unknown ones."""
