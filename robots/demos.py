@@ -1,0 +1,43 @@
+"""Record scripted-expert demonstrations into a spool directory, with the robot agent's own runtime and recorder.
+
+Pure core (no Django), so ``collect_demos`` can run it in worker processes; the command then ingests the spooled
+files through the same service functions the upload API uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from robots.agent.agents import ScriptedExpertAgent
+from robots.agent.environment import MetaWorldEnvironment
+from robots.agent.recorder import EpisodeRecorder, SpoolWriter
+from robots.agent.runtime import Runtime
+from robots.agent.spool import Spool
+from robots.protocol import Split, TaskAssigned
+
+# Offline collection does not need real time: a rate far above what the simulator manages means "as fast as it goes".
+AS_FAST_AS_POSSIBLE_HZ = 1000.0
+
+
+def record(spool_dir: str, task: str, env_id: str, prompts: list[str], max_steps: int, episodes: int, *,
+           noise: float, seed: int, image_size: int, camera: str, robot: str) -> int:
+    """Run ``episodes`` expert episodes of one task; each lands in ``spool_dir`` as a complete spool entry."""
+    logging.getLogger("robots.agent").setLevel(logging.WARNING)
+    rng = random.Random(seed)
+    writer = SpoolWriter(Spool(Path(spool_dir))).start()
+    runtime = Runtime(
+        lambda env: MetaWorldEnvironment(env, camera=camera, image_size=image_size, seed=seed),
+        ScriptedExpertAgent(noise=noise, seed=seed),
+        [EpisodeRecorder(writer)],
+        control_hz=AS_FAST_AS_POSSIBLE_HZ,
+        camera=camera,
+        robot_name=lambda: robot,
+    )
+    for _ in range(episodes):
+        runtime.run_episode(TaskAssigned(task=task, env_id=env_id, prompt=rng.choice(prompts), max_steps=max_steps,
+                                         split=Split.OFFLINE.value))
+    runtime.stop()
+    writer.close()  # waits until every episode is complete in the spool
+    return episodes

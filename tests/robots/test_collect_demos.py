@@ -1,0 +1,30 @@
+"""collect_demos records expert episodes with the agent's runtime and ingests them through the upload services."""
+
+import pytest
+from django.conf import settings
+from django.core.management import CommandError, call_command
+
+from robots.episode_file import EpisodeReader
+from robots.models import Episode, Task
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_stores_verified_offline_demonstrations(payload_dir):
+    Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the goal"], max_steps=120)
+    call_command("collect_demos", "--tasks", "reach", "--episodes", "2", "--workers", "1", "--image-size", "32")
+
+    episodes = Episode.objects.filter(task__name="reach")
+    assert episodes.count() == 2
+    for ep in episodes:
+        assert ep.split == "offline" and ep.status == Episode.Status.VERIFIED and ep.success
+        assert ep.robot.name == "demo-collector" and ep.policy_name == "scripted-expert"
+        with EpisodeReader(settings.PAYLOAD_DIR / ep.payload_path) as reader:
+            assert reader.meta["split"] == "offline"
+            assert reader.steps == ep.steps
+            assert reader.frame(0)["image"].shape == (32, 32, 3)
+
+
+def test_it_refuses_unknown_tasks():
+    with pytest.raises(CommandError, match="unknown task"):
+        call_command("collect_demos", "--tasks", "no-such-task", "--episodes", "1")
