@@ -153,6 +153,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {"learner.*": {"queue": "learner"}}  # training and evaluation: GPU workers take this queue
 CELERY_BEAT_SCHEDULE = {
     "cleanup-stale-uploads": {"task": "robots.cleanup_stale_uploads", "schedule": 600.0},
     "mark-silent-robots-offline": {"task": "robots.mark_silent_robots_offline", "schedule": 30.0},
@@ -165,6 +166,8 @@ SOP_STALE_UPLOAD_HOURS = env_int("SOP_STALE_UPLOAD_HOURS", 24)
 SOP_HEARTBEAT_S = float(env_str("SOP_HEARTBEAT_S", "2.0"))
 SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat for this long -> shown offline
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
+SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)
+SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an evaluation
 DATA_UPLOAD_MAX_MEMORY_SIZE = SOP_MAX_UPLOAD_CHUNK_BYTES + 1024
 
 REST_FRAMEWORK = {

@@ -12,5 +12,6 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", robot_views.healthz, name="healthz"),
     path("api/", include("robots.urls")),
+    path("api/", include("learner.urls")),
     path("admin/", admin.site.urls),
 ]

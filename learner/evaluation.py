@@ -1,0 +1,50 @@
+"""Closed-loop evaluation of a policy on one simulated task, without interventions. Pure core (no Django)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from typing import Callable, Optional
+
+from robots.agent.environment import MetaWorldEnvironment
+from robots.agent.learned import PolicyAgent
+from robots.agent.runtime import Runtime
+from robots.protocol import Outcome, Split, TaskAssigned
+
+FAST_HZ = 1000.0  # simulated evaluation need not run in real time
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOutcome:
+    episodes: int
+    successes: int
+    mean_length: float
+    lengths: tuple[int, ...]
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.episodes if self.episodes else 0.0
+
+
+def evaluate_policy(policy, env_id: str, prompts: list[str], max_steps: int, episodes: int, *, seed: int = 0,
+                    image_size: int = 96, camera: str = "corner3", version: Optional[int] = None,
+                    progress: Optional[Callable[[int, int], None]] = None) -> EvalOutcome:
+    """Run ``episodes`` episodes with fresh task variations (seeded) through the robot agent's runtime."""
+    logging.getLogger("robots.agent").setLevel(logging.WARNING)
+    rng = random.Random(seed)
+    env = MetaWorldEnvironment(env_id, camera=camera, image_size=image_size, seed=seed)
+    runtime = Runtime(lambda _: env, PolicyAgent(policy, version), control_hz=FAST_HZ, camera=camera)
+    successes, lengths = 0, []
+    try:
+        for i in range(episodes):
+            result = runtime.run_episode(TaskAssigned(task="eval", env_id=env_id, prompt=rng.choice(prompts),
+                                                      max_steps=max_steps, split=Split.EVAL.value))
+            successes += int(result.outcome == Outcome.SUCCESS)
+            lengths.append(result.steps)
+            if progress:
+                progress(i + 1, episodes)
+    finally:
+        runtime.stop()
+        env.close()
+    return EvalOutcome(episodes, successes, sum(lengths) / max(1, len(lengths)), tuple(lengths))

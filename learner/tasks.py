@@ -1,0 +1,49 @@
+"""Celery tasks of the learner: thin doors into learner/services.py. Ids in, re-fetch, call a service.
+
+Both run on the ``learner`` queue (GPU workers take it in a multi-machine deployment). acks_late +
+reject_on_worker_lost (settings) redeliver a task whose worker was killed; the claim in the database decides who
+trains, so a redelivered task never trains a run that a live worker holds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from learner import services
+from learner.models import Checkpoint, TrainingRun
+
+log = logging.getLogger(__name__)
+
+CLAIM_RETRIES = 3  # a task that finds the run held retries this often, STALE_S apart, then leaves it to the holder
+
+
+@shared_task(name="learner.run_training", bind=True, ignore_result=True)
+def run_training(self, run_id: int, claim_attempt: int = 0) -> str:
+    run = services.claim_run(run_id, services.worker_name())
+    if run is None:
+        current = TrainingRun.objects.filter(pk=run_id).first()
+        if current is None or current.status not in TrainingRun.ACTIVE:
+            return "not active"
+        if claim_attempt < CLAIM_RETRIES:
+            # Held by someone: alive (then its own chain goes on) or a killed worker whose claim goes stale soon.
+            run_training.apply_async((run_id, claim_attempt + 1), countdown=services.STALE_S + 1)
+        return "held"
+    outcome = services.run_round(run)
+    if outcome == "continue":
+        run_training.apply_async((run_id,))
+    elif outcome == "wait":
+        run_training.apply_async((run_id,), countdown=services.WAIT_RETRY_S)
+    return outcome
+
+
+@shared_task(name="learner.evaluate_checkpoint", ignore_result=True)
+def evaluate_checkpoint(checkpoint_id: int, task_names: list[str] | None = None, episodes: int | None = None) -> int:
+    checkpoint = Checkpoint.objects.filter(pk=checkpoint_id).first()
+    if checkpoint is None:
+        return 0
+    from robots.models import Task
+
+    tasks = Task.objects.filter(name__in=task_names) if task_names else None
+    return len(services.evaluate(checkpoint, tasks, episodes))

@@ -1,0 +1,39 @@
+"""The learned policy as an ``Agent``: a checkpoint's action chunks, re-planned every few steps."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .agents import Agent, Decision
+from .environment import Observation
+
+
+class PolicyAgent(Agent):
+    """Runs a ``learner.policy.Policy`` (loaded from a verified checkpoint) on the control thread.
+
+    Receding horizon: the policy predicts an H-step action chunk; the agent executes the first ``execute_steps`` of it
+    and then asks again (1 = re-plan every step, which one CPU core affords: inference is a few ms). Evaluation jobs
+    use this same class, so a checkpoint is measured exactly as robots run it.
+    """
+
+    def __init__(self, policy, version: Optional[int], execute_steps: int = 1):
+        self.policy = policy
+        self.policy_version = version
+        self.name = f"v{version}" if version is not None else "learned"
+        self.execute_steps = max(1, execute_steps)
+        self._prompt = ""
+        self._chunk: Optional[np.ndarray] = None
+        self._used = 0
+
+    def reset(self, env_id: str, prompt: str) -> None:
+        self._prompt = prompt
+        self._chunk, self._used = None, 0
+
+    def act(self, observation: Observation) -> Decision:
+        if self._chunk is None or self._used >= min(self.execute_steps, len(self._chunk)):
+            self._chunk, self._used = self.policy.act(observation, self._prompt), 0
+        action = np.asarray(self._chunk[self._used], dtype=np.float32)
+        self._used += 1
+        return Decision(action)
