@@ -1,0 +1,218 @@
+"""``python -m robots.agent --server URL``: the edge process of one robot (here a simulated Meta-World robot).
+
+Threads: the main thread runs asyncio with the websocket (``connection``); the ``control`` thread runs the fixed-rate
+episode loop (``runtime``); ``spool-writer`` writes finished episodes to disk (``recorder``); ``uploader`` sends them
+to the server (``uploader``). Only thread-safe queues and ``call_soon_threadsafe`` cross between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+from robots import protocol
+
+from .agents import Agent, make_agent
+from .backoff import Backoff
+from .config import POLICY_NAMES, AgentConfig
+from .connection import Connection, EventReporter
+from .environment import Environment, MetaWorldEnvironment
+from .recorder import EpisodeRecorder, SpoolWriter
+from .runtime import Runtime
+from .spool import Spool
+from .uploader import Uploader
+
+log = logging.getLogger("robots.agent")
+
+TOKEN_ENV = "SOP_ROBOT_TOKEN"
+SHOWN_TOKEN_CHARS = 12  # the server's robots.auth.SHOWN_PREFIX_CHARS: "sop_" + 8 characters, shown in the admin too
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m robots.agent", description="The SOP robot agent: runs one robot.")
+    p.add_argument("--server", required=True, help="SOP server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", default=None, help=f"robot token (prefer the {TOKEN_ENV} environment variable: "
+                                                 "arguments are visible to every user in ps)")
+    p.add_argument("--spool", type=Path, default=None, help="spool directory (default ./var/spool/<token prefix>)")
+    p.add_argument("--hz", type=float, default=10.0, help="control rate (default 10)")
+    p.add_argument("--policy", choices=sorted(POLICY_NAMES), default="expert")
+    p.add_argument("--noise", type=float, default=0.0, help="std of gaussian noise on the expert's action")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--camera", default="corner3")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="exit 0 once this many episodes have ended and been verified by the server")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="with --episodes: exit 1 if they are not all verified after this many seconds")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    return p.parse_args(argv)
+
+
+def default_spool(token: str) -> Path:
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "", token[:SHOWN_TOKEN_CHARS]) or "robot"
+    return Path("var") / "spool" / prefix
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    return AgentConfig(
+        server=args.server,
+        token=token,
+        spool_dir=args.spool or default_spool(token),
+        control_hz=args.hz,
+        policy=args.policy,
+        noise=args.noise,
+        image_size=args.image_size,
+        camera=args.camera,
+        episodes=args.episodes,
+        run_timeout_s=args.timeout,
+        seed=args.seed,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s",
+    )
+    if args.log_level != "DEBUG":
+        for noisy in ("httpx", "OpenGL"):  # a line per upload chunk; a notice about an optional accelerator
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    # The one argument to change for a real robot: a callable env_id -> Environment that drives the hardware.
+    make_env = functools.partial(
+        MetaWorldEnvironment, camera=config.camera, image_size=config.image_size, seed=config.seed
+    )
+    agent = make_agent(config.policy, noise=config.noise, seed=config.seed)
+    return asyncio.run(serve(config, make_env, agent))
+
+
+async def serve(config: AgentConfig, make_env: Callable[[str], Environment], agent: Agent) -> int:
+    """Wire the threads, run until a signal (exit 0), ``--episodes`` verified (0) or a failure/timeout (1)."""
+    log.info("starting %r", config)
+    spool = Spool(config.spool_dir)
+    leftovers = spool.recover()  # before the writer thread exists: it may delete half-written temp files
+    if leftovers:
+        log.info("%d episode(s) left in the spool by an earlier run will be uploaded first", len(leftovers))
+    backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+    uploader = Uploader(
+        spool, config.server_url, config.token,
+        chunk_bytes=config.upload_chunk_bytes, timeout_s=config.http_timeout_s, backoff=backoff,
+    )
+    writer = SpoolWriter(spool, on_spooled=uploader.enqueue)
+
+    def spool_pending() -> int:
+        return uploader.pending + writer.backlog
+
+    runtime: Runtime  # built below; the connection's callbacks only run once the loop serves
+
+    def hello() -> protocol.Hello:
+        return protocol.Hello(
+            agent_version=config.agent_version,
+            capabilities=["metaworld"],
+            policy_version=agent.policy_version,
+            policy=agent.name,
+            spool_pending=spool_pending(),
+        )
+
+    def status() -> protocol.Status:
+        snap = runtime.snapshot()
+        return protocol.Status(
+            state=snap.state.value,
+            task=snap.task,
+            episode_id=snap.episode_id,
+            step=snap.step,
+            control_source=snap.control_source.value,
+            loop_hz=round(snap.loop_hz, 3),
+            loop_p99_ms=round(snap.loop_p99_ms, 3),
+            overruns=snap.overruns,
+            policy_version=agent.policy_version,
+            policy=agent.name,
+            spool_pending=spool_pending(),
+        )
+
+    connection = Connection(config, hello=hello, status=status, on_assignment=lambda a: runtime.assign(a))
+    runtime = Runtime(
+        make_env,
+        agent,
+        [EpisodeRecorder(writer), EventReporter(connection)],
+        control_hz=config.control_hz,
+        camera=config.camera,
+        robot_name=lambda: connection.robot_name or "unknown",
+        max_episodes=config.episodes,
+        idle_poll_s=config.idle_poll_s,
+    )
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now (the spool is consistent: every write is atomic)",
+                        signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: finishing the current step, then shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    writer.start()
+    uploader.start()
+    control = threading.Thread(target=runtime.run, name="control", daemon=True)
+    control.start()
+    link = asyncio.create_task(connection.run(stop), name="connection")
+
+    exit_code = 0
+    deadline = loop.time() + config.run_timeout_s if config.episodes else None
+    while not stop.is_set():
+        if not control.is_alive():
+            ended = runtime.ended_ids
+            if not (config.episodes and len(ended) >= config.episodes):
+                log.error("the control loop stopped unexpectedly")
+                exit_code = 1
+                break
+            unsettled = [i for i in ended if i not in uploader.verified and i not in uploader.rejected]
+            if writer.backlog == 0 and not unsettled:
+                verified = sum(i in uploader.verified for i in ended)
+                log.info("%d episode(s) ended, %d verified by the server: done", len(ended), verified)
+                exit_code = 0 if verified == len(ended) else 1
+                break
+        if deadline is not None and loop.time() > deadline:
+            log.error("timed out after %.0f s: %d of %d episode(s) verified", config.run_timeout_s,
+                      sum(i in uploader.verified for i in runtime.ended_ids), config.episodes)
+            exit_code = 1
+            break
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
+
+    # Shutdown, in the order that keeps data: the control loop ends its episode (aborted) and hands it to the
+    # writer; the writer puts it in the spool; the uploader finishes its request in flight; then the socket closes.
+    runtime.stop()
+    await asyncio.to_thread(control.join)
+    await asyncio.to_thread(writer.close)
+    await asyncio.to_thread(uploader.stop, config.http_timeout_s + 5)
+    stop.set()
+    await link
+    log.info("stopped; %d episode(s) left in the spool", spool.pending_count())
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

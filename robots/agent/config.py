@@ -1,0 +1,81 @@
+"""The robot agent's configuration: one frozen dataclass, built from the command line in ``__main__``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit, urlunsplit
+
+AGENT_VERSION = "0.1.0"
+
+POLICY_NAMES = {"expert": "scripted-expert", "random": "random"}  # --policy value -> name reported to the server
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    server: str  # base URL of the SOP web server, http(s)://host:port[/prefix]; the websocket URL is derived from it
+    token: str = dataclasses.field(repr=False)  # the robot's bearer token; never logged, never in repr
+    spool_dir: Path = Path("var/spool/robot")  # durable local store of episodes waiting for upload
+    control_hz: float = 10.0  # nominal control rate of the episode loop
+    policy: str = "expert"  # key of POLICY_NAMES: which Agent drives the robot
+    noise: float = 0.0  # std of gaussian noise added to the scripted expert's action (then clipped to [-1, 1])
+    image_size: int = 96  # rendered camera frames are image_size x image_size
+    camera: str = "corner3"  # fixed camera recorded into the episode file
+    episodes: Optional[int] = None  # stop after this many episodes are ended AND verified by the server (tests)
+    run_timeout_s: float = 600.0  # with ``episodes``: give up (exit 1) if they are not all verified by then
+    seed: Optional[int] = None  # seeds task variations, expert noise and the random policy; None = fresh entropy
+    heartbeat_s: float = 5.0  # status period until the server's welcome says otherwise
+    idle_poll_s: float = 0.1  # how often the control thread looks for a task while it has none
+    backoff_initial_s: float = 0.5  # first reconnect / re-upload delay cap (full jitter below it)
+    backoff_max_s: float = 30.0  # the delay cap stops doubling here
+    upload_chunk_bytes: int = 4 * 1024 * 1024  # body size of one resumable PUT
+    http_timeout_s: float = 30.0  # per HTTP request of the uploader
+    agent_version: str = AGENT_VERSION  # reported in hello
+
+    def __post_init__(self):
+        scheme = urlsplit(self.server).scheme
+        if scheme not in ("http", "https"):
+            raise ValueError(f"--server must be an http:// or https:// URL, got {self.server!r}")
+        if not self.token:
+            raise ValueError("a robot token is required (--token or SOP_ROBOT_TOKEN)")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"policy must be one of {sorted(POLICY_NAMES)}")
+        if self.control_hz <= 0 or self.image_size <= 0 or self.noise < 0:
+            raise ValueError("control_hz and image_size must be positive, noise non-negative")
+        if self.episodes is not None and self.episodes <= 0:
+            raise ValueError("episodes must be positive")
+
+    @property
+    def server_url(self) -> str:
+        """The server base URL without a trailing slash: API paths are appended to it."""
+        return self.server.rstrip("/")
+
+    @property
+    def ws_url(self) -> str:
+        """``http://host:port`` -> ``ws://host:port/ws/robots/`` (``https`` -> ``wss``), keeping any path prefix."""
+        parts = urlsplit(self.server_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return urlunsplit((scheme, parts.netloc, parts.path + "/ws/robots/", "", ""))
+
+    @property
+    def policy_name(self) -> str:
+        return POLICY_NAMES[self.policy]
+
+    @classmethod
+    def debug(cls, server: str, token: str, spool_dir: Path, **overrides) -> "AgentConfig":
+        """A preset for tests: fast rate, small frames, short backoffs, one chunk per few KiB to exercise resuming."""
+        values = dict(
+            control_hz=50.0,
+            image_size=32,
+            heartbeat_s=0.5,
+            idle_poll_s=0.02,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.2,
+            upload_chunk_bytes=64 * 1024,
+            http_timeout_s=5.0,
+            run_timeout_s=60.0,
+            seed=0,
+        )
+        values.update(overrides)
+        return cls(server=server, token=token, spool_dir=Path(spool_dir), **values)

@@ -1,0 +1,305 @@
+"""The episode loop: environment -> agent -> environment at a fixed rate, with subscribers watching every step."""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from robots.protocol import ControlSource, Outcome, RobotState, TaskAssigned
+
+from .agents import Agent, Decision
+from .environment import Environment, Observation
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+    """What subscribers learn when an episode starts."""
+
+    id: str  # uuid4, made by the robot: the idempotency key of the upload
+    task: str
+    env_id: str
+    prompt: str
+    max_steps: int
+    split: str
+    policy: str
+    policy_version: Optional[int]
+    robot: str  # the name the server gave us in welcome, "unknown" if we never heard it
+    camera: str
+    control_hz: float  # nominal
+    started_at: float  # unix seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    index: int
+    observation: Observation  # what the agent saw before acting
+    decision: Decision  # the executed action and who produced it
+    reward: float  # for this action
+    success: bool  # the environment's success flag after this action
+    timestamp: float  # measured seconds since the episode started, when the step began
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeResult:
+    steps: int
+    outcome: Outcome
+    success: bool  # the success flag of the last step
+    ended_at: float  # unix seconds
+
+
+class Subscriber(abc.ABC):
+    """Watches the episode loop. Called on the control thread: every method must return in well under a millisecond
+    (hand anything slow, like writing files or sending messages, to another thread)."""
+
+    def on_episode_start(self, episode: Episode) -> None:  # noqa: B027
+        pass
+
+    def on_step(self, episode: Episode, step: Step) -> None:  # noqa: B027
+        pass
+
+    def on_episode_end(self, episode: Episode, result: EpisodeResult) -> None:  # noqa: B027
+        pass
+
+
+class LoopStats:
+    """Rolling control-loop statistics, written by the control thread and read by the status sender."""
+
+    def __init__(self, window: int):
+        self._periods: collections.deque[float] = collections.deque(maxlen=window)
+        self._lock = threading.Lock()
+        self.overruns = 0  # since start
+
+    def record(self, period: Optional[float], overran: bool) -> None:
+        with self._lock:
+            if period is not None:
+                self._periods.append(period)
+            if overran:
+                self.overruns += 1
+
+    def snapshot(self) -> tuple[float, float, int]:
+        """(measured Hz, p99 step period in ms, overrun count) over the window."""
+        with self._lock:
+            periods = np.array(self._periods, dtype=np.float64)
+            overruns = self.overruns
+        if periods.size == 0:
+            return 0.0, 0.0, overruns
+        return float(1.0 / periods.mean()), float(np.percentile(periods, 99) * 1000.0), overruns
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The control thread's state for a status message."""
+
+    state: RobotState
+    task: Optional[str]
+    episode_id: Optional[str]
+    step: int
+    control_source: ControlSource
+    loop_hz: float
+    loop_p99_ms: float
+    overruns: int
+
+
+class Runtime:
+    """Runs episodes back to back on the control thread (``run()``) until ``stop()`` or ``max_episodes``.
+
+    Each episode uses the assignment current at its start; a new ``assign()`` takes effect at the next episode and
+    ``assign(task=None)`` idles the robot after the current one. The environment is created by ``make_env(env_id)``
+    and reused until an episode needs another ``env_id``.
+    """
+
+    def __init__(
+        self,
+        make_env: Callable[[str], Environment],
+        agent: Agent,
+        subscribers: Sequence[Subscriber] = (),
+        *,
+        control_hz: float = 10.0,
+        camera: str = "",
+        robot_name: Callable[[], str] = lambda: "unknown",
+        max_episodes: Optional[int] = None,
+        idle_poll_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.make_env = make_env
+        self.agent = agent
+        self.subscribers = list(subscribers)
+        self.control_hz = control_hz
+        self.period = 1.0 / control_hz
+        self.camera = camera
+        self.robot_name = robot_name
+        self.max_episodes = max_episodes
+        self.idle_poll_s = idle_poll_s
+        self.stats = LoopStats(window=max(20, int(round(control_hz * 10))))  # about the last 10 seconds
+        self.ended_ids: list[str] = []  # episodes that ended with >= 1 step (so get spooled), in order
+        self._clock = clock
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._assignment: Optional[TaskAssigned] = None
+        self._failed: Optional[TaskAssigned] = None  # an assignment that could not run; wait for a new one
+        self._env: Optional[Environment] = None
+        self._state = RobotState.IDLE
+        self._episode: Optional[Episode] = None
+        self._step = 0
+        self._source = ControlSource.POLICY
+
+    # ------------------------------------------------------------ any thread
+
+    def assign(self, assignment: TaskAssigned) -> None:
+        """Set the assignment for the next episode (thread-safe)."""
+        with self._lock:
+            self._assignment = assignment
+
+    def stop(self) -> None:
+        """Finish the current step, end the episode as aborted, return from ``run()`` (thread-safe)."""
+        self._stop.set()
+
+    def snapshot(self) -> Snapshot:
+        hz, p99, overruns = self.stats.snapshot()
+        episode = self._episode
+        return Snapshot(
+            state=self._state,
+            task=episode.task if episode else None,
+            episode_id=episode.id if episode else None,
+            step=self._step,
+            control_source=self._source,
+            loop_hz=hz,
+            loop_p99_ms=p99,
+            overruns=overruns,
+        )
+
+    # ------------------------------------------------------------ control thread
+
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.max_episodes is not None and len(self.ended_ids) >= self.max_episodes:
+                    log.info("ran %d episodes as asked; the control loop stops", len(self.ended_ids))
+                    break
+                assignment = self._wait_for_assignment()
+                if assignment is None:
+                    break
+                try:
+                    self.run_episode(assignment)
+                except Exception:
+                    # A task that cannot run (unknown env_id, simulator crash) must not kill the robot process:
+                    # report, drop the environment, and wait for the server to assign something else.
+                    log.exception("episode of task %r failed; waiting for a new assignment", assignment.task)
+                    self._failed = assignment
+                    self._close_env()
+        finally:
+            self._close_env()
+            self._state = RobotState.IDLE
+
+    def _next_task(self) -> Optional[TaskAssigned]:
+        with self._lock:
+            assignment = self._assignment
+        if assignment is None or assignment.task is None or assignment is self._failed:
+            return None
+        return assignment
+
+    def _wait_for_assignment(self) -> Optional[TaskAssigned]:
+        while not self._stop.is_set():
+            assignment = self._next_task()
+            if assignment is not None:
+                return assignment
+            self._state = RobotState.IDLE
+            self._stop.wait(self.idle_poll_s)
+        return None
+
+    def _environment(self, env_id: str) -> Environment:
+        if self._env is None or self._env.env_id != env_id:
+            self._close_env()
+            log.info("creating environment %s", env_id)
+            self._env = self.make_env(env_id)
+        return self._env
+
+    def _close_env(self) -> None:
+        if self._env is not None:
+            env, self._env = self._env, None
+            env.close()
+
+    def run_episode(self, assignment: TaskAssigned) -> EpisodeResult:
+        """One episode: reset, then fixed-rate steps until success, ``max_steps`` (timeout) or ``stop()`` (aborted)."""
+        env = self._environment(assignment.env_id)
+        self.agent.reset(assignment.env_id, assignment.prompt)
+        observation = env.reset()
+        episode = Episode(
+            id=str(uuid.uuid4()),
+            task=assignment.task,
+            env_id=assignment.env_id,
+            prompt=assignment.prompt,
+            max_steps=assignment.max_steps,
+            split=assignment.split,
+            policy=self.agent.name,
+            policy_version=self.agent.policy_version,
+            robot=self.robot_name() or "unknown",
+            camera=self.camera,
+            control_hz=self.control_hz,
+            started_at=time.time(),
+        )
+        self._episode, self._step, self._state = episode, 0, RobotState.RUNNING
+        for sub in self.subscribers:
+            sub.on_episode_start(episode)
+
+        outcome, success, steps = Outcome.TIMEOUT, False, 0
+        t0 = self._clock()
+        deadline = t0  # the first step runs at once
+        last_tick: Optional[float] = None
+        try:
+            while steps < assignment.max_steps:
+                delay = deadline - self._clock()
+                if delay > 0 and self._stop.wait(delay):
+                    outcome = Outcome.ABORTED
+                    break
+                if self._stop.is_set():
+                    outcome = Outcome.ABORTED
+                    break
+                tick = self._clock()
+                decision = self.agent.act(observation)
+                result = env.step(decision.action)
+                step = Step(steps, observation, decision, result.reward, result.success, tick - t0)
+                for sub in self.subscribers:
+                    sub.on_step(episode, step)
+                observation, success = result.observation, result.success
+                steps += 1
+                self._step, self._source = steps, decision.source
+
+                done = self._clock()
+                overran = done - tick > self.period
+                self.stats.record(None if last_tick is None else tick - last_tick, overran)
+                last_tick = tick
+                deadline += self.period
+                if deadline < done:
+                    # Overrun: the recorded timestamps show it and the counter reports it. Re-anchor the schedule
+                    # at now instead of bursting through the missed ticks, which would distort the dynamics.
+                    deadline = done
+                if success:
+                    outcome = Outcome.SUCCESS
+                    break
+        except BaseException:
+            outcome = Outcome.ABORTED
+            raise
+        finally:
+            ended = EpisodeResult(steps=steps, outcome=outcome, success=success, ended_at=time.time())
+            if steps:
+                self.ended_ids.append(episode.id)
+            self._episode = None
+            self._state = RobotState.IDLE if self._stop.is_set() or self._next_task() is None else RobotState.RUNNING
+            for sub in self.subscribers:
+                try:
+                    sub.on_episode_end(episode, ended)
+                except Exception:
+                    log.exception("subscriber %r failed at the end of episode %s", sub, episode.id)
+        log.info("episode %s %s after %d steps", episode.id, outcome.value, steps)
+        return ended

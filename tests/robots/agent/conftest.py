@@ -1,0 +1,81 @@
+"""The agent's cast: a fake environment that satisfies the real interface, assignments, and a recording subscriber."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from robots.agent.environment import Environment, StepResult
+from robots.agent.runtime import Subscriber
+from robots.protocol import TaskAssigned
+
+
+class FakeEnvironment(Environment):
+    """A simulator stand-in: deterministic observations, a configurable step time, success at a chosen step."""
+
+    def __init__(self, env_id: str = "fake-v0", *, step_s: float = 0.0, slow_steps: dict[int, float] | None = None,
+                 solve_at: int | None = None, image_size: int = 16, state_dim: int = 39, camera: str = "fake-cam"):
+        self.env_id = env_id
+        self.camera = camera
+        self.step_s = step_s
+        self.slow_steps = slow_steps or {}  # step index -> seconds that step takes instead
+        self.solve_at = solve_at  # success flag set after this many steps
+        self.image_size = image_size
+        self.state_dim = state_dim
+        self.resets = 0
+        self.steps = 0
+        self.closed = False
+        self.actions: list[np.ndarray] = []
+        self._rng = np.random.default_rng(0)
+
+    def reset(self):
+        self.resets += 1
+        self.steps = 0
+        return self._observation()
+
+    def step(self, action):
+        delay = self.slow_steps.get(self.steps, self.step_s)
+        if delay:
+            time.sleep(delay)
+        self.actions.append(np.array(action))
+        self.steps += 1
+        success = self.solve_at is not None and self.steps >= self.solve_at
+        return StepResult(self._observation(), reward=float(self.steps), success=success)
+
+    def close(self):
+        self.closed = True
+
+    def _observation(self):
+        # Noise, like a camera (it does not compress away); pixel (0, 0) carries the step number for the tests.
+        image = self._rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
+        image[0, 0] = self.steps % 256
+        state = np.arange(self.state_dim, dtype=np.float32) + self.steps
+        return {"image": image, "state": state}
+
+
+class Collector(Subscriber):
+    """Remembers everything the loop tells its subscribers."""
+
+    def __init__(self):
+        self.started, self.steps, self.ended = [], [], []
+
+    def on_episode_start(self, episode):
+        self.started.append(episode)
+
+    def on_step(self, episode, step):
+        self.steps.append(step)
+
+    def on_episode_end(self, episode, result):
+        self.ended.append((episode, result))
+
+
+def assignment(task: str = "fake-task", env_id: str = "fake-v0", max_steps: int = 20, split: str = "online"):
+    return TaskAssigned(task=task, env_id=env_id, prompt=f"do {task}", max_steps=max_steps, split=split)
+
+
+@pytest.fixture
+def collector():
+    """A subscriber that records every callback."""
+    return Collector()
