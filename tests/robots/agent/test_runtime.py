@@ -42,7 +42,7 @@ def test_loop_reports_overruns_instead_of_hiding_them(collector):
     runtime.run_episode(assignment(max_steps=12))
 
     _, p99_ms, overruns = runtime.stats.snapshot()
-    assert overruns == 3
+    assert overruns >= 3  # the three slow steps at least; a loaded CI machine may add its own
     assert p99_ms >= 40.0
     stamps = np.array([s.timestamp for s in collector.steps])
     periods = np.diff(stamps)
