@@ -32,8 +32,8 @@ from robots.models import AuditEvent, Episode, Task
 log = logging.getLogger(__name__)
 
 ROUND_S = float(os.environ.get("SOP_TRAINING_ROUND_S", "240"))  # one Celery task trains this long, then re-enqueues
-HEARTBEAT_S = 5.0  # a running round refreshes its claim this often ...
-STALE_S = 30.0  # ... and a claim older than this belongs to a dead worker
+HEARTBEAT_S = float(os.environ.get("SOP_TRAINING_HEARTBEAT_S", "5"))  # a running round refreshes its claim this often
+STALE_S = float(os.environ.get("SOP_TRAINING_STALE_S", "30"))  # ... and a claim older than this is a dead worker's
 METRIC_EVERY_STEPS = 25
 WAIT_RETRY_S = 30.0  # a run waiting for data looks again this often
 
@@ -107,9 +107,11 @@ def claim_run(run_id: int, worker: str) -> Optional[TrainingRun]:
     can never train the same run at once: only a run nobody holds, or whose holder stopped heartbeating, is taken."""
     now = timezone.now()
     stale = now - timezone.timedelta(seconds=STALE_S)
-    claimable = Q(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.WAITING, TrainingRun.Status.RUNNING]) & (
-        Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale)
-    )
+    orphan = Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale)
+    # A run asked to stop whose worker is gone is simply stopped: its last checkpoint stands.
+    TrainingRun.objects.filter(orphan, pk=run_id, status=TrainingRun.Status.STOPPING).update(
+        status=TrainingRun.Status.STOPPED, heartbeat_at=None, finished_at=now, message="stopped (its worker was lost)")
+    claimable = Q(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.WAITING, TrainingRun.Status.RUNNING]) & orphan
     won = TrainingRun.objects.filter(claimable, pk=run_id).update(
         status=TrainingRun.Status.RUNNING, heartbeat_at=now, worker=worker[:200]
     )
@@ -119,6 +121,14 @@ def claim_run(run_id: int, worker: str) -> Optional[TrainingRun]:
     TrainingRun.objects.filter(pk=run_id).update(attempts=run.attempts + 1, started_at=run.started_at or now)
     run.refresh_from_db()
     return run
+
+
+def stalled_runs() -> list[int]:
+    """Runs claimed by a worker that stopped heartbeating (killed, machine lost). The broker would redeliver their
+    task only after its visibility timeout (an hour); the watchdog re-enqueues them now and the claim does the rest."""
+    stale = timezone.now() - timezone.timedelta(seconds=STALE_S)
+    return list(TrainingRun.objects.filter(status__in=[TrainingRun.Status.RUNNING, TrainingRun.Status.STOPPING],
+                                           heartbeat_at__lt=stale).values_list("pk", flat=True))
 
 
 def _release(run: TrainingRun, **fields) -> None:

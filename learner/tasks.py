@@ -47,3 +47,13 @@ def evaluate_checkpoint(checkpoint_id: int, task_names: list[str] | None = None,
 
     tasks = Task.objects.filter(name__in=task_names) if task_names else None
     return len(services.evaluate(checkpoint, tasks, episodes))
+
+
+@shared_task(name="learner.resume_stalled_runs", ignore_result=True)
+def resume_stalled_runs() -> list[int]:
+    """Beat, every SOP_WATCHDOG_S: hand runs whose worker died to a live worker."""
+    stalled = services.stalled_runs()
+    for run_id in stalled:
+        log.warning("training run %s lost its worker; re-enqueueing it", run_id)
+        run_training.apply_async((run_id,))
+    return stalled

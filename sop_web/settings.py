@@ -157,6 +157,8 @@ CELERY_TASK_ROUTES = {"learner.*": {"queue": "learner"}}  # training and evaluat
 CELERY_BEAT_SCHEDULE = {
     "cleanup-stale-uploads": {"task": "robots.cleanup_stale_uploads", "schedule": 600.0},
     "mark-silent-robots-offline": {"task": "robots.mark_silent_robots_offline", "schedule": 30.0},
+    "resume-stalled-training-runs": {"task": "learner.resume_stalled_runs",
+                                     "schedule": float(env_str("SOP_WATCHDOG_S", "30"))},
 }
 
 # ---- SOP settings

@@ -131,10 +131,12 @@ class ProcessLauncher:
         return self.start(name, [sys.executable, "-m", "robots.agent", "--server", server, "--spool", str(spool),
                                  *args], SOP_ROBOT_TOKEN=token)
 
-    def worker(self, name: str = "worker", *args: str) -> Proc:
+    def worker(self, name: str = "worker", *args: str, **env) -> Proc:
+        """A real Celery worker on the default and learner queues (``"-B"`` in args adds beat)."""
+        schedule = self.log_dir / f"{name}-beat-schedule"
         return self.start(name, [sys.executable, "-m", "celery", "-A", "sop_web", "worker", "-l", "INFO",
                                  "--concurrency", "1", "-Q", "default,learner", "--without-heartbeat",
-                                 "--without-gossip", "--without-mingle", *args])
+                                 "--without-gossip", "--without-mingle", "--schedule", str(schedule), *args], **env)
 
     def stop_all(self):
         for proc in reversed(self.procs):

@@ -1,0 +1,160 @@
+"""Learner configuration: frozen dataclasses with named presets; a training run stores its full config as JSON.
+
+Pure core: stdlib only. ``get_preset("default")`` is sized for the 2-core development CPU (PLATFORM_NOTES: a ~0.5M
+parameter CNN on 64x64 images with batch 64 trains at ~40 steps/s there); ``debug`` is tiny, for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, TypeVar
+
+# Meta-World's 39-d observation: hand xyz (0:3), gripper opening (3), object poses (4:18), the previous frame's copy
+# of 0:18 (18:36), goal xyz (36:39). The default policy sees the hand, the gripper and the goal; see docs/policy.md.
+PROPRIO_AND_GOAL = (0, 1, 2, 3, 36, 37, 38)
+PROPRIO_ONLY = (0, 1, 2, 3)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config dict that does not describe a valid config (unknown field, wrong value)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    name: str = "small_vla"  # registry key of the Policy implementation (learner.policy.POLICIES)
+    image_size: int = 64  # the encoder's input is image_size x image_size; other camera sizes are resized to it
+    state_dim: int = 39  # length of the raw state vector the robot reports (Meta-World: 39)
+    state_indices: tuple[int, ...] = PROPRIO_AND_GOAL  # which entries of the raw state the policy sees
+    action_dim: int = 4  # Meta-World: xyz delta + gripper, each in [-1, 1]
+    horizon: int = 4  # H: the policy predicts the next H actions (an action chunk)
+    conv_channels: tuple[int, ...] = (16, 32, 64, 128)  # one stride-2 3x3 conv per entry: 64 px -> 4 px
+    image_features: int = 256  # width of the image embedding after the conv stack
+    prompt_dim: int = 384  # width of the frozen sentence embedding (all-MiniLM-L6-v2: 384)
+    prompt_features: int = 64  # the prompt embedding is projected to this width
+    state_features: int = 64  # the normalised proprio state is projected to this width
+    hidden: tuple[int, ...] = (256, 256)  # widths of the MLP head on [image, prompt, state]
+    loss: str = "l1"  # "l1" or "mse" on normalised actions (L1 is sharper for saturated expert actions)
+
+    def __post_init__(self):
+        if self.loss not in ("l1", "mse"):
+            raise ConfigError(f"loss must be 'l1' or 'mse', not {self.loss!r}")
+        if self.horizon < 1 or self.action_dim < 1 or self.image_size < 8:
+            raise ConfigError("horizon, action_dim must be >= 1 and image_size >= 8")
+        if any(not 0 <= i < self.state_dim for i in self.state_indices):
+            raise ConfigError(f"state_indices must lie in [0, {self.state_dim})")
+        if self.image_size % (2 ** len(self.conv_channels)):
+            raise ConfigError("image_size must be divisible by 2 ** len(conv_channels)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    algorithm: str = "hg_dagger"  # registry key = file name in learner/algorithms/ ("bc", "hg_dagger")
+    batch_size: int = 64  # frames per learner step
+    lr: float = 3e-4  # Adam learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay; 0 = plain Adam
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    steps: int = 12_000  # learner steps of a run (a run can also be stopped from outside)
+    checkpoint_every_steps: int = 500  # call on_checkpoint every N steps (~12 s at 40 steps/s) ...
+    checkpoint_every_s: float = 60.0  # ... or after this many seconds since the last one, whichever comes first
+    sampler_a: float = 2.0  # a > 1 in w_on = exp(a*l_on) / (exp(a*l_on) + exp(l_off)); unpublished in SOP
+    window: int = 200  # W: sliding window of learner steps over which online/offline losses are averaged
+    clip: tuple[float, float] = (0.2, 0.8)  # w_on is clipped to this range when a task has both kinds of data
+    seed: int = 0  # seeds sampling, augmentation and the policy's initial weights
+    # torch intra-op threads. 1, although the development machine has 2 cores: the learner shares them with the server
+    # and the simulated robots, and a 2-thread OpenMP team then waits on a busy core (measured on a loaded machine:
+    # 34-220 ms a step with 2 threads, 40-50 ms with 1; docs/policy.md). Use 2+ on a machine of its own.
+    num_threads: int = 1
+    augment_shift: int = 4  # random-shift augmentation: pad by this many pixels and crop back; 0 disables
+    prefetch: bool = True  # load the next batch in a background thread while the current one trains
+    max_open_episodes: int = 256  # LRU bound on open episode files: ~0.55 MiB each (HDF5 handle + small columns)
+    norm_max_episodes: int = 500  # normalisation stats are computed from at most this many episodes' columns
+
+    def __post_init__(self):
+        if self.sampler_a <= 1.0:
+            raise ConfigError("sampler_a must be > 1 (the SOP formula favours online data at equal losses)")
+        lo, hi = self.clip
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"clip must satisfy 0 <= lo <= hi <= 1, got {self.clip}")
+        if self.batch_size < 1 or self.window < 1 or self.max_open_episodes < 1:
+            raise ConfigError("batch_size, window and max_open_episodes must be >= 1")
+        if self.checkpoint_every_steps < 1 or self.checkpoint_every_s <= 0:
+            raise ConfigError("checkpoint_every_steps must be >= 1 and checkpoint_every_s > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named pair of configs; a run records both (``to_dict``) so that it can be reproduced."""
+
+    name: str
+    policy: PolicyConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "policy": to_dict(self.policy), "train": to_dict(self.train)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Preset":
+        return cls(str(data["name"]), from_dict(PolicyConfig, data["policy"]), from_dict(TrainConfig, data["train"]))
+
+
+PRESETS: dict[str, Preset] = {
+    # Sized for the 2-core CPU: ~0.5M parameters, 64x64 images, batch 64.
+    "default": Preset("default", PolicyConfig(), TrainConfig()),
+    # The same policy without the goal position: an honest image + language + hand-state policy, for tasks whose goal
+    # is visible (drawer, button, door, window). PLATFORM_NOTES: reach/push goals are ~1 px at 64x64 without it.
+    "no_goal": Preset("no_goal", PolicyConfig(state_indices=PROPRIO_ONLY), TrainConfig()),
+    # Tiny and fast, for tests: 16x16 images, two convs, 2-step chunks, batch 8, one thread, no background loading.
+    "debug": Preset(
+        "debug",
+        PolicyConfig(
+            image_size=16,
+            conv_channels=(8, 8),
+            image_features=16,
+            prompt_features=8,
+            state_features=8,
+            hidden=(32,),
+            horizon=2,
+        ),
+        TrainConfig(
+            batch_size=8,
+            steps=4,
+            checkpoint_every_steps=2,
+            window=10,
+            num_threads=1,
+            augment_shift=1,
+            prefetch=False,
+            max_open_episodes=4,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists)."""
+    return {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Inverse of ``to_dict``. Unknown fields fail loudly; missing fields take their defaults (older runs)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    kwargs = {name: tuple(value) if isinstance(value, list) else value for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

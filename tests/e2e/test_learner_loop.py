@@ -1,0 +1,87 @@
+"""End to end: training runs on a real Celery worker publish checkpoints; a killed worker loses no version."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from learner import services
+from learner.checkpoints import load_checkpoint
+from learner.models import Checkpoint, Deployment, TrainingRun
+from robots.models import Task
+
+from .conftest import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+def demos(transactional_db):
+    """Two small expert demonstrations of reach, ingested like robot uploads."""
+    task = Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the goal"], max_steps=100)
+    call_command("collect_demos", "--tasks", "reach", "--episodes", "2", "--workers", "1", "--image-size", "32")
+    return task
+
+
+def debug_run(task, steps: int, every: int) -> TrainingRun:
+    return services.start_run("bc", [task], preset="debug", from_scratch=True, total_steps=steps,
+                              overrides={"checkpoint_every_steps": every, "checkpoint_every_s": 1e9})
+
+
+def run_of(run: TrainingRun) -> TrainingRun:
+    return TrainingRun.objects.get(pk=run.pk)
+
+
+def versions(run: TrainingRun) -> list[int]:
+    return list(Checkpoint.objects.filter(run=run).order_by("version").values_list("version", flat=True))
+
+
+def test_a_worker_trains_in_rounds_and_publishes_checkpoints(launcher, demos):
+    worker = launcher.worker("worker", SOP_TRAINING_ROUND_S="2")  # several rounds, each resuming the last
+    run = debug_run(demos, steps=60, every=20)
+
+    wait_for(lambda: run_of(run).status == TrainingRun.Status.FINISHED, 180, "run finished", procs=(worker,))
+    run = run_of(run)
+    assert run.step == 60 and versions(run) == [1, 2, 3]
+    assert run.attempts >= 2, "the run was trained in more than one round"
+    latest = Checkpoint.objects.get(version=3)
+    assert Deployment.objects.first().checkpoint == latest, "the fleet is rolled onto the newest checkpoint"
+    loaded = load_checkpoint(settings.CHECKPOINT_DIR / latest.path, expected_sha256=latest.sha256,
+                             expected_size=latest.size)
+    assert loaded.version == 3 and loaded.meta["parent"] == 2
+    assert run.metrics.exists(), "loss curves are recorded"
+
+
+def test_a_killed_worker_resumes_without_skipping_or_duplicating_versions(launcher, demos):
+    fast_watchdog = dict(SOP_TRAINING_STALE_S="4", SOP_TRAINING_HEARTBEAT_S="1", SOP_WATCHDOG_S="2")
+    worker = launcher.worker("worker-1", **fast_watchdog)
+    run = debug_run(demos, steps=400, every=40)
+    wait_for(lambda: len(versions(run)) >= 1, 180, "a first checkpoint", procs=(worker,))
+
+    worker.signal(signal.SIGKILL)  # the whole worker (and its pool) dies mid-round, its task unacknowledged
+    worker.popen.wait()
+    killed_at = run_of(run).step
+
+    replacement = launcher.worker("worker-2", "-B", **fast_watchdog)  # with beat: the watchdog re-enqueues
+    wait_for(lambda: run_of(run).status == TrainingRun.Status.FINISHED, 240, "run finished after the kill",
+             procs=(replacement,))
+    run = run_of(run)
+    assert run.step == 400 and run.attempts >= 2 and killed_at < 400
+    published = versions(run)
+    assert published == list(range(1, len(published) + 1)), f"versions must be contiguous: {published}"
+    assert len(published) == len(set(published))
+    steps = list(Checkpoint.objects.filter(run=run).order_by("version").values_list("step", flat=True))
+    assert steps == sorted(steps) and steps[-1] == 400
+
+
+def test_a_run_without_data_waits_with_a_clear_status(launcher):
+    task = Task.objects.create(name="push", env_id="push-v3", prompts=["push the puck"], max_steps=100)
+    worker = launcher.worker("worker")
+    run = services.start_run("hg_dagger", [task], preset="debug", from_scratch=True)
+    wait_for(lambda: run_of(run).status == TrainingRun.Status.WAITING, 60, "waiting status", procs=(worker,))
+    assert "no trainable frames" in run_of(run).message
+    services.stop_run(run_of(run))
+    assert run_of(run).status == TrainingRun.Status.STOPPED
