@@ -73,12 +73,31 @@ function renderSummary(robots) {
   set("spool", sum("spool_pending"));
 }
 
+function renderLearning(runs, checkpoints) {
+  const el = (k) => document.querySelector(`[data-learn="${k}"]`);
+  const deployed = checkpoints.find((c) => c.deployed);
+  el("deployed").textContent = deployed
+    ? `v${deployed.version} (${deployed.algorithm}, step ${deployed.step})`
+    : "none yet (robots run their built-in policy)";
+  const run = runs[0];
+  if (!run) return;
+  const pctDone = run.total_steps ? Math.min(100, (100 * run.step) / run.total_steps) : 0;
+  el("run").innerHTML = `Run ${run.id} · ${esc(run.algorithm)} on ${esc(run.tasks.join(", "))} ${badge(run.status)} ` +
+    `<span class="muted">step ${run.step} / ${run.total_steps}</span>`;
+  el("message").textContent = run.message;
+  el("bar").style.width = `${pctDone.toFixed(1)}%`;
+}
+
 async function refresh() {
   try {
-    const [robots, episodes] = await Promise.all([
+    const learning = document.getElementById("learning");
+    const [robots, episodes, runs, checkpoints] = await Promise.all([
       getJSON(robotsTable.dataset.url),
       getJSON(`${episodesTable.dataset.url}?page_size=12`),
+      getJSON(`${learning.dataset.runs}?page_size=1`),
+      getJSON(`${learning.dataset.checkpoints}?deployed=1`),
     ]);
+    renderLearning(runs.results ?? runs, checkpoints.results ?? checkpoints);
     const robotList = robots.results ?? robots;
     renderRobots(robotList);
     renderEpisodes(episodes.results ?? episodes);

@@ -10,7 +10,7 @@ from rest_framework.views import APIView
 
 from learner import services
 from learner.models import Checkpoint, TrainingRun
-from robots.api import OperatorAPIMixin
+from robots.api import EpisodePagination, OperatorAPIMixin
 from robots.auth import IsRobot, RobotTokenAuthentication
 from robots.exceptions import SopError
 
@@ -39,10 +39,17 @@ class RobotCheckpointFileView(APIView):
 class CheckpointSerializer(serializers.ModelSerializer):
     run = serializers.PrimaryKeyRelatedField(read_only=True)
     parent = serializers.SlugRelatedField(slug_field="version", read_only=True)
+    deployed = serializers.SerializerMethodField(help_text="the checkpoint the fleet should run now")
 
     class Meta:
         model = Checkpoint
-        fields = ["version", "run", "parent", "algorithm", "step", "size", "sha256", "metrics", "created_at"]
+        fields = ["version", "run", "parent", "algorithm", "step", "size", "sha256", "deployed", "created_at"]
+
+    def get_deployed(self, checkpoint) -> bool:
+        if "deployed_version" not in self.context:
+            current = services.current_checkpoint()
+            self.context["deployed_version"] = current.version if current else None
+        return checkpoint.version == self.context["deployed_version"]
 
 
 class RunSerializer(serializers.ModelSerializer):
@@ -66,6 +73,7 @@ class StartRunSerializer(serializers.Serializer):
 class RunListView(OperatorAPIMixin, generics.ListAPIView):
     serializer_class = RunSerializer
     queryset = TrainingRun.objects.prefetch_related("tasks")
+    pagination_class = EpisodePagination
 
     def post(self, request):
         if not request.user.is_staff:
@@ -93,4 +101,11 @@ class RunStopView(OperatorAPIMixin, APIView):
 
 class CheckpointListView(OperatorAPIMixin, generics.ListAPIView):
     serializer_class = CheckpointSerializer
-    queryset = Checkpoint.objects.select_related("run", "parent")
+    pagination_class = EpisodePagination
+
+    def get_queryset(self):
+        queryset = Checkpoint.objects.select_related("run", "parent")
+        if self.request.query_params.get("deployed") in ("1", "true"):
+            current = services.current_checkpoint()
+            queryset = queryset.filter(pk=current.pk if current else None)
+        return queryset
