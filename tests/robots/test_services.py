@@ -265,6 +265,7 @@ def test_stale_partial_uploads_are_cleaned_up(robot, task, payload_dir, settings
 def test_the_periodic_jobs_are_registered_under_the_names_beat_uses(settings):
     from sop_web.celery import app
 
+    import learner.tasks  # noqa: F401
     import robots.tasks  # noqa: F401
 
     for entry in settings.CELERY_BEAT_SCHEDULE.values():
