@@ -127,3 +127,19 @@ def test_a_revoked_robot_is_disconnected_and_cannot_upload(launcher, short_task,
     assert Episode.objects.filter(robot=robot, status=Episode.Status.VERIFIED).count() == count
     sidecar = json.loads(next((tmp_path / "spool").glob("*.json")).read_text())
     assert sidecar["sha256"]
+
+
+def test_an_idle_robot_socket_stays_open(launcher, short_task, tmp_path):
+    """Regression: a channel-layer read timing out closed every robot socket with 1011 every ~5 s."""
+    robot, token = services.register_robot("arm-5")
+    Task.objects.filter(pk=short_task.pk).update(enabled=False)  # nothing to do: the socket only idles
+    TaskAssignment.objects.all().delete()
+    _, url = launcher.server()
+    agent = launcher.agent("agent", url, token, tmp_path / "spool", *FAST)
+    wait_for(lambda: Robot.objects.get(pk=robot.pk).connected, 60, "robot connected", procs=(agent,))
+    first = Robot.objects.get(pk=robot.pk).connected_at
+    import time
+
+    time.sleep(12)
+    current = Robot.objects.get(pk=robot.pk)
+    assert current.connected and current.connected_at == first, "the socket was closed and reopened"
