@@ -1,4 +1,4 @@
-"""``python manage.py evaluate [--version N] [--tasks a,b] [--episodes 20]``: success per task, no interventions.
+"""``python manage.py evaluate [--checkpoint N] [--tasks a,b] [--episodes 20]``: success per task, no interventions.
 
 Runs in this process with a progress bar; the results are stored (and shown in the console) like those of the
 Celery evaluation job.
@@ -19,12 +19,12 @@ class Command(BaseCommand):
     help = "Evaluate a checkpoint on simulated tasks without interventions and store the results."
 
     def add_arguments(self, parser):
-        parser.add_argument("--version", type=int, help="checkpoint version (default: what the fleet runs)")
+        parser.add_argument("--checkpoint", type=int, metavar="VERSION", help="checkpoint version (default: what the fleet runs)")
         parser.add_argument("--tasks", help="comma-separated task names (default: the run's tasks)")
         parser.add_argument("--episodes", type=int, default=settings.SOP_EVAL_EPISODES)
 
     def handle(self, *args, **opts):
-        checkpoint = (Checkpoint.objects.filter(version=opts["version"]).first() if opts["version"]
+        checkpoint = (Checkpoint.objects.filter(version=opts["checkpoint"]).first() if opts["checkpoint"]
                       else services.current_checkpoint())
         if checkpoint is None:
             raise CommandError("no such checkpoint (pretrain one first: python manage.py pretrain)")
