@@ -165,6 +165,7 @@ class Status(Message):
     policy_version: Optional[int] = None
     policy: str = ""
     spool_pending: int = 0
+    policy_error: str = ""  # why the last announced checkpoint was not loaded (the old one keeps running); "" = none
 
     def validate(self):
         _enum_value("state", self.state, RobotState)

@@ -2,7 +2,8 @@
 
 Threads: the main thread runs asyncio with the websocket (``connection``); the ``control`` thread runs the fixed-rate
 episode loop (``runtime``); ``spool-writer`` writes finished episodes to disk (``recorder``); ``uploader`` sends them
-to the server (``uploader``). Only thread-safe queues and ``call_soon_threadsafe`` cross between them.
+to the server (``uploader``); with ``--policy learned``, ``policy-download`` fetches and verifies checkpoints
+(``policy_updates``). Only locks, thread-safe queues and ``call_soon_threadsafe`` cross between them.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from typing import Callable, Optional
 
 from robots import protocol
 
-from .agents import Agent, make_agent
+from .agents import Agent, ScriptedExpertAgent, make_agent
 from .backoff import Backoff
-from .config import POLICY_NAMES, AgentConfig
+from .config import FALLBACKS, POLICY_NAMES, AgentConfig
 from .connection import Connection, EventReporter
 from .environment import Environment, MetaWorldEnvironment
+from .operator import GatedProvider, SimulatedOperatorGate, TakeoverRule
+from .policy_updates import LearnedPolicy, PolicyUpdates
 from .recorder import EpisodeRecorder, SpoolWriter
-from .runtime import Runtime
+from .runtime import AgentProvider, FixedAgent, Runtime
 from .spool import Spool
 from .uploader import Uploader
 
@@ -44,8 +47,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                                  "arguments are visible to every user in ps)")
     p.add_argument("--spool", type=Path, default=None, help="spool directory (default ./var/spool/<token prefix>)")
     p.add_argument("--hz", type=float, default=10.0, help="control rate (default 10)")
-    p.add_argument("--policy", choices=sorted(POLICY_NAMES), default="expert")
+    p.add_argument("--policy", choices=sorted(POLICY_NAMES), default="expert",
+                   help="expert: Meta-World's scripted expert; random; learned: the checkpoint the server publishes, "
+                        "downloaded in the background and swapped in between episodes")
+    p.add_argument("--fallback", choices=FALLBACKS, default="idle",
+                   help="--policy learned before its first checkpoint: idle (wait; default) or run the expert")
     p.add_argument("--noise", type=float, default=0.0, help="std of gaussian noise on the expert's action")
+    gate = p.add_argument_group("simulated operator (headless HG-DAgger)")
+    gate.add_argument("--sim-operator", action="store_true",
+                      help="a scripted supervisor takes over when the policy stops making progress, then hands back")
+    gate.add_argument("--sim-patience", type=int, default=15, help="steps without progress before it takes over")
+    gate.add_argument("--sim-takeover-steps", type=int, default=20, help="minimum takeover length before handing back")
+    gate.add_argument("--sim-handbacks", type=int, default=1,
+                      help="hand-backs per episode; the takeover after the last one finishes the episode")
+    gate.add_argument("--sim-late-fraction", type=float, default=0.6,
+                      help="from this fraction of max_steps on, 5 steps without progress suffice and the operator "
+                           "finishes the episode (0 disables)")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--camera", default="corner3")
     p.add_argument("--episodes", type=int, default=None,
@@ -76,6 +93,21 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         episodes=args.episodes,
         run_timeout_s=args.timeout,
         seed=args.seed,
+        fallback=args.fallback,
+        sim_operator=args.sim_operator,
+        sim_patience=args.sim_patience,
+        sim_takeover_steps=args.sim_takeover_steps,
+        sim_handbacks=args.sim_handbacks,
+        sim_late_fraction=args.sim_late_fraction,
+    )
+
+
+def takeover_rule(config: AgentConfig) -> TakeoverRule:
+    return TakeoverRule(
+        patience=config.sim_patience,
+        takeover_steps=config.sim_takeover_steps,
+        handbacks=config.sim_handbacks,
+        late_fraction=config.sim_late_fraction,
     )
 
 
@@ -90,6 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
+        rule = takeover_rule(config)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -97,12 +130,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     make_env = functools.partial(
         MetaWorldEnvironment, camera=config.camera, image_size=config.image_size, seed=config.seed
     )
-    agent = make_agent(config.policy, noise=config.noise, seed=config.seed)
-    return asyncio.run(serve(config, make_env, agent))
+    agent = None if config.policy == "learned" else make_agent(config.policy, noise=config.noise, seed=config.seed)
+    return asyncio.run(serve(config, make_env, agent, rule))
 
 
-async def serve(config: AgentConfig, make_env: Callable[[str], Environment], agent: Agent) -> int:
-    """Wire the threads, run until a signal (exit 0), ``--episodes`` verified (0) or a failure/timeout (1)."""
+async def serve(config: AgentConfig, make_env: Callable[[str], Environment], agent: Optional[Agent],
+                rule: Optional[TakeoverRule] = None) -> int:
+    """Wire the threads, run until a signal (exit 0), ``--episodes`` verified (0) or a failure/timeout (1).
+
+    ``agent`` runs every episode; None (``--policy learned``) runs the checkpoints the server publishes instead."""
     log.info("starting %r", config)
     spool = Spool(config.spool_dir)
     leftovers = spool.recover()  # before the writer thread exists: it may delete half-written temp files
@@ -119,13 +155,45 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         return uploader.pending + writer.backlog
 
     runtime: Runtime  # built below; the connection's callbacks only run once the loop serves
+    prompts: list[str] = []  # the assigned prompt, embedded ahead of time by the downloader if a checkpoint lacks it
+
+    updates: Optional[PolicyUpdates] = None
+    provider: AgentProvider
+    if agent is None:
+        # Import torch and the learner now, before the control loop runs: an import holds the GIL for about a second,
+        # which inside an episode would show up as overruns.
+        import learner.checkpoints  # noqa: F401
+
+        updates = PolicyUpdates(
+            config.policies_dir, config.server_url, config.token,
+            timeout_s=config.http_timeout_s, attempts=config.policy_download_attempts,
+            backoff=Backoff(config.backoff_initial_s, config.backoff_max_s), warm_prompts=lambda: list(prompts),
+        )
+        fallback = ScriptedExpertAgent(noise=config.noise, seed=config.seed) if config.fallback == "expert" else None
+        learned = LearnedPolicy(updates, fallback=fallback)
+        if learned.restore() is None:
+            log.info("no checkpoint yet: %s until the server publishes one",
+                     "running the scripted expert" if fallback else "idling")
+        provider = learned
+    else:
+        provider = FixedAgent(agent)
+    gate: Optional[SimulatedOperatorGate] = None
+    if config.sim_operator:
+        inner = provider.current or ScriptedExpertAgent()  # replaced by the provider's choice before each episode
+        gate = SimulatedOperatorGate(inner, ScriptedExpertAgent(seed=config.seed), rule or TakeoverRule())
+        provider = GatedProvider(provider, gate)
+
+    def reported_policy() -> tuple[Optional[int], str]:
+        current = runtime.agent
+        return (current.policy_version, current.name) if current is not None else (None, "")
 
     def hello() -> protocol.Hello:
+        version, name = reported_policy()
         return protocol.Hello(
             agent_version=config.agent_version,
             capabilities=["metaworld"],
-            policy_version=agent.policy_version,
-            policy=agent.name,
+            policy_version=version,
+            policy=name,
             spool_pending=spool_pending(),
         )
 
@@ -140,16 +208,23 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             loop_hz=round(snap.loop_hz, 3),
             loop_p99_ms=round(snap.loop_p99_ms, 3),
             overruns=snap.overruns,
-            policy_version=agent.policy_version,
-            policy=agent.name,
+            policy_version=snap.policy_version,
+            policy=snap.policy,
             spool_pending=spool_pending(),
+            policy_error=(updates.error or "") if updates else "",
         )
 
-    connection = Connection(config, hello=hello, status=status, on_assignment=lambda a: runtime.assign(a))
+    def on_assignment(assignment: protocol.TaskAssigned) -> None:
+        if assignment.prompt:
+            prompts[:] = [assignment.prompt]
+        runtime.assign(assignment)
+
+    connection = Connection(config, hello=hello, status=status, on_assignment=on_assignment,
+                            on_policy=updates.offer if updates else lambda message: None)
     runtime = Runtime(
         make_env,
-        agent,
-        [EpisodeRecorder(writer), EventReporter(connection)],
+        provider,
+        [EpisodeRecorder(writer), EventReporter(connection), *([gate] if gate else [])],
         control_hz=config.control_hz,
         camera=config.camera,
         robot_name=lambda: connection.robot_name or "unknown",
@@ -173,6 +248,8 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
 
     writer.start()
     uploader.start()
+    if updates is not None:
+        updates.start()
     control = threading.Thread(target=runtime.run, name="control", daemon=True)
     control.start()
     link = asyncio.create_task(connection.run(stop), name="connection")
@@ -208,6 +285,8 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
     await asyncio.to_thread(control.join)
     await asyncio.to_thread(writer.close)
     await asyncio.to_thread(uploader.stop, config.http_timeout_s + 5)
+    if updates is not None:
+        await asyncio.to_thread(updates.stop, config.http_timeout_s + 5)
     stop.set()
     await link
     log.info("stopped; %d episode(s) left in the spool", spool.pending_count())

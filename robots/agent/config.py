@@ -9,7 +9,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 AGENT_VERSION = "0.1.0"
 
-POLICY_NAMES = {"expert": "scripted-expert", "random": "random"}  # --policy value -> name reported to the server
+# --policy value -> name reported to the server ("learned" reports the running checkpoint as "v<N>")
+POLICY_NAMES = {"expert": "scripted-expert", "random": "random", "learned": "learned"}
+FALLBACKS = ("idle", "expert")  # what --policy learned does until its first checkpoint arrives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,13 @@ class AgentConfig:
     upload_chunk_bytes: int = 4 * 1024 * 1024  # body size of one resumable PUT
     http_timeout_s: float = 30.0  # per HTTP request of the uploader
     agent_version: str = AGENT_VERSION  # reported in hello
+    fallback: str = "idle"  # --policy learned before the first checkpoint: "idle" (wait) or "expert" (scripted expert)
+    policy_download_attempts: int = 4  # tries per announced checkpoint (backoff between them) before giving up on it
+    sim_operator: bool = False  # wrap the policy in the simulated operator gate (headless HG-DAgger)
+    sim_patience: int = 15  # gate: steps without progress before it takes over
+    sim_takeover_steps: int = 20  # gate: minimum length of a takeover before it hands back
+    sim_handbacks: int = 1  # gate: hand-backs per episode; the takeover after the last one finishes the episode
+    sim_late_fraction: float = 0.6  # gate: from this fraction of max_steps on, 5 stalled steps suffice; 0 = off
 
     def __post_init__(self):
         scheme = urlsplit(self.server).scheme
@@ -45,6 +54,10 @@ class AgentConfig:
             raise ValueError("control_hz and image_size must be positive, noise non-negative")
         if self.episodes is not None and self.episodes <= 0:
             raise ValueError("episodes must be positive")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {list(FALLBACKS)}")
+        if self.policy_download_attempts < 1:
+            raise ValueError("policy_download_attempts must be >= 1")
 
     @property
     def server_url(self) -> str:
@@ -61,6 +74,11 @@ class AgentConfig:
     @property
     def policy_name(self) -> str:
         return POLICY_NAMES[self.policy]
+
+    @property
+    def policies_dir(self) -> Path:
+        """Where checkpoints are downloaded, and the last one run is kept for the next start."""
+        return self.spool_dir / "policies"
 
     @classmethod
     def debug(cls, server: str, token: str, spool_dir: Path, **overrides) -> "AgentConfig":

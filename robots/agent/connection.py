@@ -33,7 +33,8 @@ class Connection:
     """Keeps one websocket to the server open, says hello, relays assignments, sends status heartbeats.
 
     ``hello()`` and ``status()`` build the current messages on the loop thread; ``on_assignment`` receives every
-    ``task.assigned``. After a ``welcome``, ``robot_name`` and ``heartbeat_s`` hold what the server said.
+    ``task.assigned`` and ``on_policy`` every ``policy.updated`` (both must return at once: hand work to a thread).
+    After a ``welcome``, ``robot_name`` and ``heartbeat_s`` hold what the server said.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class Connection:
         hello: Callable[[], protocol.Hello],
         status: Callable[[], protocol.Status],
         on_assignment: Callable[[protocol.TaskAssigned], None],
+        on_policy: Callable[[protocol.PolicyUpdated], None] = lambda message: None,
         outbox_size: int = 64,
     ):
         self.config = config
@@ -50,9 +52,10 @@ class Connection:
         self.hello = hello
         self.status = status
         self.on_assignment = on_assignment
+        self.on_policy = on_policy
         self.robot_name: Optional[str] = None
         self.heartbeat_s = config.heartbeat_s
-        self.policy_update: Optional[protocol.PolicyUpdated] = None  # latest announced checkpoint (not used yet)
+        self.policy_update: Optional[protocol.PolicyUpdated] = None  # the latest announced checkpoint
         self._assignment: Optional[protocol.TaskAssigned] = None
         self.connected = False  # hello sent on an open socket
         self.sessions = 0  # websocket sessions that reached welcome
@@ -173,10 +176,10 @@ class Connection:
                         message.max_steps, message.split)
             self.on_assignment(message)
         elif isinstance(message, protocol.PolicyUpdated):
-            # Download, verify and swap at an episode boundary come with the learner; for now remember the offer.
+            # Download and verification run on their own thread (policy_updates); the swap waits for an episode end.
             self.policy_update = message
-            log.info("policy v%d published (%d bytes); this agent does not load checkpoints yet", message.version,
-                     message.size)
+            log.info("policy v%d announced (%d bytes)", message.version, message.size)
+            self.on_policy(message)
         elif isinstance(message, protocol.Error):
             level = logging.ERROR if message.code in AUTH_ERROR_CODES else logging.WARNING
             log.log(level, "server error %s: %s (about %s)", message.code, message.message, message.ref_type)

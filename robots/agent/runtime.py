@@ -71,6 +71,38 @@ class Subscriber(abc.ABC):
         pass
 
 
+class AgentProvider(abc.ABC):
+    """Chooses the agent of each episode: the one place where a new policy can take over.
+
+    Contract: ``next_agent()`` is called on the control thread before every episode and nowhere else, so a policy swap
+    happens only between episodes and an episode never mixes two policies (SOP swaps policies between episodes).
+    It returns None while there is nothing to run (no checkpoint yet); the runtime then idles and asks again. It must
+    be quick: anything slow (downloads, parsing weights) belongs on another thread. ``current`` is the agent of the
+    running or the last episode, else the one the next episode will get (hello and status report it).
+    """
+
+    @abc.abstractmethod
+    def next_agent(self) -> Optional[Agent]: ...
+
+    @property
+    @abc.abstractmethod
+    def current(self) -> Optional[Agent]: ...
+
+
+class FixedAgent(AgentProvider):
+    """The same agent for every episode (``--policy expert|random``, evaluation, demo collection)."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def next_agent(self) -> Agent:
+        return self.agent
+
+    @property
+    def current(self) -> Agent:
+        return self.agent
+
+
 class LoopStats:
     """Rolling control-loop statistics, written by the control thread and read by the status sender."""
 
@@ -108,6 +140,8 @@ class Snapshot:
     loop_hz: float
     loop_p99_ms: float
     overruns: int
+    policy: str  # name of the agent of the running (else the last / next) episode
+    policy_version: Optional[int]
 
 
 class Runtime:
@@ -115,13 +149,14 @@ class Runtime:
 
     Each episode uses the assignment current at its start; a new ``assign()`` takes effect at the next episode and
     ``assign(task=None)`` idles the robot after the current one. The environment is created by ``make_env(env_id)``
-    and reused until an episode needs another ``env_id``.
+    and reused until an episode needs another ``env_id``. ``agent`` is an ``Agent`` (the same one every episode) or an
+    ``AgentProvider`` asked for the agent of each episode before it starts.
     """
 
     def __init__(
         self,
         make_env: Callable[[str], Environment],
-        agent: Agent,
+        agent: Agent | AgentProvider,
         subscribers: Sequence[Subscriber] = (),
         *,
         control_hz: float = 10.0,
@@ -132,7 +167,7 @@ class Runtime:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.make_env = make_env
-        self.agent = agent
+        self.provider = agent if isinstance(agent, AgentProvider) else FixedAgent(agent)
         self.subscribers = list(subscribers)
         self.control_hz = control_hz
         self.period = 1.0 / control_hz
@@ -152,6 +187,13 @@ class Runtime:
         self._episode: Optional[Episode] = None
         self._step = 0
         self._source = ControlSource.POLICY
+        self._agent: Optional[Agent] = None  # the agent of the running or the last episode
+        self._waiting_for_agent = False
+
+    @property
+    def agent(self) -> Optional[Agent]:
+        """The agent of the running or the last episode, else the one the provider offers next."""
+        return self._agent if self._agent is not None else self.provider.current
 
     # ------------------------------------------------------------ any thread
 
@@ -167,6 +209,7 @@ class Runtime:
     def snapshot(self) -> Snapshot:
         hz, p99, overruns = self.stats.snapshot()
         episode = self._episode
+        agent = self.agent
         return Snapshot(
             state=self._state,
             task=episode.task if episode else None,
@@ -176,6 +219,8 @@ class Runtime:
             loop_hz=hz,
             loop_p99_ms=p99,
             overruns=overruns,
+            policy=episode.policy if episode else (agent.name if agent else ""),
+            policy_version=episode.policy_version if episode else (agent.policy_version if agent else None),
         )
 
     # ------------------------------------------------------------ control thread
@@ -186,11 +231,12 @@ class Runtime:
                 if self.max_episodes is not None and len(self.ended_ids) >= self.max_episodes:
                     log.info("ran %d episodes as asked; the control loop stops", len(self.ended_ids))
                     break
-                assignment = self._wait_for_assignment()
-                if assignment is None:
+                ready = self._wait_for_assignment()
+                if ready is None:
                     break
+                assignment, agent = ready
                 try:
-                    self.run_episode(assignment)
+                    self.run_episode(assignment, agent)
                 except Exception:
                     # A task that cannot run (unknown env_id, simulator crash) must not kill the robot process:
                     # report, drop the environment, and wait for the server to assign something else.
@@ -208,11 +254,19 @@ class Runtime:
             return None
         return assignment
 
-    def _wait_for_assignment(self) -> Optional[TaskAssigned]:
+    def _wait_for_assignment(self) -> Optional[tuple[TaskAssigned, Agent]]:
+        """Idle until there is a task and an agent to run it (the provider has none before the first checkpoint)."""
         while not self._stop.is_set():
             assignment = self._next_task()
             if assignment is not None:
-                return assignment
+                agent = self.provider.next_agent()
+                if agent is not None:
+                    self._waiting_for_agent = False
+                    return assignment, agent
+                if not self._waiting_for_agent:
+                    log.info("task %s assigned, but there is no policy to run yet: idle until one arrives",
+                             assignment.task)
+                    self._waiting_for_agent = True
             self._state = RobotState.IDLE
             self._stop.wait(self.idle_poll_s)
         return None
@@ -229,10 +283,17 @@ class Runtime:
             env, self._env = self._env, None
             env.close()
 
-    def run_episode(self, assignment: TaskAssigned) -> EpisodeResult:
-        """One episode: reset, then fixed-rate steps until success, ``max_steps`` (timeout) or ``stop()`` (aborted)."""
+    def run_episode(self, assignment: TaskAssigned, agent: Optional[Agent] = None) -> EpisodeResult:
+        """One episode: reset, then fixed-rate steps until success, ``max_steps`` (timeout) or ``stop()`` (aborted).
+
+        ``agent`` is the provider's choice for this episode (``run()`` passes it); None asks the provider here."""
+        if agent is None:
+            agent = self.provider.next_agent()
+            if agent is None:
+                raise RuntimeError("no agent to run the episode with (no policy loaded yet)")
         env = self._environment(assignment.env_id)
-        self.agent.reset(assignment.env_id, assignment.prompt)
+        self._agent = agent
+        agent.reset(assignment.env_id, assignment.prompt)
         observation = env.reset()
         episode = Episode(
             id=str(uuid.uuid4()),
@@ -241,14 +302,15 @@ class Runtime:
             prompt=assignment.prompt,
             max_steps=assignment.max_steps,
             split=assignment.split,
-            policy=self.agent.name,
-            policy_version=self.agent.policy_version,
+            policy=agent.name,
+            policy_version=agent.policy_version,
             robot=self.robot_name() or "unknown",
             camera=self.camera,
             control_hz=self.control_hz,
             started_at=time.time(),
         )
         self._episode, self._step, self._state = episode, 0, RobotState.RUNNING
+        self._source = ControlSource.POLICY
         for sub in self.subscribers:
             sub.on_episode_start(episode)
 
@@ -266,7 +328,7 @@ class Runtime:
                     outcome = Outcome.ABORTED
                     break
                 tick = self._clock()
-                decision = self.agent.act(observation)
+                decision = agent.act(observation)
                 result = env.step(decision.action)
                 step = Step(steps, observation, decision, result.reward, result.success, tick - t0)
                 for sub in self.subscribers:
@@ -294,7 +356,7 @@ class Runtime:
             ended = EpisodeResult(steps=steps, outcome=outcome, success=success, ended_at=time.time())
             if steps:
                 self.ended_ids.append(episode.id)
-            self._episode = None
+            self._episode, self._source = None, ControlSource.POLICY
             self._state = RobotState.IDLE if self._stop.is_set() or self._next_task() is None else RobotState.RUNNING
             for sub in self.subscribers:
                 try:

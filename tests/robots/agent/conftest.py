@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -79,3 +80,35 @@ def assignment(task: str = "fake-task", env_id: str = "fake-v0", max_steps: int 
 def collector():
     """A subscriber that records every callback."""
     return Collector()
+
+
+class FakeEmbedder:
+    """Stands in for MiniLM (learner.prompts.Embedder): a deterministic unit vector per prompt, never a model load."""
+
+    dim = 384
+
+    def embed(self, text: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        vector = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+        return vector / np.linalg.norm(vector)
+
+
+CHECKPOINT_PROMPTS = ["do fake-task", "reach the red dot"]  # the prompts of conftest.assignment() and the process tests
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """``make_checkpoint(version)`` saves a tiny (debug preset) policy whose weights differ per version and returns
+    learner.checkpoints.SavedCheckpoint (path, sha256, size). The prompts the tests use are embedded in it."""
+    from learner.checkpoints import save_checkpoint
+    from learner.config import get_preset
+    from learner.policy import build_policy
+
+    directory = tmp_path / "published"
+
+    def make(version: int):
+        policy = build_policy(get_preset("debug").policy, embedder=FakeEmbedder(), seed=version)
+        policy.prompts.ensure(CHECKPOINT_PROMPTS)
+        return save_checkpoint(directory, policy, version=version)
+
+    return make

@@ -3,7 +3,8 @@
 ``EpisodeStore`` implements the upload contract (POST announce, resumable PUT, sha256 verification, error codes) with
 failure injection. Two doors onto it: ``serve_http`` (a real threaded HTTP server, in-process) for the uploader tests,
 and ``app`` (a pure ASGI app with the /ws/robots/ websocket too) that the process tests run under daphne, configured
-through FAKE_SOP_* environment variables and inspected through ``GET /_fake/state``.
+through FAKE_SOP_* environment variables and inspected through ``GET /_fake/state``. ``CheckpointFiles`` plays the
+checkpoint download (``GET /api/checkpoints/<v>/file`` with the robot token), with ``serve_files`` in-process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import os
 import re
 import threading
+import time
+from pathlib import Path
 from typing import Any, Optional
 
 EPISODES = "/api/robot/episodes/"
@@ -136,6 +139,74 @@ def serve_http(store: EpisodeStore) -> http.server.ThreadingHTTPServer:
     return server
 
 
+# ---------------------------------------------------------------- checkpoint downloads
+
+
+class CheckpointFiles:
+    """Files served by GET path with the robot's bearer token. Thread-safe. ``fail(n)`` answers the next n requests
+    with a 500; ``delay_s`` holds every reply back (a slow link, so that a newer announcement can overtake it)."""
+
+    def __init__(self, token: str, delay_s: float = 0.0):
+        self.token = token
+        self.delay_s = delay_s
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, Optional[str]]] = []  # (path, authorization header)
+        self._failures = 0
+        self._lock = threading.Lock()
+
+    def put(self, path: str, data: bytes) -> None:
+        with self._lock:
+            self.files[path] = data
+
+    def fail(self, times: int) -> None:
+        with self._lock:
+            self._failures += times
+
+    def get(self, path: str, authorization: Optional[str]) -> tuple[int, bytes]:
+        with self._lock:
+            self.requests.append((path, authorization))
+            if authorization != f"Bearer {self.token}":
+                return 401, b'{"code": "not_authenticated"}'
+            if self._failures:
+                self._failures -= 1
+                return 500, b'{"code": "injected"}'
+            data = self.files.get(path)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return (200, data) if data is not None else (404, b'{"code": "not_found"}')
+
+    def paths_requested(self) -> list[str]:
+        with self._lock:
+            return [path for path, _ in self.requests]
+
+
+def serve_files(files: CheckpointFiles) -> http.server.ThreadingHTTPServer:
+    """A threaded HTTP server on a free loopback port serving ``files``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_GET(self):
+            status, body = files.get(self.path, self.headers.get("Authorization"))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up on a superseded download
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), name="fake-files", daemon=True).start()
+    return server
+
+
 # ---------------------------------------------------------------- an ASGI app (HTTP + /ws/robots/) for daphne
 
 
@@ -149,6 +220,8 @@ def _store_from_env() -> EpisodeStore:
 STORE = _store_from_env()
 MESSAGES: list[dict] = []  # every websocket frame received from robots, decoded
 ASSIGNMENT = json.loads(os.environ.get("FAKE_SOP_ASSIGNMENT", "null"))  # the task.assigned body sent after welcome
+POLICY = json.loads(os.environ.get("FAKE_SOP_POLICY", "null"))  # a policy.updated body sent after the assignment
+FILES = json.loads(os.environ.get("FAKE_SOP_FILES", "{}"))  # GET path -> local file served to the robot token
 
 
 async def app(scope, receive, send):
@@ -175,6 +248,14 @@ async def _http(scope, receive, send):
             break
     if scope["path"] == "/_fake/state":
         status, reply = 200, {**STORE.summary(), "messages": list(MESSAGES)}
+    elif scope["method"] == "GET" and scope["path"] in FILES:
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        ok = headers.get("authorization") == f"Bearer {STORE.token}"
+        raw = Path(FILES[scope["path"]]).read_bytes() if ok else b'{"code": "not_authenticated"}'
+        await send({"type": "http.response.start", "status": 200 if ok else 401,
+                    "headers": [(b"content-type", b"application/octet-stream")]})
+        await send({"type": "http.response.body", "body": raw})
+        return
     else:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         status, reply = STORE.handle(scope["method"], scope["path"], headers, body)
@@ -203,3 +284,6 @@ async def _websocket(scope, receive, send):
             if ASSIGNMENT is not None:
                 assigned = {"v": 1, "type": "task.assigned", **ASSIGNMENT}
                 await send({"type": "websocket.send", "text": json.dumps(assigned)})
+            if POLICY is not None and message.get("policy_version") != POLICY["version"]:
+                published = {"v": 1, "type": "policy.updated", **POLICY}
+                await send({"type": "websocket.send", "text": json.dumps(published)})

@@ -28,13 +28,15 @@ ROOT = Path(__file__).resolve().parents[3]
 class FakeSop:
     """A daphne process serving the fake contract: HTTP uploads and the /ws/robots/ socket on one port."""
 
-    def __init__(self, log_dir: Path, assignment: dict | None, verify: bool = True):
+    def __init__(self, log_dir: Path, assignment: dict | None, verify: bool = True, policy: dict | None = None,
+                 files: dict[str, str] | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_SOP_TOKEN": TOKEN,
-               "FAKE_SOP_ASSIGNMENT": json.dumps(assignment), "FAKE_SOP_VERIFY": "1" if verify else "0"}
+               "FAKE_SOP_ASSIGNMENT": json.dumps(assignment), "FAKE_SOP_VERIFY": "1" if verify else "0",
+               "FAKE_SOP_POLICY": json.dumps(policy), "FAKE_SOP_FILES": json.dumps(files or {})}
         self.log = open(log_dir / f"daphne-{self.port}.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
@@ -93,8 +95,8 @@ def fake_sop(tmp_path):
     """Start fake servers on demand; all are stopped at teardown."""
     started = []
 
-    def start(assignment=REACH, verify=True) -> FakeSop:
-        started.append(FakeSop(tmp_path, assignment, verify))
+    def start(assignment=REACH, verify=True, **published) -> FakeSop:
+        started.append(FakeSop(tmp_path, assignment, verify, **published))
         return started[-1]
 
     yield start
@@ -154,6 +156,31 @@ def test_the_agent_runs_episodes_uploads_them_and_exits_once_they_are_verified(f
     assert statuses and any(m["state"] == "running" and m["loop_hz"] > 0 for m in statuses)
     assert spool_files(spool) == []
     assert TOKEN not in agent.output()
+
+
+def test_a_learned_agent_runs_the_published_checkpoint_and_the_sim_operator_rescues_it(fake_sop, agents, tmp_path,
+                                                                                      make_checkpoint):
+    saved = make_checkpoint(1)  # untrained weights: the simulated operator has to step in
+    url = "/api/checkpoints/1/file"
+    server = fake_sop(policy={"version": 1, "url": url, "size": saved.size, "sha256": saved.sha256},
+                      files={url: str(saved.path)})
+    spool = tmp_path / "spool"
+    agent = agents(server, spool, "--policy", "learned", "--sim-operator", "--episodes", "1", "--timeout", "60")
+
+    assert agent.wait(90) == 0, agent.output()
+
+    state = server.state()
+    (episode,) = state["episodes"].values()
+    meta = episode["meta"]
+    assert (meta["policy"], meta["policy_version"], episode["status"]) == ("v1", 1, "verified")
+    assert meta["interventions"] and {(i["source"], i["operator"]) for i in meta["interventions"]} == {
+        ("sim_operator", "sim-operator")}
+    hello = state["messages"][0]
+    assert (hello["policy"], hello["policy_version"]) == ("", None)  # nothing loaded yet at the first hello
+    statuses = [m for m in state["messages"] if m["type"] == "status"]
+    assert any(m["control_source"] == "sim_operator" and m["policy"] == "v1" for m in statuses)
+    assert all(m["policy_error"] == "" for m in statuses)
+    assert sorted(p.name for p in (spool / "policies").iterdir()) == ["current.json", "current.safetensors"]
 
 
 def test_sigterm_mid_episode_spools_the_aborted_episode_and_a_restart_uploads_it(fake_sop, agents, tmp_path):
