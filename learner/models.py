@@ -6,6 +6,8 @@ State changes go through learner/services.py.
 
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.db import models
 
@@ -24,6 +26,8 @@ class TrainingRun(models.Model):
 
     ACTIVE = (Status.QUEUED, Status.RUNNING, Status.STOPPING, Status.WAITING)
 
+    # Names the run's files (trainer state). Never reused, unlike a primary key after a database reset.
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     algorithm = models.CharField(max_length=32, help_text="Registry name: bc, hg_dagger, recap")
     preset = models.CharField(max_length=32, default="default")
     tasks = models.ManyToManyField(Task, related_name="training_runs")

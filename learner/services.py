@@ -171,7 +171,7 @@ def _index_for(run: TrainingRun, horizon: int, max_open: int) -> FrameIndex:
 
 
 def trainer_state_path(run: TrainingRun) -> Path:
-    return settings.CHECKPOINT_DIR / "runs" / str(run.pk) / "trainer.safetensors"
+    return settings.CHECKPOINT_DIR / "runs" / str(run.uid) / "trainer.safetensors"
 
 
 def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], float] = time.monotonic,

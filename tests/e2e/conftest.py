@@ -146,6 +146,10 @@ class ProcessLauncher:
 
 @pytest.fixture
 def launcher(log_dir, transactional_db):
+    # Jobs queued by earlier tests (whose rows are gone, and whose ids SQLite reuses) must not reach this test's workers.
+    from sop_web.celery import app
+
+    app.control.purge()
     launcher = ProcessLauncher(log_dir)
     yield launcher
     launcher.stop_all()

@@ -85,3 +85,39 @@ def test_a_run_without_data_waits_with_a_clear_status(launcher):
     assert "no trainable frames" in run_of(run).message
     services.stop_run(run_of(run))
     assert run_of(run).status == TrainingRun.Status.STOPPED
+
+
+def test_a_connected_robot_swaps_to_published_checkpoints_only_between_episodes(launcher, demos, tmp_path):
+    from robots import services as fleet
+    from robots.episode_file import EpisodeReader
+    from robots.models import Episode, Robot, TaskAssignment
+
+    Task.objects.filter(pk=demos.pk).update(max_steps=20)
+    TaskAssignment.objects.create(robot=None, task=demos)
+    robot, token = fleet.register_robot("arm-1")
+    _, url = launcher.server()
+    agent = launcher.agent("agent", url, token, tmp_path / "spool", "--policy", "learned", "--fallback", "expert",
+                           "--hz", "20", "--image-size", "32")
+    wait_for(lambda: Robot.objects.get(pk=robot.pk).connected, 60, "robot connected", procs=(agent,))
+
+    # Checkpoints are published while the robot works.
+    worker = launcher.worker("worker", SOP_TRAINING_ROUND_S="3")
+    run = services.start_run("bc", [demos], preset="debug", from_scratch=True, total_steps=150,
+                             overrides={"checkpoint_every_steps": 50, "checkpoint_every_s": 1e9})
+    wait_for(lambda: run_of(run).status == TrainingRun.Status.FINISHED, 180, "run finished", procs=(worker, agent))
+    assert versions(run) == [1, 2, 3]
+
+    def learned_versions():
+        rows = Episode.objects.filter(robot=robot, status=Episode.Status.VERIFIED, policy_version__isnull=False)
+        return set(rows.values_list("policy_version", flat=True))
+
+    wait_for(lambda: 3 in learned_versions(), 120, "episodes run by v3", procs=(agent,))
+    assert Robot.objects.get(pk=robot.pk).policy_version == 3, "the robot reports the version it runs"
+    episodes = Episode.objects.filter(robot=robot, status=Episode.Status.VERIFIED).order_by("started_at")
+    seen = [e.policy_version for e in episodes]
+    learned = [v for v in seen if v is not None]
+    assert learned == sorted(learned), f"versions only move forward between episodes: {seen}"
+    assert seen.index(learned[0]) == len([v for v in seen if v is None]), "scripted fallback only before v1"
+    for ep in episodes:  # each file records exactly the one version its episode ran
+        with EpisodeReader(settings.PAYLOAD_DIR / ep.payload_path) as reader:
+            assert reader.meta["policy_version"] == (ep.policy_version if ep.policy_version else -1)
