@@ -42,6 +42,11 @@ class Command(BaseCommand):
         parser.add_argument("--policy", default="expert", help="robot policy: expert | random")
         parser.add_argument("--hz", type=float, default=10.0, help="robot control rate")
         parser.add_argument("--no-worker", action="store_true", help="do not start a Celery worker")
+        parser.add_argument("--no-learning", action="store_true",
+                            help="robots run the scripted policy only: no demonstrations, pretraining or training run")
+        parser.add_argument("--demos", type=int, default=5, help="expert demonstrations per task for the base policy")
+        parser.add_argument("--pretrain-steps", type=int, default=1500, help="behaviour-cloning steps of the base")
+        parser.add_argument("--algorithm", default="hg_dagger", help="online post-training algorithm")
 
     def handle(self, *args, **opts):
         self.children: list[tuple[str, subprocess.Popen]] = []
@@ -78,6 +83,10 @@ class Command(BaseCommand):
             for task in Task.objects.filter(name__in=tasks):
                 TaskAssignment.objects.create(robot=None, task=task, weight=1.0)
 
+        learning = not opts["no_learning"]
+        if learning:
+            self._bootstrap_learning(tasks, opts)
+
         url = f"http://{opts['host']}:{opts['port']}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._spawn("web", [sys.executable, "-m", "daphne", "-b", opts["host"], "-p", str(opts["port"]),
@@ -93,14 +102,45 @@ class Command(BaseCommand):
             name = f"sim-{i}"
             _, token = services.register_robot(name)  # a fresh token per demo start; the old one stops working
             agent_env = {**env, "SOP_ROBOT_TOKEN": token}
+            policy = (["--policy", "learned", "--fallback", "expert", "--sim-operator"] if learning
+                      else ["--policy", opts["policy"], "--noise", str(opts["noise"])])
             self._spawn(name, [sys.executable, "-m", "robots.agent", "--server", url,
-                               "--spool", str(settings.DATA_DIR / "spool" / name), "--policy", opts["policy"],
-                               "--noise", str(opts["noise"]), "--hz", str(opts["hz"]), "--seed", str(i)],
+                               "--spool", str(settings.DATA_DIR / "spool" / name), *policy,
+                               "--hz", str(opts["hz"]), "--seed", str(i)],
                         agent_env, log_dir)
+        if learning and not opts["no_worker"]:
+            self._ensure_training_run(tasks, opts)
         self._say("")
         self._say(self.style.SUCCESS(f"Console:  {url}/   login: {DEMO_USER} / {password}"))
         self._say(f"Admin:    {url}/admin/")
         self._say("Ctrl-C stops everything.\n")
+
+    def _bootstrap_learning(self, tasks: list[str], opts) -> None:
+        """First start: demonstrations, then a base policy (checkpoint v1) for the robots to run and improve."""
+        from learner import services as learner
+
+        have = {t: Episode.objects.filter(task__name=t, split="offline", status=Episode.Status.VERIFIED).count()
+                for t in tasks}
+        missing = [t for t, n in have.items() if n < opts["demos"]]
+        if missing:
+            self._say(f"recording {opts['demos']} expert demonstrations for {', '.join(missing)} (first start only)")
+            call_command("collect_demos", "--tasks", ",".join(missing), "--episodes", str(opts["demos"]))
+        if learner.current_checkpoint() is None:
+            self._say(f"pretraining the base policy on the demonstrations ({opts['pretrain_steps']} steps)")
+            call_command("pretrain", "--tasks", ",".join(tasks), "--steps", str(opts["pretrain_steps"]))
+
+    def _ensure_training_run(self, tasks: list[str], opts) -> None:
+        """Keep one online post-training run going: resume the active one or start a new one."""
+        from learner import services as learner
+        from learner.models import TrainingRun
+
+        active = TrainingRun.objects.filter(status__in=TrainingRun.ACTIVE).first()
+        if active:
+            self._say(f"training   run {active.pk} ({active.algorithm}) continues")
+            return
+        run = learner.start_run(opts["algorithm"], tasks, total_steps=1_000_000,
+                                overrides={"checkpoint_every_steps": 300, "checkpoint_every_s": 90.0})
+        self._say(f"training   run {run.pk}: {run.algorithm} on {', '.join(tasks)}, a checkpoint every 300 steps")
 
     def _demo_login(self) -> str:
         """The demo login's password is random, made once and kept in the data directory (never a constant)."""
@@ -150,12 +190,18 @@ class Command(BaseCommand):
                     reported_dead.add(name)
                     self._say(self.style.ERROR(f"{name} exited with {proc.returncode}; see logs/{name}.log"))
             online = Robot.objects.filter(connected=True).count()
-            totals = Episode.objects.filter(status=Episode.Status.VERIFIED).aggregate(
+            totals = Episode.objects.filter(status=Episode.Status.VERIFIED, split="online").aggregate(
                 n=Count("id"), ok=Count("id", filter=Q(success=True)), iv=Count("id", filter=Q(intervention_count__gt=0)))
             rate = f"{totals['ok'] / totals['n']:.0%}" if totals["n"] else "-"
             elapsed = int(time.monotonic() - started)
+            policy = ""
+            if not opts["no_learning"]:
+                from learner import services as learner
+
+                current = learner.current_checkpoint()
+                policy = f"  fleet policy {'v%d' % current.version if current else '-'}"
             line = (f"[{elapsed // 60:02d}:{elapsed % 60:02d}] robots online {online}/{opts['robots']}  "
-                    f"episodes stored {totals['n']}  success {rate}  with interventions {totals['iv']}")
+                    f"online episodes {totals['n']}  success {rate}  with interventions {totals['iv']}{policy}")
             self._say(line)
             for _ in range(50):
                 if self._interrupted:
