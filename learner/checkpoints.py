@@ -233,7 +233,7 @@ def optimizer_from_tensors(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file beside ``path``, fsync, rename, fsync the directory: a reader sees the old file or the whole new one."""
+    """Temp file beside ``path``, fsync, rename, fsync the directory: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:

@@ -203,15 +203,17 @@ class SmallVLA(Policy):
     # -- the interface ---------------------------------------------------------------------------------------------
 
     def act(self, observation: Observation, prompt: str) -> np.ndarray:
-        state = np.asarray(observation["state"], dtype=np.float32)
+        state = np.array(observation["state"], dtype=np.float32)  # a copy: torch wants writable arrays
         image = np.asarray(observation["image"])
         if state.shape != (self.config.state_dim,):
             raise ValueError(f"state must be [{self.config.state_dim}], got {state.shape}")
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        if not (image.flags.c_contiguous and image.flags.writeable):
+            image = np.array(image, order="C")
         with torch.inference_mode():
             out = self.forward(
-                self._images(torch.from_numpy(np.ascontiguousarray(image))[None]),
+                self._images(torch.from_numpy(image)[None]),
                 torch.from_numpy(self.prompts.get(prompt))[None],
                 self._states(torch.from_numpy(state)[None]),
             )

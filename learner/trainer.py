@@ -32,21 +32,32 @@ from learner.sampler import LossWindow, build_groups, mixture_weights, sample_fr
 
 @dataclasses.dataclass
 class Timing:
-    """Where learner time goes. ``sample_load_s`` is what the loop waited for batches (planning + loading, or waiting
-    for the prefetch thread); ``load_busy_s`` is the loader's own time, overlapped with updates when prefetching."""
+    """Where learner time goes. Wall clock: ``sample_load_s`` is what the loop waited for batches (planning + loading,
+    or waiting for the prefetch thread), ``update_s`` the updates, ``load_busy_s`` the loader's own time (overlapped
+    with updates when prefetching). CPU time of the thread doing the work (``update_cpu_s``, ``load_cpu_s``) is the
+    figure that other processes on a shared machine do not distort."""
 
     steps: int = 0
     sample_load_s: float = 0.0
     update_s: float = 0.0
     load_busy_s: float = 0.0
+    update_cpu_s: float = 0.0
+    load_cpu_s: float = 0.0
 
     @property
     def sample_load_share(self) -> float:
         total = self.sample_load_s + self.update_s
         return self.sample_load_s / total if total else 0.0
 
+    @property
+    def load_cpu_share(self) -> float:
+        """Share of the learner's CPU time spent loading batches, overlapped or not."""
+        total = self.load_cpu_s + self.update_cpu_s
+        return self.load_cpu_s / total if total else 0.0
+
     def to_dict(self) -> dict[str, float]:
-        return {**dataclasses.asdict(self), "sample_load_share": self.sample_load_share}
+        return {**dataclasses.asdict(self), "sample_load_share": self.sample_load_share,
+                "load_cpu_share": self.load_cpu_share}
 
 
 class Trainer:
@@ -127,20 +138,21 @@ class Trainer:
         return sample_frames(self.rng, self._groups, self.online_weights(), self.config.batch_size,
                              self._task_order)
 
-    def _load(self, ids: np.ndarray, trainable: np.ndarray) -> tuple[dict[str, Any], float]:
-        start = time.perf_counter()
+    def _load(self, ids: np.ndarray, trainable: np.ndarray) -> tuple[dict[str, Any], float, float]:
+        start, cpu = time.perf_counter(), time.thread_time()
         batch = self.index.load_batch(ids, trainable)
-        return batch, time.perf_counter() - start
+        return batch, time.perf_counter() - start, time.thread_time() - cpu
 
     def _next_batch(self) -> dict[str, Any]:
         if self._pending is not None:
-            batch, busy = self._pending.result()
+            batch, busy, cpu = self._pending.result()
         elif self._pending_ids is not None:  # planned before a resume, not loaded yet
-            batch, busy = self._load(self._pending_ids, self._trainable)
+            batch, busy, cpu = self._load(self._pending_ids, self._trainable)
         else:
-            batch, busy = self._load(self._plan(), self._trainable)
+            batch, busy, cpu = self._load(self._plan(), self._trainable)
         self._pending, self._pending_ids = None, None
         self.timing.load_busy_s += busy
+        self.timing.load_cpu_s += cpu
         if self.config.prefetch:
             self._pending_ids = self._plan()
             if self._executor is None:
@@ -154,9 +166,10 @@ class Trainer:
         t0 = time.perf_counter()
         self.refresh()
         batch = self._next_batch()
-        t1 = time.perf_counter()
+        t1, cpu = time.perf_counter(), time.thread_time()
         stats = self.algorithm.update(self.policy, batch, generator=self.generator)
         t2 = time.perf_counter()
+        self.timing.update_cpu_s += time.thread_time() - cpu
         self.window.record(batch["task"].numpy(), batch["online"].numpy(), stats["per_sample"])
         self.step += 1
         self.timing.steps += 1
@@ -201,8 +214,11 @@ class Trainer:
         return {"step": self.step, "tasks": tasks, "timing": self.timing.to_dict(), **self.last_stats}
 
     def close(self) -> None:
+        """Wait for the background load (its batch is dropped; a failure of it is not raised here, so that it cannot
+        mask the exception a ``with`` block is already handling) and stop the loader thread."""
         if self._pending is not None:
-            self._pending.result()
+            self._pending.exception()
+            self._pending = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

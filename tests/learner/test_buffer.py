@@ -1,3 +1,4 @@
+import os
 from types import SimpleNamespace
 
 import h5py
@@ -14,11 +15,11 @@ from .conftest import OPERATOR, POLICY, SIM_OPERATOR, make_episode
 def spy(monkeypatch):
     """Records every HDF5 file opened and every EpisodeReader column read; whole-frame reads are forbidden."""
     record = SimpleNamespace(opened=[], columns=[])
-    real_file, real_column = h5py.File, EpisodeReader.column
+    real_open, real_column = h5py.h5f.open, EpisodeReader.column
 
-    def file(name, *args, **kwargs):
-        record.opened.append(str(name))
-        return real_file(name, *args, **kwargs)
+    def open_file(name, *args, **kwargs):  # every HDF5 file open goes through here, h5py.File's too
+        record.opened.append(os.fsdecode(name))
+        return real_open(name, *args, **kwargs)
 
     def column(self, name, start=0, stop=None):
         record.columns.append((str(self.path), name))
@@ -27,7 +28,7 @@ def spy(monkeypatch):
     def frame(self, i):
         raise AssertionError("the buffer reads columns and single image chunks, never whole frames")
 
-    monkeypatch.setattr(h5py, "File", file)
+    monkeypatch.setattr(h5py.h5f, "open", open_file)
     monkeypatch.setattr(EpisodeReader, "column", column)
     monkeypatch.setattr(EpisodeReader, "frame", frame)
     return record

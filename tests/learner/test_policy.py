@@ -101,3 +101,16 @@ def test_a_real_prompt_is_embedded_by_the_packaged_minilm(monkeypatch):
     similar = cache.get("move the gripper to the red target")
     unrelated = cache.get("close the window")
     assert float(reach @ similar) > float(reach @ unrelated)
+
+
+def test_act_accepts_read_only_observations_silently(tiny_policy_config, fake_embedder):
+    import warnings
+
+    policy = build_policy(tiny_policy_config, fake_embedder, seed=0)
+    obs = _obs()
+    for value in obs.values():
+        value.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected = policy.act(_obs(), "reach the target")
+        np.testing.assert_array_equal(policy.act(obs, "reach the target"), expected)

@@ -102,3 +102,17 @@ def test_the_loss_window_averages_per_sample_not_per_step():
     window.record(np.array([0, 0, 0]), np.array([True] * 3), np.array([1.0, 1.0, 1.0]))
     window.record(np.array([0]), np.array([True]), np.array([5.0]))
     assert window.means()[0, 1] == pytest.approx(2.0)
+
+
+def test_sampled_online_share_follows_the_formula_from_windowed_losses():
+    """End to end: losses recorded in the window -> w_on -> the online share of many draws."""
+    window = LossWindow(200)
+    for _ in range(50):  # task 0: online much harder (clipped at 0.8); task 1: l_on 0.5, l_off 0.4
+        window.record(np.array([0, 0, 1, 1]), np.array([True, False, True, False]), np.array([3.0, 0.1, 0.5, 0.4]))
+    groups = _groups([(300, 300), (300, 300)])
+    w_on = mixture_weights(groups, window.means(), 2.0, (0.2, 0.8))
+    frames = sample_frames(np.random.default_rng(2), groups, w_on, 80_000)
+    for m, expected in enumerate([0.8, online_weight(0.5, 0.4, 2.0)]):
+        off, on = groups[m]
+        mine = frames[(frames >= off.min()) & (frames <= on.max())]
+        assert np.isin(mine, on).mean() == pytest.approx(expected, abs=0.01)
