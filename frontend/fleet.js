@@ -35,7 +35,7 @@ function renderRobots(robots) {
       <td>${esc(r.current_task || "–")}<div class="prompt">${esc(r.current_prompt || "")}</div></td>
       <td>${r.current_episode ? `${esc(r.current_episode.slice(0, 8))} · ${r.current_step}` : "–"}</td>
       <td>${badge(r.control_source)}</td>
-      <td>${esc(policy)}</td>
+      <td>${esc(policy)}${r.policy_error ? `<div class="prompt error" title="${esc(r.policy_error)}">checkpoint rejected</div>` : ""}</td>
       <td>${loop}</td>
       <td>${r.spool_pending ?? 0}</td>
       <td>${r.verified_episode_count}</td>

@@ -64,6 +64,7 @@ class Robot(models.Model):
     current_step = models.PositiveIntegerField(default=0)
     policy_version = models.PositiveIntegerField(null=True, blank=True, help_text="Checkpoint version the robot runs")
     policy_name = models.CharField(max_length=100, blank=True)
+    policy_error = models.CharField(max_length=300, blank=True, help_text="Why the last checkpoint was rejected, if it was")
     control_source = models.CharField(max_length=16, choices=_choices(ControlSource), default=ControlSource.POLICY.value)
     loop_hz = models.FloatField(default=0.0)
     loop_p99_ms = models.FloatField(default=0.0)

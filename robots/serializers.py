@@ -67,7 +67,7 @@ class RobotSerializer(serializers.ModelSerializer):
         model = Robot
         fields = [
             "id", "name", "connected", "state", "last_seen", "connected_at", "current_task", "current_prompt",
-            "current_episode", "current_step", "policy_version", "policy_name", "control_source", "loop_hz",
+            "current_episode", "current_step", "policy_version", "policy_name", "policy_error", "control_source", "loop_hz",
             "loop_p99_ms", "spool_pending", "capabilities", "agent_version", "token_prefix", "revoked", "revoked_at",
             "episode_count", "verified_episode_count", "successful_episode_count",
         ]

@@ -145,6 +145,7 @@ def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
         policy_version=_version(msg.policy_version),
         policy_name=msg.policy[:100],
         spool_pending=_count(msg.spool_pending),
+        policy_error=msg.policy_error[:300],
     )
     if msg.task is not None:
         fields["current_task"] = Subquery(Task.objects.filter(name=msg.task).values("pk")[:1])

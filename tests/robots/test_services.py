@@ -165,6 +165,17 @@ def test_a_heartbeat_updates_live_fields_and_checks_the_token(robot, task):
     assert services.robot_status(robot, status, auth.hash_token(token)) is False
 
 
+def test_a_rejected_checkpoint_reported_by_the_robot_is_shown_until_it_clears(robot, task):
+    robot, token = robot
+    bad = protocol.Status(state="running", policy_version=3, policy="v3", policy_error="v4: sha256 mismatch")
+    services.robot_status(robot, bad, auth.hash_token(token))
+    robot.refresh_from_db()
+    assert (robot.policy_version, robot.policy_error) == (3, "v4: sha256 mismatch"), "old policy kept, error shown"
+    services.robot_status(robot, protocol.Status(state="running", policy_version=5, policy="v5"), auth.hash_token(token))
+    robot.refresh_from_db()
+    assert (robot.policy_version, robot.policy_error) == (5, "")
+
+
 def test_an_old_socket_closing_does_not_take_a_reconnected_robot_offline(robot):
     robot, token = robot
     first = services.robot_connected(robot, auth.hash_token(token))
