@@ -105,6 +105,9 @@ PRESETS: dict[str, Preset] = {
     # The same policy without the goal position: an honest image + language + hand-state policy, for tasks whose goal
     # is visible (drawer, button, door, window). PLATFORM_NOTES: reach/push goals are ~1 px at 64x64 without it.
     "no_goal": Preset("no_goal", PolicyConfig(state_indices=PROPRIO_ONLY), TrainConfig()),
+    # The SOP headline experiment's base policy (docs/experiment.md): the default network, pretrained for 3000 BC
+    # steps on few demonstrations, so that the base is clearly imperfect (benchmarks/sop_base_tuning.py).
+    "sop": Preset("sop", PolicyConfig(), TrainConfig(steps=3000)),
     # Tiny and fast, for tests: 16x16 images, two convs, 2-step chunks, batch 8, one thread, no background loading.
     "debug": Preset(
         "debug",
