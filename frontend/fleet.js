@@ -81,9 +81,12 @@ function renderLearning(runs, checkpoints) {
     : "none yet (robots run their built-in policy)";
   const run = runs[0];
   if (!run) return;
-  const pctDone = run.total_steps ? Math.min(100, (100 * run.step) / run.total_steps) : 0;
+  const continuous = run.total_steps >= 1e6;  // online post-training runs until someone stops it
+  const pctDone = continuous ? 100 : Math.min(100, (100 * run.step) / Math.max(1, run.total_steps));
+  const steps = continuous ? `step ${run.step}, runs until stopped` : `step ${run.step} / ${run.total_steps}`;
   el("run").innerHTML = `Run ${run.id} · ${esc(run.algorithm)} on ${esc(run.tasks.join(", "))} ${badge(run.status)} ` +
-    `<span class="muted">step ${run.step} / ${run.total_steps}</span>`;
+    `<span class="muted">${steps}</span>`;
+  el("bar").classList.toggle("continuous", continuous && run.status === "running");
   el("message").textContent = run.message;
   el("bar").style.width = `${pctDone.toFixed(1)}%`;
 }

@@ -204,9 +204,13 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
         policy = _initial_policy(run, preset)
         trainer = Trainer(preset.train, index, policy, algorithm_cls(preset.train), on_checkpoint=on_checkpoint)
 
-    no_online = [name for name, t in _task_frames(trainer, index).items() if not t]
-    message = "training" + (f" (no online data yet for {', '.join(no_online)}: offline only)" if no_online else "")
-    TrainingRun.objects.filter(pk=run.pk).update(message=message[:500])
+    def status_message() -> str:
+        no_online = [name for name, frames in _task_frames(trainer, index).items() if not frames]
+        return ("training" + (f" (no online labels yet for {', '.join(no_online)}: offline data only)"
+                              if no_online else ""))[:500]
+
+    message = status_message()
+    TrainingRun.objects.filter(pk=run.pk).update(message=message)
     deadline = clock() + round_s
     last_beat = clock()
     stop_requested = False
@@ -215,7 +219,8 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
         nonlocal last_beat, stop_requested
         if clock() - last_beat >= HEARTBEAT_S:
             last_beat = clock()
-            TrainingRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now(), step=trainer.step)
+            TrainingRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now(), step=trainer.step,
+                                                         message=status_message())
             stop_requested = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.STOPPING).exists()
             # Episodes verified since the round started join the index between steps.
             _index_for(run, preset.policy.horizon, preset.train.max_open_episodes)
@@ -246,7 +251,7 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
         _release(run, status=status, step=trainer.step, finished_at=timezone.now(),
                  message=f"{status.label.lower()} at step {trainer.step}")
         return "done"
-    _release(run, step=trainer.step, message=message[:500])
+    _release(run, step=trainer.step, message=status_message())
     return "continue"
 
 
