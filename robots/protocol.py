@@ -63,6 +63,15 @@ class MessageType(str, enum.Enum):
     TASK_ASSIGNED = "task.assigned"
     POLICY_UPDATED = "policy.updated"
     ERROR = "error"
+    # operator console <-> robot (docs/console.md); the server relays them
+    CONTROL_TAKEOVER = "control.takeover"  # server -> robot
+    CONTROL_RELEASE = "control.release"  # server -> robot
+    CONTROL_ESTOP = "control.estop"  # server -> robot
+    CONTROL_COMMAND = "control.command"  # server -> robot: the websocket fallback of the teleop data channel
+    EPISODE_LABEL = "episode.label"  # server -> robot
+    WEBRTC_OFFER = "webrtc.offer"  # server -> robot
+    WEBRTC_CLOSE = "webrtc.close"  # server -> robot
+    WEBRTC_ANSWER = "webrtc.answer"  # robot -> server
 
 
 class ControlSource(str, enum.Enum):
@@ -114,7 +123,7 @@ class Message:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _hints(type(self))[f.name])
+            _check_type(f.name, getattr(self, f.name), _hints(type(self))[f.name], LONG_FIELDS.get(f.name, MAX_STRING))
         self.validate()
 
     def validate(self) -> None:
@@ -166,6 +175,14 @@ class Status(Message):
     policy: str = ""
     spool_pending: int = 0
     policy_error: str = ""  # why the last announced checkpoint was not loaded (the old one keeps running); "" = none
+    # operator control (docs/console.md): the lease the robot obeys, who drives, the deadman and the e-stop latch
+    lease: Optional[int] = None  # the takeover lease the robot is under, None while its policy drives
+    operator: str = ""  # username of the operator holding the lease
+    deadman: bool = False  # under a takeover and no fresh command for DEADMAN_S: holding still
+    estopped: bool = False  # the e-stop latch is set (state is then "estopped")
+    last_command_age_ms: Optional[float] = None  # age of the last applied operator command, during a takeover
+    video_fps: float = 0.0  # camera frames per second sent over WebRTC (all viewers share one source)
+    viewers: int = 0  # open WebRTC sessions
 
     def validate(self):
         _enum_value("state", self.state, RobotState)
@@ -270,6 +287,137 @@ class Error(Message):
     ref_type: Optional[str] = None  # the type of the message that caused it, when known
 
 
+# ---------------------------------------------------------------- operator control (docs/console.md)
+
+DEADMAN_S = 0.25  # during a takeover, no command or keepalive for this long -> the robot holds still
+STALE_COMMAND_S = 0.5  # operator commands older than this (robot clock) are dropped
+MAX_SDP = 32_000  # an SDP with all ICE candidates; the only long string of the protocol
+OPERATOR_OUTCOMES = ("success", "failure")
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ControlTakeover(Message):
+    """An operator holds the robot from now on (``lease`` is the ControlLease id). Until the operator's first command
+    the robot holds still; the deadman applies from this moment. Sent again after a reconnect while the lease lives."""
+
+    TYPE = MessageType.CONTROL_TAKEOVER
+    lease: int
+    operator: str
+    reason: str = ""
+
+    def validate(self):
+        if self.lease < 1 or not self.operator:
+            raise invalid("lease must be positive and operator non-empty")
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ControlRelease(Message):
+    """The lease ended (release, console gone, timeout, forced takeover): the policy drives again. A release of a lease
+    the robot is not under is ignored (a newer takeover may have overtaken it)."""
+
+    TYPE = MessageType.CONTROL_RELEASE
+    lease: int
+    reason: str = ""
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ControlEstop(Message):
+    """``engaged=True`` latches the e-stop: the robot ends the running episode (aborted), holds still and starts no
+    episode until ``engaged=False`` clears it. It wins over everything else, takeovers included."""
+
+    TYPE = MessageType.CONTROL_ESTOP
+    engaged: bool
+    by: str = ""
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class ControlCommand(Message):
+    """One teleop command relayed over the websockets (the fallback of the WebRTC data channel, same fields).
+
+    ``seq`` grows per lease; ``t`` is the command's time in the robot's clock, unix milliseconds (the browser learns its
+    offset from ping/pong). ``action`` is [dx, dy, dz] in [-1, 1] (hand velocity, the environment's action scale) or
+    None for a keepalive; ``grip`` -1 open / 1 close / None keep."""
+
+    TYPE = MessageType.CONTROL_COMMAND
+    lease: int
+    seq: int
+    t: float
+    action: Optional[list[float]] = None
+    grip: Optional[float] = None
+
+    def validate(self):
+        if self.action is not None and (len(self.action) != 3 or any(abs(a) > 1.0 for a in self.action)):
+            raise invalid("action must be 3 numbers in [-1, 1]")
+        if self.grip is not None and abs(self.grip) > 1.0:
+            raise invalid("grip must be in [-1, 1]")
+        _non_negative("seq", self.seq)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class EpisodeLabel(Message):
+    """An operator decided the running episode's outcome: the robot ends it at the next step with this outcome,
+    recorded as decided by ``by``."""
+
+    TYPE = MessageType.EPISODE_LABEL
+    outcome: str
+    by: str
+    episode_id: Optional[str] = None  # the episode the operator saw; the robot ignores the label if another one runs
+
+    def validate(self):
+        if self.outcome not in OPERATOR_OUTCOMES:
+            raise invalid(f"outcome must be one of {list(OPERATOR_OUTCOMES)}")
+        _optional_uuid("episode_id", self.episode_id)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class WebrtcOffer(Message):
+    """A browser's SDP offer (recvonly video + a data channel "teleop"), with all ICE candidates gathered. ``user`` is
+    the console user the server authenticated; the robot accepts teleop on this session only while ``user`` holds the
+    lease."""
+
+    TYPE = MessageType.WEBRTC_OFFER
+    session: str
+    sdp: str
+    user: str
+    ice_servers: list[dict] = dataclasses.field(default_factory=list)  # RTCIceServer dicts: urls, username, credential
+
+    def validate(self):
+        _uuid("session", self.session)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class WebrtcClose(Message):
+    TYPE = MessageType.WEBRTC_CLOSE
+    session: str
+
+    def validate(self):
+        _uuid("session", self.session)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class WebrtcAnswer(Message):
+    """The robot's SDP answer to ``session``, or ``error`` (then ``sdp`` is empty) if it cannot serve video."""
+
+    TYPE = MessageType.WEBRTC_ANSWER
+    session: str
+    sdp: str = ""
+    error: str = ""
+
+    def validate(self):
+        _uuid("session", self.session)
+
+
+LONG_FIELDS = {"sdp": MAX_SDP}  # string fields allowed past MAX_STRING
+
+
 # ---------------------------------------------------------------- encode / decode
 
 
@@ -326,13 +474,13 @@ def _hints(cls) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _check_type(name: str, value: Any, annotation: Any) -> None:
+def _check_type(name: str, value: Any, annotation: Any, max_string: int = MAX_STRING) -> None:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return
-        return _check_type(name, value, next(a for a in args if a is not type(None)))
+        return _check_type(name, value, next(a for a in args if a is not type(None)), max_string)
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list) or len(value) > 100:
@@ -342,10 +490,14 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
         return
     if annotation is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is dict:
+        ok = isinstance(value, dict) and len(json.dumps(value)) <= MAX_STRING
     elif annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif annotation is str:
-        ok = isinstance(value, str) and len(value) <= MAX_STRING
+        ok = isinstance(value, str) and len(value) <= max_string
     else:
         ok = isinstance(value, annotation)
     if not ok:

@@ -1,0 +1,3 @@
+"""Console pages beyond the live view: tasks, episodes, training, metrics, audit."""
+
+urlpatterns = []
