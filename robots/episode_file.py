@@ -36,6 +36,12 @@ ATTRIBUTES = {
     "camera": str,
 }
 
+# Optional attributes (added within format version 1; a file without them reads as the default): name -> default.
+OPTIONAL_ATTRIBUTES = {
+    "outcome_source": "robot",  # "robot": the environment / runtime decided the outcome; "operator": a console label
+    "outcome_by": "",  # username of the operator who labelled the outcome, "" otherwise
+}
+
 
 class EpisodeFileError(ValueError):
     """The file is not a valid episode payload."""
@@ -81,6 +87,9 @@ def write_episode(path: str | os.PathLike, data: EpisodeData) -> None:
         f.attrs["format_version"] = FORMAT_VERSION
         for key, kind in ATTRIBUTES.items():
             f.attrs[key] = kind(data.meta[key])
+        for key in OPTIONAL_ATTRIBUTES:
+            if key in data.meta:
+                f.attrs[key] = str(data.meta[key])
         f.attrs["steps"] = data.steps
         f.attrs["interventions"] = json.dumps([dataclasses.asdict(s) for s in data.segments])
         t, h, w, c = data.images.shape
@@ -143,6 +152,9 @@ class EpisodeReader:
                 raise EpisodeFileError(f"missing attribute {key!r}")
             value = f.attrs[key]
             meta[key] = value.decode() if isinstance(value, bytes) else kind(value)
+        for key, default in OPTIONAL_ATTRIBUTES.items():
+            value = f.attrs.get(key, default)
+            meta[key] = value.decode() if isinstance(value, bytes) else str(value)
         steps = int(f.attrs.get("steps", -1))
         expected = {
             "observation/image": (np.uint8, 4),
@@ -197,7 +209,7 @@ class EpisodeReader:
     def load(self) -> EpisodeData:
         f = self._f
         return EpisodeData(
-            meta={k: self.meta[k] for k in ATTRIBUTES},
+            meta={k: self.meta[k] for k in (*ATTRIBUTES, *(k for k in OPTIONAL_ATTRIBUTES if k in f.attrs))},
             images=f["observation/image"][:],
             states=f["observation/state"][:],
             actions=f["action"][:],

@@ -1,9 +1,11 @@
 """``python -m robots.agent --server URL``: the edge process of one robot (here a simulated Meta-World robot).
 
-Threads: the main thread runs asyncio with the websocket (``connection``); the ``control`` thread runs the fixed-rate
-episode loop (``runtime``); ``spool-writer`` writes finished episodes to disk (``recorder``); ``uploader`` sends them
-to the server (``uploader``); with ``--policy learned``, ``policy-download`` fetches and verifies checkpoints
-(``policy_updates``). Only locks, thread-safe queues and ``call_soon_threadsafe`` cross between them.
+Threads: the main thread runs asyncio with the websocket (``connection``) and the WebRTC sessions of operator consoles
+(``webrtc``); the ``control`` thread runs the fixed-rate episode loop (``runtime``) with the operator gate outermost
+(``teleop``); ``camera`` renders video frames while someone watches (``media``); ``spool-writer`` writes finished
+episodes to disk (``recorder``); ``uploader`` sends them to the server (``uploader``); with ``--policy learned``,
+``policy-download`` fetches and verifies checkpoints (``policy_updates``). Only locks, thread-safe queues and
+``call_soon_threadsafe`` cross between them.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from .operator import GatedProvider, SimulatedOperatorGate, TakeoverRule
 from .policy_updates import LearnedPolicy, PolicyUpdates
 from .recorder import EpisodeRecorder, SpoolWriter
 from .runtime import AgentProvider, FixedAgent, Runtime
+from .media import CameraPreparer, CameraThread, SimulatorCapture
 from .spool import Spool
+from .teleop import OperatorControl, OperatorGate, OperatorProvider
 from .uploader import Uploader
+from .webrtc import WebrtcHub
 
 log = logging.getLogger("robots.agent")
 
@@ -63,6 +68,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     gate.add_argument("--sim-late-fraction", type=float, default=0.6,
                       help="from this fraction of max_steps on, 5 steps without progress suffice and the operator "
                            "finishes the episode (0 disables)")
+    video = p.add_argument_group("operator console video (WebRTC)")
+    video.add_argument("--no-video", action="store_true",
+                       help="no WebRTC: no camera stream, teleop only over the websocket fallback")
+    video.add_argument("--video-fps", type=float, default=15.0, help="camera frames per second while watched")
+    video.add_argument("--video-size", type=int, default=224, help="video frames are N x N (default 224)")
+    video.add_argument("--video-stamp", action="store_true",
+                       help="write the capture time into the top of each frame (glass-to-glass benchmark)")
+    video.add_argument("--max-viewers", type=int, default=8, help="WebRTC sessions at once (default 8)")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--camera", default="corner3")
     p.add_argument("--episodes", type=int, default=None,
@@ -99,6 +112,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         sim_takeover_steps=args.sim_takeover_steps,
         sim_handbacks=args.sim_handbacks,
         sim_late_fraction=args.sim_late_fraction,
+        video=not args.no_video,
+        video_fps=args.video_fps,
+        video_size=args.video_size,
+        video_stamp=args.video_stamp,
+        max_viewers=args.max_viewers,
     )
 
 
@@ -182,6 +200,20 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         inner = provider.current or ScriptedExpertAgent()  # replaced by the provider's choice before each episode
         gate = SimulatedOperatorGate(inner, ScriptedExpertAgent(seed=config.seed), rule or TakeoverRule())
         provider = GatedProvider(provider, gate)
+    # A human in the console: the outermost agent, over the simulated operator and any policy (docs/console.md).
+    control = OperatorControl()
+    provider = OperatorProvider(provider, OperatorGate(provider.current, control))
+    camera: Optional[CameraThread] = None
+    hub: Optional[WebrtcHub] = None
+    if config.video:
+        try:
+            import aiortc  # noqa: F401  (import it now: an import inside an episode holds the GIL)
+            import av  # noqa: F401
+        except ImportError as exc:
+            log.warning("no WebRTC video (%s): teleop works over the websocket only", exc)
+        else:
+            capture = SimulatorCapture(lambda: runtime.environment, size=config.video_size, camera=config.camera)
+            camera = CameraThread(capture, fps=config.video_fps, stamp=config.video_stamp)
 
     def reported_policy() -> tuple[Optional[int], str]:
         current = runtime.agent
@@ -191,7 +223,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         version, name = reported_policy()
         return protocol.Hello(
             agent_version=config.agent_version,
-            capabilities=["metaworld"],
+            capabilities=["metaworld", "teleop", *(["webrtc"] if hub is not None else [])],
             policy_version=version,
             policy=name,
             spool_pending=spool_pending(),
@@ -212,6 +244,13 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             policy=snap.policy,
             spool_pending=spool_pending(),
             policy_error=(updates.error or "") if updates else "",
+            lease=control.lease,
+            operator=control.operator,
+            deadman=control.deadman(),
+            estopped=snap.estopped,
+            last_command_age_ms=control.last_command_age_ms(),
+            video_fps=hub.video_fps if hub is not None else 0.0,
+            viewers=hub.viewers if hub is not None else 0,
         )
 
     def on_assignment(assignment: protocol.TaskAssigned) -> None:
@@ -219,12 +258,68 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             prompts[:] = [assignment.prompt]
         runtime.assign(assignment)
 
-    connection = Connection(config, hello=hello, status=status, on_assignment=on_assignment,
-                            on_policy=updates.offer if updates else lambda message: None)
+    tasks: set[asyncio.Task] = set()  # console work in flight (offers, closes), kept referenced until done
+
+    def spawn(coro) -> None:
+        task = asyncio.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def apply_estop(engaged: bool, by: str) -> None:
+        control.estop(engaged, by)
+        runtime.estop(engaged, by)
+        connection.send(None)  # the console shows the latch at once
+
+    def on_takeover(message: protocol.ControlTakeover) -> None:
+        control.takeover(message.lease, message.operator, message.reason)
+        connection.send(None)
+
+    def on_release(message: protocol.ControlRelease) -> None:
+        if control.release(message.lease, message.reason):
+            connection.send(None)
+
+    def on_command(message: protocol.ControlCommand) -> None:
+        control.command(message.seq, message.t, message.action, message.grip, via="ws", lease=message.lease)
+
+    def on_label(message: protocol.EpisodeLabel) -> None:
+        runtime.label(message.outcome, message.by, message.episode_id)
+
+    def on_webrtc_offer(message: protocol.WebrtcOffer) -> None:
+        if hub is None:
+            connection.send(protocol.WebrtcAnswer(session=message.session, error="this robot serves no video"))
+        else:
+            spawn(hub.offer(message))
+
+    def on_webrtc_close(message: protocol.WebrtcClose) -> None:
+        if hub is not None:
+            spawn(hub.close(message.session, "closed by the console"))
+
+    def on_disconnect() -> None:
+        # The server ends the leases of an offline robot (docs/console.md): stop obeying, and end the video sessions.
+        if control.release(None, "robot offline"):
+            log.warning("websocket lost during a takeover: the policy drives again")
+        if hub is not None:
+            spawn(hub.close_all("websocket lost"))
+
+    connection = Connection(
+        config, hello=hello, status=status, on_assignment=on_assignment,
+        on_policy=updates.offer if updates else lambda message: None,
+        on_takeover=on_takeover, on_release=on_release,
+        on_estop=lambda message: apply_estop(message.engaged, message.by),
+        on_command=on_command, on_label=on_label, on_webrtc_offer=on_webrtc_offer, on_webrtc_close=on_webrtc_close,
+        on_disconnect=on_disconnect,
+    )
+    if camera is not None:
+        camera.start()
+        hub = await WebrtcHub(
+            camera, control, connection.send, estop=lambda by: apply_estop(True, by),
+            extra_hud=lambda: {"step": runtime.snapshot().step}, max_viewers=config.max_viewers,
+        ).start()
     runtime = Runtime(
         make_env,
         provider,
-        [EpisodeRecorder(writer), EventReporter(connection), *([gate] if gate else [])],
+        [EpisodeRecorder(writer), EventReporter(connection), *([gate] if gate else []),
+         *([CameraPreparer(camera)] if camera is not None else [])],
         control_hz=config.control_hz,
         camera=config.camera,
         robot_name=lambda: connection.robot_name or "unknown",
@@ -250,14 +345,14 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
     uploader.start()
     if updates is not None:
         updates.start()
-    control = threading.Thread(target=runtime.run, name="control", daemon=True)
-    control.start()
+    control_thread = threading.Thread(target=runtime.run, name="control", daemon=True)
+    control_thread.start()
     link = asyncio.create_task(connection.run(stop), name="connection")
 
     exit_code = 0
     deadline = loop.time() + config.run_timeout_s if config.episodes else None
     while not stop.is_set():
-        if not control.is_alive():
+        if not control_thread.is_alive():
             ended = runtime.ended_ids
             if not (config.episodes and len(ended) >= config.episodes):
                 log.error("the control loop stopped unexpectedly")
@@ -282,7 +377,11 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
     # Shutdown, in the order that keeps data: the control loop ends its episode (aborted) and hands it to the
     # writer; the writer puts it in the spool; the uploader finishes its request in flight; then the socket closes.
     runtime.stop()
-    await asyncio.to_thread(control.join)
+    await asyncio.to_thread(control_thread.join)
+    if hub is not None:
+        await hub.stop()
+    if camera is not None:
+        await asyncio.to_thread(camera.stop)
     await asyncio.to_thread(writer.close)
     await asyncio.to_thread(uploader.stop, config.http_timeout_s + 5)
     if updates is not None:

@@ -47,6 +47,10 @@ class Agent(abc.ABC):
     @abc.abstractmethod
     def act(self, observation: Observation) -> Decision: ...
 
+    def skipped(self, steps: int) -> None:  # noqa: B027 - optional hook
+        """Someone outside this agent (a human operator, ``teleop.OperatorGate``) drove the last ``steps`` steps without
+        asking it: the next ``act`` starts from a state it did not choose. Stateful agents drop what they planned."""
+
 
 class ScriptedExpertAgent(Agent):
     """Meta-World's hand-written expert for the task, plus optional gaussian noise (to make imperfect demos)."""

@@ -41,6 +41,11 @@ class AgentConfig:
     sim_takeover_steps: int = 20  # gate: minimum length of a takeover before it hands back
     sim_handbacks: int = 1  # gate: hand-backs per episode; the takeover after the last one finishes the episode
     sim_late_fraction: float = 0.6  # gate: from this fraction of max_steps on, 5 stalled steps suffice; 0 = off
+    video: bool = True  # serve the camera and the teleop data channel over WebRTC (docs/console.md)
+    video_fps: float = 15.0  # camera frames per second while someone watches (independent of control_hz)
+    video_size: int = 224  # the video frames are video_size x video_size
+    video_stamp: bool = False  # write the capture time into each frame (glass-to-glass benchmark)
+    max_viewers: int = 8  # WebRTC sessions at once; one more is answered with an error
 
     def __post_init__(self):
         scheme = urlsplit(self.server).scheme
@@ -56,6 +61,8 @@ class AgentConfig:
             raise ValueError("episodes must be positive")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {list(FALLBACKS)}")
+        if self.video_fps <= 0 or self.video_fps > 60 or not 16 <= self.video_size <= 1024 or self.max_viewers < 1:
+            raise ValueError("video_fps must be in (0, 60], video_size in [16, 1024], max_viewers >= 1")
         if self.policy_download_attempts < 1:
             raise ValueError("policy_download_attempts must be >= 1")
 

@@ -35,6 +35,12 @@ class Connection:
     ``hello()`` and ``status()`` build the current messages on the loop thread; ``on_assignment`` receives every
     ``task.assigned`` and ``on_policy`` every ``policy.updated`` (both must return at once: hand work to a thread).
     After a ``welcome``, ``robot_name`` and ``heartbeat_s`` hold what the server said.
+
+    Operator console messages (docs/console.md) go to one callback each, called on the loop thread: ``on_takeover``
+    (``control.takeover``), ``on_release``, ``on_estop``, ``on_command`` (the websocket fallback of the teleop data
+    channel), ``on_label`` (``episode.label``), ``on_webrtc_offer`` and ``on_webrtc_close``; they must return at once
+    (start a task for anything that awaits). ``on_disconnect`` runs when a session that said hello ends. ``send``
+    queues a message (``webrtc.answer``) from the loop thread.
     """
 
     def __init__(
@@ -45,6 +51,14 @@ class Connection:
         status: Callable[[], protocol.Status],
         on_assignment: Callable[[protocol.TaskAssigned], None],
         on_policy: Callable[[protocol.PolicyUpdated], None] = lambda message: None,
+        on_takeover: Callable[[protocol.ControlTakeover], None] = lambda message: None,
+        on_release: Callable[[protocol.ControlRelease], None] = lambda message: None,
+        on_estop: Callable[[protocol.ControlEstop], None] = lambda message: None,
+        on_command: Callable[[protocol.ControlCommand], None] = lambda message: None,
+        on_label: Callable[[protocol.EpisodeLabel], None] = lambda message: None,
+        on_webrtc_offer: Callable[[protocol.WebrtcOffer], None] = lambda message: None,
+        on_webrtc_close: Callable[[protocol.WebrtcClose], None] = lambda message: None,
+        on_disconnect: Callable[[], None] = lambda: None,
         outbox_size: int = 64,
     ):
         self.config = config
@@ -53,6 +67,16 @@ class Connection:
         self.status = status
         self.on_assignment = on_assignment
         self.on_policy = on_policy
+        self._console_handlers: dict[type, Callable] = {
+            protocol.ControlTakeover: on_takeover,
+            protocol.ControlRelease: on_release,
+            protocol.ControlEstop: on_estop,
+            protocol.ControlCommand: on_command,
+            protocol.EpisodeLabel: on_label,
+            protocol.WebrtcOffer: on_webrtc_offer,
+            protocol.WebrtcClose: on_webrtc_close,
+        }
+        self.on_disconnect = on_disconnect
         self.robot_name: Optional[str] = None
         self.heartbeat_s = config.heartbeat_s
         self.policy_update: Optional[protocol.PolicyUpdated] = None  # the latest announced checkpoint
@@ -76,6 +100,11 @@ class Connection:
             loop.call_soon_threadsafe(self._offer, message)
         except RuntimeError:  # the loop is closing
             pass
+
+    def send(self, message: Optional[protocol.Message]) -> None:
+        """Queue a message for the server from the loop thread (``None``: a status now). Dropped while disconnected or
+        when the queue is full."""
+        self._offer(message)
 
     def _offer(self, message: Optional[protocol.Message]) -> None:
         if not self.connected or self._outbox is None:
@@ -140,6 +169,10 @@ class Connection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                self.on_disconnect()  # the server ends leases of an offline robot: stop obeying them here too
+            except Exception:
+                log.exception("on_disconnect failed")
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
@@ -180,6 +213,11 @@ class Connection:
             self.policy_update = message
             log.info("policy v%d announced (%d bytes)", message.version, message.size)
             self.on_policy(message)
+        elif type(message) in self._console_handlers:
+            try:
+                self._console_handlers[type(message)](message)
+            except Exception:  # one bad console message must not end the session
+                log.exception("handling %s failed", message.TYPE.value)
         elif isinstance(message, protocol.Error):
             level = logging.ERROR if message.code in AUTH_ERROR_CODES else logging.WARNING
             log.log(level, "server error %s: %s (about %s)", message.code, message.message, message.ref_type)

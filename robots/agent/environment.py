@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+import threading
 from typing import Optional
 
 import numpy as np
@@ -80,6 +81,9 @@ class MetaWorldEnvironment(Environment):
         env.max_path_length = 1_000_000_000
         self._env = env
         self._flip = camera.startswith("corner")  # corner cameras render upside down
+        # Held around every physics change (reset, step): the video capture thread (media.py) copies the scene under
+        # it (~0.02 ms), so it never sees a half-stepped state and the control thread never waits longer than that.
+        self.sim_lock = threading.Lock()
         vis = env.model.vis
         # Fast offscreen settings: the default 4096 shadow map and 4x MSAA cost 55-110 ms a frame on a CPU renderer.
         vis.quality.shadowsize = 0
@@ -94,15 +98,32 @@ class MetaWorldEnvironment(Environment):
             raise
 
     @property
+    def model(self):
+        """The MuJoCo model (read-only for others; media.py renders it with a renderer of its own)."""
+        return self._env.model
+
+    @property
+    def data(self):
+        """The MuJoCo data: read it only under ``sim_lock``."""
+        return self._env.data
+
+    @property
+    def flip_image(self) -> bool:
+        """Whether frames of ``camera`` come out upside down and need flipping (corner cameras)."""
+        return self._flip
+
+    @property
     def state_dim(self) -> int:
         return int(self._env.observation_space.shape[0])
 
     def reset(self) -> Observation:
-        state, _ = self._env.reset()
+        with self.sim_lock:
+            state, _ = self._env.reset()
         return self._observation(state)
 
     def step(self, action: np.ndarray) -> StepResult:
-        state, reward, _terminated, _truncated, info = self._env.step(np.asarray(action, dtype=np.float32))
+        with self.sim_lock:
+            state, reward, _terminated, _truncated, info = self._env.step(np.asarray(action, dtype=np.float32))
         return StepResult(self._observation(state), float(reward), bool(info.get("success", False)))
 
     def close(self) -> None:

@@ -31,6 +31,9 @@ class PolicyAgent(Agent):
         self._prompt = prompt
         self._chunk, self._used = None, 0
 
+    def skipped(self, steps: int) -> None:
+        self._chunk, self._used = None, 0  # the queued chunk was planned for a state the operator has left: re-plan
+
     def act(self, observation: Observation) -> Decision:
         if self._chunk is None or self._used >= min(self.execute_steps, len(self._chunk)):
             self._chunk, self._used = self.policy.act(observation, self._prompt), 0

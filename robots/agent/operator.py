@@ -131,6 +131,16 @@ class SimulatedOperatorGate(Agent, Subscriber):
     def on_episode_start(self, episode: Episode) -> None:
         self._max_steps = episode.max_steps
 
+    def skipped(self, steps: int) -> None:
+        """A human drove ``steps`` steps (``teleop.OperatorGate``): keep the step count in line with the episode's, end
+        a takeover of ours (the human overrode it) and give the policy a fresh progress window from here."""
+        self._t += steps
+        self._since, self._last_progress = None, self._t
+        self._best = None
+        self._hands.clear()
+        self.inner.skipped(steps)
+        self.expert.skipped(steps)
+
     def act(self, observation: Observation) -> Decision:
         t = self._t
         self._t += 1

@@ -102,6 +102,8 @@ class EpisodeRecorder(Subscriber):
                 "policy_version": -1 if episode.policy_version is None else episode.policy_version,
                 "split": episode.split,
                 "outcome": result.outcome.value,
+                "outcome_source": result.outcome_source,
+                "outcome_by": result.outcome_by,
                 "success": result.success,
                 "started_at": episode.started_at,
                 "ended_at": result.ended_at,

@@ -55,11 +55,17 @@ class EpisodeResult:
     outcome: Outcome
     success: bool  # the success flag of the last step
     ended_at: float  # unix seconds
+    outcome_source: str = "robot"  # "robot": the environment/runtime decided; "operator": an operator's label
+    outcome_by: str = ""  # the operator's username when outcome_source is "operator"
 
 
 class Subscriber(abc.ABC):
     """Watches the episode loop. Called on the control thread: every method must return in well under a millisecond
     (hand anything slow, like writing files or sending messages, to another thread)."""
+
+    def on_environment(self, env: Environment) -> None:  # noqa: B027
+        """The runtime created ``env`` (before its first episode). The one callback allowed to take a while (up to
+        seconds, like the environment's own creation): it never runs inside an episode."""
 
     def on_episode_start(self, episode: Episode) -> None:  # noqa: B027
         pass
@@ -142,6 +148,8 @@ class Snapshot:
     overruns: int
     policy: str  # name of the agent of the running (else the last / next) episode
     policy_version: Optional[int]
+    estopped: bool = False
+    estopped_by: str = ""
 
 
 class Runtime:
@@ -179,6 +187,11 @@ class Runtime:
         self.ended_ids: list[str] = []  # episodes that ended with >= 1 step (so get spooled), in order
         self._clock = clock
         self._stop = threading.Event()
+        # Set by stop(), estop() and label(): the inter-step and idle waits wake at once instead of after the period.
+        self._wake = threading.Event()
+        self._estopped = False
+        self._estopped_by = ""
+        self._label: Optional[tuple[Outcome, str, Optional[str]]] = None  # (outcome, by, episode_id) to apply
         self._lock = threading.Lock()
         self._assignment: Optional[TaskAssigned] = None
         self._failed: Optional[TaskAssigned] = None  # an assignment that could not run; wait for a new one
@@ -205,13 +218,46 @@ class Runtime:
     def stop(self) -> None:
         """Finish the current step, end the episode as aborted, return from ``run()`` (thread-safe)."""
         self._stop.set()
+        self._wake.set()
+
+    def estop(self, engaged: bool, by: str = "") -> None:
+        """Latch (``engaged``) or clear the e-stop (thread-safe). Latched: the running episode ends as aborted at the
+        next control tick (the wait between steps wakes at once), nothing moves, the state is ``estopped`` and no
+        episode starts until it is cleared."""
+        with self._lock:
+            changed = self._estopped != bool(engaged)
+            self._estopped, self._estopped_by = bool(engaged), (by if engaged else "")
+        if changed:
+            log.warning("e-stop %s by %s", "ENGAGED" if engaged else "cleared", by or "?")
+        self._wake.set()
+
+    @property
+    def estopped(self) -> bool:
+        return self._estopped
+
+    def label(self, outcome: Outcome | str, by: str, episode_id: Optional[str] = None) -> bool:
+        """An operator's verdict on the running episode (thread-safe): it ends at the next control tick with
+        ``outcome`` (success or failure), recorded as decided by ``by``. Ignored (False) when no episode runs or
+        ``episode_id`` names another one."""
+        outcome = Outcome(outcome)
+        if outcome not in (Outcome.SUCCESS, Outcome.FAILURE):
+            raise ValueError(f"an operator labels success or failure, not {outcome.value}")
+        episode = self._episode
+        if episode is None or (episode_id is not None and episode_id != episode.id):
+            log.info("label %s by %s ignored: episode %s is not running", outcome.value, by, episode_id)
+            return False
+        with self._lock:
+            self._label = (outcome, by, episode.id)
+        self._wake.set()
+        return True
 
     def snapshot(self) -> Snapshot:
         hz, p99, overruns = self.stats.snapshot()
         episode = self._episode
         agent = self.agent
+        estopped = self._estopped
         return Snapshot(
-            state=self._state,
+            state=RobotState.ESTOPPED if estopped else self._state,
             task=episode.task if episode else None,
             episode_id=episode.id if episode else None,
             step=self._step,
@@ -221,6 +267,8 @@ class Runtime:
             overruns=overruns,
             policy=episode.policy if episode else (agent.name if agent else ""),
             policy_version=episode.policy_version if episode else (agent.policy_version if agent else None),
+            estopped=estopped,
+            estopped_by=self._estopped_by,
         )
 
     # ------------------------------------------------------------ control thread
@@ -257,7 +305,8 @@ class Runtime:
     def _wait_for_assignment(self) -> Optional[tuple[TaskAssigned, Agent]]:
         """Idle until there is a task and an agent to run it (the provider has none before the first checkpoint)."""
         while not self._stop.is_set():
-            assignment = self._next_task()
+            self._wake.clear()
+            assignment = None if self._estopped else self._next_task()
             if assignment is not None:
                 agent = self.provider.next_agent()
                 if agent is not None:
@@ -267,8 +316,8 @@ class Runtime:
                     log.info("task %s assigned, but there is no policy to run yet: idle until one arrives",
                              assignment.task)
                     self._waiting_for_agent = True
-            self._state = RobotState.IDLE
-            self._stop.wait(self.idle_poll_s)
+            self._state = RobotState.ESTOPPED if self._estopped else RobotState.IDLE
+            self._wake.wait(self.idle_poll_s)
         return None
 
     def _environment(self, env_id: str) -> Environment:
@@ -276,6 +325,16 @@ class Runtime:
             self._close_env()
             log.info("creating environment %s", env_id)
             self._env = self.make_env(env_id)
+            for sub in self.subscribers:
+                try:
+                    sub.on_environment(self._env)
+                except Exception:
+                    log.exception("subscriber %r failed on the new environment", sub)
+        return self._env
+
+    @property
+    def environment(self) -> Optional[Environment]:
+        """The current environment (any thread may read the reference; only the control thread steps it)."""
         return self._env
 
     def _close_env(self) -> None:
@@ -309,24 +368,34 @@ class Runtime:
             control_hz=self.control_hz,
             started_at=time.time(),
         )
+        with self._lock:
+            self._label = None  # a label is for the episode it names: never carry one over
         self._episode, self._step, self._state = episode, 0, RobotState.RUNNING
         self._source = ControlSource.POLICY
         for sub in self.subscribers:
             sub.on_episode_start(episode)
 
         outcome, success, steps = Outcome.TIMEOUT, False, 0
+        outcome_source, outcome_by = "robot", ""
         t0 = self._clock()
         deadline = t0  # the first step runs at once
         last_tick: Optional[float] = None
         try:
             while steps < assignment.max_steps:
                 delay = deadline - self._clock()
-                if delay > 0 and self._stop.wait(delay):
-                    outcome = Outcome.ABORTED
+                while delay > 0 and not self._wake.wait(delay):  # stop, e-stop and labels wake it at once
+                    delay = deadline - self._clock()
+                self._wake.clear()  # before the checks: a later set() is seen at the next tick
+                if self._stop.is_set() or self._estopped:
+                    outcome = Outcome.ABORTED  # an e-stop never executes another action
                     break
-                if self._stop.is_set():
-                    outcome = Outcome.ABORTED
+                label = self._take_label(episode.id)
+                if label is not None:
+                    outcome, outcome_by = label
+                    outcome_source = "operator"
                     break
+                if delay > 0:
+                    continue  # woken early for nothing that ends the episode (a label for another one)
                 tick = self._clock()
                 decision = agent.act(observation)
                 result = env.step(decision.action)
@@ -353,15 +422,27 @@ class Runtime:
             outcome = Outcome.ABORTED
             raise
         finally:
-            ended = EpisodeResult(steps=steps, outcome=outcome, success=success, ended_at=time.time())
+            ended = EpisodeResult(steps=steps, outcome=outcome, success=success, ended_at=time.time(),
+                                  outcome_source=outcome_source, outcome_by=outcome_by)
             if steps:
                 self.ended_ids.append(episode.id)
             self._episode, self._source = None, ControlSource.POLICY
-            self._state = RobotState.IDLE if self._stop.is_set() or self._next_task() is None else RobotState.RUNNING
+            if self._estopped:
+                self._state = RobotState.ESTOPPED
+            else:
+                self._state = RobotState.IDLE if self._stop.is_set() or self._next_task() is None else RobotState.RUNNING
             for sub in self.subscribers:
                 try:
                     sub.on_episode_end(episode, ended)
                 except Exception:
                     log.exception("subscriber %r failed at the end of episode %s", sub, episode.id)
-        log.info("episode %s %s after %d steps", episode.id, outcome.value, steps)
+        log.info("episode %s %s after %d steps%s", episode.id, outcome.value, steps,
+                 f" (labelled by {outcome_by})" if outcome_source == "operator" else "")
         return ended
+
+    def _take_label(self, episode_id: str) -> Optional[tuple[Outcome, str]]:
+        with self._lock:
+            label, self._label = self._label, None
+        if label is None or label[2] != episode_id:
+            return None
+        return label[0], label[1]

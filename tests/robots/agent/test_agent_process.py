@@ -147,7 +147,7 @@ def test_the_agent_runs_episodes_uploads_them_and_exits_once_they_are_verified(f
         assert meta["outcome"] == "success" and meta["steps"] < 150 and meta["control_hz"] == 50.0
     messages = state["messages"]
     hello = messages[0]
-    assert hello["type"] == "hello" and hello["capabilities"] == ["metaworld"]
+    assert hello["type"] == "hello" and hello["capabilities"] == ["metaworld", "teleop", "webrtc"]
     assert hello["policy"] == "scripted-expert" and hello["policy_version"] is None
     started = [m["episode_id"] for m in messages if m["type"] == "episode.started"]
     ended = [m["episode_id"] for m in messages if m["type"] == "episode.ended"]

@@ -1,0 +1,279 @@
+"""WebRTC sessions with operator consoles, on the agent's asyncio loop (docs/console.md).
+
+The browser's offer (recvonly video + a data channel "teleop", all ICE candidates gathered) arrives over the robot's
+websocket as ``webrtc.offer``; ``WebrtcHub.offer`` answers it with one ``RTCPeerConnection`` per session: the camera
+track (one ``CameraTrack`` per robot, fanned out with ``MediaRelay``, unbuffered: each viewer gets the newest frame)
+and the teleop channel. aiortc gathers all ICE candidates inside ``setLocalDescription``, so the answer goes back as
+one ``webrtc.answer`` (no trickle ICE). At most ``max_viewers`` sessions; one more is answered with an ``error``.
+
+Teleop channel, browser -> robot: ``cmd`` / ``keepalive`` -> ``OperatorControl.command`` with the session's user (it
+counts only while that user holds the lease), ``ping`` -> ``pong`` with ``robot_t``, ``estop`` -> the e-stop latch
+(clearing needs the websocket). Robot -> browser: a ``hud`` message every 100 ms, and pongs.
+
+Sessions close on ``webrtc.close``, when the peer connection fails or closes, when the websocket to the server is lost
+(``close_all``), and at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import time
+from typing import Any, Callable, Optional
+
+from robots import protocol
+
+from .media import CameraThread, FpsMeter, make_camera_track
+from .teleop import ACCEPTED, OperatorControl
+
+log = logging.getLogger(__name__)
+
+HUD_PERIOD_S = 0.1
+OFFER_TIMEOUT_S = 15.0
+MAX_DC_MESSAGE = 2048  # bytes: teleop messages are tiny
+TELEOP_LABEL = "teleop"
+
+
+@dataclasses.dataclass
+class Session:
+    id: str
+    user: str
+    pc: Any  # RTCPeerConnection
+    track: Any = None  # the relay's proxy of the camera track
+    channel: Any = None  # the "teleop" RTCDataChannel, once the browser opened it
+    opened_at: float = dataclasses.field(default_factory=time.monotonic)
+    closed: bool = False
+    invalid: int = 0  # malformed data channel messages
+
+
+def ice_servers(dicts: list[dict]):
+    """RTCIceServer objects from the server's list of RTCIceServer dicts (``urls``, ``username``, ``credential``)."""
+    from aiortc import RTCIceServer
+
+    servers = []
+    for entry in dicts:
+        urls = entry.get("urls") if isinstance(entry, dict) else None
+        if not urls or not isinstance(urls, (str, list)):
+            continue
+        servers.append(RTCIceServer(urls=urls, username=entry.get("username"), credential=entry.get("credential")))
+    return servers
+
+
+def _number(value, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+
+
+class WebrtcHub:
+    """All WebRTC sessions of this robot. Every method runs on the asyncio loop.
+
+    ``send`` queues a protocol message for the server (the connection's loop-side send); ``estop(by)`` latches the
+    e-stop; ``extra_hud()`` adds live fields to the hud (the runtime's ``step``)."""
+
+    def __init__(self, camera: Optional[CameraThread], control: OperatorControl,
+                 send: Callable[[protocol.Message], None], *, estop: Callable[[str], None],
+                 extra_hud: Callable[[], dict] = dict, max_viewers: int = 8, hud_period_s: float = HUD_PERIOD_S):
+        self.camera = camera
+        self.control = control
+        self.send = send
+        self.estop = estop
+        self.extra_hud = extra_hud
+        self.max_viewers = max_viewers
+        self.hud_period_s = hud_period_s
+        self.sessions: dict[str, Session] = {}
+        self.refused = 0
+        self._relay = None
+        self._source = None
+        self._hud_task: Optional[asyncio.Task] = None
+        self._closing = False
+        self._meter = FpsMeter()
+
+    # ------------------------------------------------------------ status
+
+    @property
+    def viewers(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def video_fps(self) -> float:
+        """Frames per second the camera track hands to the encoders (one source for all viewers)."""
+        if self._source is None or not self.sessions:
+            return 0.0
+        return self._source.meter.rate()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> "WebrtcHub":
+        if self.camera is not None and self._source is None:
+            from aiortc.contrib.media import MediaRelay
+
+            self._relay = MediaRelay()
+            self._source = make_camera_track(self.camera)
+        if self._hud_task is None:
+            self._hud_task = asyncio.create_task(self._hud_loop(), name="webrtc-hud")
+        return self
+
+    async def stop(self) -> None:
+        self._closing = True
+        await self.close_all("shutdown")
+        if self._hud_task is not None:
+            self._hud_task.cancel()
+            await asyncio.gather(self._hud_task, return_exceptions=True)
+            self._hud_task = None
+        if self._source is not None:
+            self._source.stop()
+            self._source = None
+
+    # ------------------------------------------------------------ signalling
+
+    def _answer(self, session: str, sdp: str = "", error: str = "") -> None:
+        try:
+            self.send(protocol.WebrtcAnswer(session=session, sdp=sdp, error=error[: protocol.MAX_STRING]))
+        except protocol.ProtocolError as exc:
+            log.error("cannot send the answer of session %s: %s", session, exc.message)
+            if sdp:
+                self.send(protocol.WebrtcAnswer(session=session, error="answer too large"))
+
+    async def offer(self, message: protocol.WebrtcOffer) -> None:
+        """Answer one offer (never raises: failures are answered with ``error``)."""
+        if self._closing:
+            return self._answer(message.session, error="robot shutting down")
+        if message.session in self.sessions:
+            await self.close(message.session, "renegotiated")
+        if len(self.sessions) >= self.max_viewers:
+            self.refused += 1
+            log.warning("refusing a video session of %s: %d viewers already", message.user, len(self.sessions))
+            return self._answer(message.session, error=f"too many viewers (at most {self.max_viewers})")
+        try:
+            sdp = await asyncio.wait_for(self._negotiate(message), OFFER_TIMEOUT_S)
+        except Exception as exc:  # a bad SDP, ICE gathering trouble: one refused session, never the robot
+            log.warning("cannot answer the offer of %s (session %s): %s", message.user, message.session,
+                        exc or type(exc).__name__)
+            await self.close(message.session, "negotiation failed")
+            return self._answer(message.session, error=f"cannot answer: {type(exc).__name__}: {exc}")
+        self._answer(message.session, sdp=sdp)
+
+    async def _negotiate(self, message: protocol.WebrtcOffer) -> str:
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+        pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=ice_servers(message.ice_servers)))
+        session = Session(message.session, message.user, pc)
+        self.sessions[message.session] = session
+        self._viewers_changed()
+
+        @pc.on("datachannel")
+        def on_datachannel(channel):
+            if channel.label != TELEOP_LABEL:
+                log.info("ignoring data channel %r of session %s", channel.label, session.id)
+                return
+            session.channel = channel
+
+            @channel.on("message")
+            def on_message(raw):
+                self._on_message(session, raw)
+
+        @pc.on("connectionstatechange")
+        async def on_state():
+            log.info("video session %s of %s: %s", session.id, session.user, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self.close(session.id, pc.connectionState)
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+        if not pc.getTransceivers() and pc.sctp is None:
+            raise ValueError("the offer has neither a video transceiver nor a data channel")
+        if self._source is not None and any(t.kind == "video" for t in pc.getTransceivers()):
+            session.track = self._relay.subscribe(self._source, buffered=False)
+            pc.addTrack(session.track)
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)  # gathers every ICE candidate before it returns
+        log.info("answered the video session %s of %s (%d viewers)", session.id, session.user, self.viewers)
+        return pc.localDescription.sdp
+
+    async def close(self, session_id: str, reason: str = "") -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None or session.closed:
+            return
+        session.closed = True
+        self._viewers_changed()
+        if session.track is not None:
+            session.track.stop()
+        try:
+            await session.pc.close()
+        except Exception:
+            log.debug("closing session %s failed", session_id, exc_info=True)
+        log.info("video session %s of %s closed (%s); %d viewers", session_id, session.user, reason or "closed",
+                 self.viewers)
+
+    async def close_all(self, reason: str = "") -> None:
+        await asyncio.gather(*(self.close(s, reason) for s in list(self.sessions)), return_exceptions=True)
+
+    def _viewers_changed(self) -> None:
+        if self.camera is not None:
+            self.camera.set_viewers(len(self.sessions))
+
+    # ------------------------------------------------------------ the teleop data channel
+
+    def _on_message(self, session: Session, raw) -> None:
+        if isinstance(raw, bytes) or len(raw) > MAX_DC_MESSAGE:
+            session.invalid += 1
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            session.invalid += 1
+            return
+        if not isinstance(body, dict):
+            session.invalid += 1
+            return
+        kind = body.get("type")
+        if kind == "ping":
+            self._send(session, {"type": "pong", "id": body.get("id"), "t": body.get("t"),
+                                 "robot_t": round(time.time() * 1000.0, 1)})
+        elif kind in ("cmd", "keepalive"):
+            seq, t = body.get("seq"), body.get("t")
+            action = body.get("action") if kind == "cmd" else None
+            grip = body.get("grip") if kind == "cmd" else None
+            if not (isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 and _number(t)) or (
+                    action is not None and not (isinstance(action, list) and len(action) == 3
+                                                and all(_number(a, -1.0, 1.0) for a in action))) or (
+                    grip is not None and not _number(grip, -1.0, 1.0)):
+                session.invalid += 1
+                return
+            result = self.control.command(seq, float(t), action, grip, via="dc", session_user=session.user)
+            if result != ACCEPTED:
+                log.debug("teleop command %s of %s dropped: %s", seq, session.user, result)
+        elif kind == "estop":
+            log.warning("e-stop over the data channel by %s", session.user)
+            self.estop(session.user)
+        else:
+            session.invalid += 1
+
+    def _send(self, session: Session, body: dict) -> None:
+        channel = session.channel
+        if channel is None or channel.readyState != "open":
+            return
+        try:
+            channel.send(json.dumps(body, separators=(",", ":")))
+        except Exception:
+            log.debug("data channel send failed on session %s", session.id, exc_info=True)
+
+    def hud(self) -> dict:
+        body = self.control.hud()
+        body.update(self.extra_hud())
+        body["video_fps"] = self.video_fps
+        return body
+
+    async def _hud_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.hud_period_s)
+            if not self.sessions:
+                continue
+            try:
+                body = self.hud()
+            except Exception:
+                log.exception("cannot build the hud")
+                continue
+            for session in list(self.sessions.values()):
+                self._send(session, body)

@@ -1,0 +1,178 @@
+"""WebRTC in one process: an aiortc client plays the browser (recvonly video + the "teleop" data channel) and the
+agent's WebrtcHub answers (docs/console.md). Host candidates only (iceServers=[]); aioice leaves 127.0.0.1 out of its
+host candidates, so this needs a non-loopback interface (the test skips, saying so, on a machine with only ``lo``)."""
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+
+from robots import protocol
+from robots.agent.media import CameraThread, PatternCapture
+from robots.agent.teleop import OperatorControl
+from robots.agent.webrtc import WebrtcHub
+
+aiortc = pytest.importorskip("aiortc")
+
+
+def _has_host_candidate() -> bool:
+    import aioice
+
+    addresses = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)
+    return bool(addresses)
+
+
+pytestmark = pytest.mark.skipif(
+    not _has_host_candidate(),
+    reason="no non-loopback IPv4 address: aioice drops 127.0.0.1, so two aiortc peers cannot connect here",
+)
+
+
+class Client:
+    """The browser's side: offers recvonly video and the teleop channel (unordered, no retransmits)."""
+
+    def __init__(self):
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.channel = self.pc.createDataChannel("teleop", ordered=False, maxRetransmits=0)
+        self.messages: list[dict] = []
+        self.opened = asyncio.Event()
+        self.track = asyncio.get_running_loop().create_future()
+        self.channel.on("open", self.opened.set)
+        self.channel.on("message", lambda raw: self.messages.append(json.loads(raw)))
+        self.pc.on("track", lambda track: self.track.done() or self.track.set_result(track))
+
+    async def offer(self, user="alice") -> protocol.WebrtcOffer:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return protocol.WebrtcOffer(session=str(uuid.uuid4()), sdp=self.pc.localDescription.sdp, user=user,
+                                    ice_servers=[])
+
+    async def accept(self, answer: protocol.WebrtcAnswer):
+        from aiortc import RTCSessionDescription
+
+        assert not answer.error, answer.error
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+
+    def send(self, body: dict):
+        self.channel.send(json.dumps(body))
+
+    async def wait(self, predicate, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def hub():
+    camera = CameraThread(PatternCapture(224), fps=30.0).start()
+    control = OperatorControl()
+    sent: list[protocol.Message] = []
+    estops: list[str] = []
+    hub = await WebrtcHub(camera, control, sent.append, estop=estops.append, extra_hud=lambda: {"step": 42},
+                          max_viewers=2).start()
+    hub.sent, hub.estops = sent, estops
+    try:
+        yield hub
+    finally:
+        await hub.stop()
+        camera.stop()
+
+
+async def connect(hub, client, user="alice"):
+    offer = await client.offer(user)
+    await hub.offer(offer)
+    answer = hub.sent[-1]
+    assert isinstance(answer, protocol.WebrtcAnswer) and answer.session == offer.session
+    await client.accept(answer)
+    return offer.session
+
+
+async def test_a_viewer_gets_video_and_drives_over_the_data_channel(hub):
+    client = Client()
+    try:
+        session = await connect(hub, client)
+        assert hub.viewers == 1 and hub.camera.viewers == 1
+        track = await asyncio.wait_for(client.track, 10)
+        frames = []
+        for _ in range(10):
+            frame = await asyncio.wait_for(track.recv(), 10)
+            frames.append(frame)
+        assert all((f.width, f.height) == (224, 224) for f in frames)
+        assert len({f.pts for f in frames}) == 10
+        assert hub.video_fps > 5
+
+        await asyncio.wait_for(client.opened.wait(), 10)
+        client.send({"type": "ping", "id": 1, "t": 123.0})
+        await client.wait(lambda: any(m["type"] == "pong" for m in client.messages))
+        pong = next(m for m in client.messages if m["type"] == "pong")
+        assert pong["id"] == 1 and pong["t"] == 123.0 and abs(pong["robot_t"] - time.time() * 1000) < 5000
+
+        control = hub.control
+        control.takeover(9, "alice", "demo")
+        now = time.time() * 1000
+        client.send({"type": "cmd", "seq": 1, "t": now, "action": [0.5, 0, -0.5], "grip": 1.0})
+        client.send({"type": "cmd", "seq": 1, "t": now, "action": [0.9, 0, 0], "grip": None})  # a replay
+        client.send({"type": "cmd", "seq": 2, "t": now - 2000, "action": [0.9, 0, 0], "grip": None})  # stale
+        await client.wait(lambda: control.accepted == 1 and sum(control.dropped.values()) == 2)
+        view = control.view()
+        assert list(view.xyz) == [0.5, 0, -0.5] and view.grip == 1.0
+        client.send({"type": "keepalive", "seq": 3, "t": time.time() * 1000})
+        await client.wait(lambda: control.accepted == 2)
+
+        def latest_hud():
+            return [m for m in client.messages if m["type"] == "hud" and m["lease"] == 9 and m["applied_seq"] is None
+                    and m["dropped"]["stale"]] or [None]
+
+        await client.wait(lambda: latest_hud()[-1] is not None)  # sent every 100 ms: one after the drops
+        hud = latest_hud()[-1]
+        assert hud["operator"] == "alice" and hud["step"] == 42 and hud["dropped"] == {"stale": 1, "replayed": 1}
+        assert set(hud) >= {"deadman", "estopped", "last_command_age_ms", "applied_seq", "video_fps"}
+
+        client.send({"type": "estop"})
+        await client.wait(lambda: hub.estops == ["alice"])
+
+        await hub.close(session, "closed by the console")
+        assert hub.viewers == 0 and hub.camera.viewers == 0
+    finally:
+        await client.pc.close()
+
+
+async def test_only_the_lease_holders_session_drives(hub):
+    client = Client()
+    try:
+        await connect(hub, client, user="bob")
+        await asyncio.wait_for(client.opened.wait(), 10)
+        hub.control.takeover(1, "alice")
+        client.send({"type": "cmd", "seq": 1, "t": time.time() * 1000, "action": [1, 0, 0], "grip": None})
+        await client.wait(lambda: hub.control.dropped["not_holder"] == 1)
+        assert hub.control.view().xyz is None
+    finally:
+        await client.pc.close()
+
+
+async def test_viewers_beyond_the_limit_get_an_error_and_websocket_loss_closes_all(hub):
+    clients = [Client() for _ in range(3)]
+    try:
+        for client in clients[:2]:
+            await connect(hub, client)
+        offer = await clients[2].offer()
+        await hub.offer(offer)
+        answer = hub.sent[-1]
+        assert answer.session == offer.session and answer.error.startswith("too many viewers") and answer.sdp == ""
+        assert hub.viewers == 2
+        await hub.close_all("websocket lost")
+        assert hub.viewers == 0 and hub.camera.viewers == 0
+    finally:
+        for client in clients:
+            await client.pc.close()
+
+
+async def test_a_bad_offer_is_answered_with_an_error(hub):
+    await hub.offer(protocol.WebrtcOffer(session=str(uuid.uuid4()), sdp="v=0\r\nnonsense", user="alice"))
+    answer = hub.sent[-1]
+    assert answer.error and not answer.sdp and hub.viewers == 0
