@@ -4,12 +4,13 @@ episodes and the audit log come from robots and services, so they are read-only.
 from django.contrib import admin, messages
 
 from . import services
-from .models import AuditEvent, Episode, InterventionSegment, Robot, Task, TaskAssignment
+from .models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task, TaskAssignment
 
 LIVE_FIELDS = (
     "connected", "state", "last_seen", "connected_at", "current_task", "current_prompt", "current_episode",
     "current_step", "policy_version", "policy_name", "control_source", "loop_hz", "loop_p99_ms", "spool_pending",
-    "capabilities", "agent_version",
+    "capabilities", "agent_version", "estopped", "estopped_by", "estopped_at", "deadman", "operator_name", "video_fps",
+    "viewers",
 )
 
 
@@ -103,3 +104,14 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_display = ["at", "actor_name", "action", "robot", "detail"]
     list_filter = ["action"]
     search_fields = ["actor_name", "action"]
+
+
+@admin.register(ControlLease)
+class ControlLeaseAdmin(ReadOnlyAdmin):
+    """Takeover leases: written by the console socket (robots/control.py), read-only here."""
+
+    list_display = ["pk", "robot", "operator_name", "reason", "forced", "started_at", "ended_at", "end_reason"]
+    list_filter = ["end_reason", "forced", "robot"]
+    search_fields = ["operator_name", "reason"]
+    list_select_related = ["robot"]
+    exclude = ["channel_name"]

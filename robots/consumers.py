@@ -2,20 +2,27 @@
 
 Each frame is decoded by robots/protocol.py (size first, then JSON, version, type, fields) and handed to one
 service. A bad frame gets a typed ``error`` back and the socket stays open, up to SOP_MAX_BAD_MESSAGES a minute.
+
+It also relays the operator console's messages (docs/console.md) that robots/control.py and robots/console.py send to
+the robot's group: takeover, release, e-stop, teleop commands, labels and WebRTC signalling; a ``webrtc.answer`` goes
+back to the one console socket that sent the offer. After each connect, disconnect and heartbeat the robot's state is
+broadcast to the consoles (at most once per heartbeat unless something the console shows changed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 import time
+from collections import OrderedDict
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import protocol, services
+from . import control, protocol, services
 from .auth import authenticate_token, hash_token, token_from_scope
 from .exceptions import SopError
 from .protocol import CloseCode, ErrorCode, ProtocolError
@@ -23,6 +30,8 @@ from .protocol import CloseCode, ErrorCode, ProtocolError
 log = logging.getLogger(__name__)
 
 BAD_MESSAGE_WINDOW_S = 60.0
+MAX_PENDING_OFFERS = 64  # WebRTC offers awaiting the robot's answer, per socket (oldest forgotten first)
+MIN_STATE_INTERVAL_S = 0.2  # even a changed state is broadcast to consoles at most this often
 
 
 class RobotConsumer(AsyncWebsocketConsumer):
@@ -30,6 +39,9 @@ class RobotConsumer(AsyncWebsocketConsumer):
     token_hash = ""
     connected_at = None
     closing = False
+    last_state_at = 0.0  # monotonic time of the last robot.state broadcast
+    last_state_key = None  # what consoles show of the last heartbeat; a change is broadcast at once
+    pending_state = None  # a task that broadcasts a change that came too soon after the previous broadcast
 
     async def connect(self):
         raw = token_from_scope(self.scope)
@@ -40,6 +52,7 @@ class RobotConsumer(AsyncWebsocketConsumer):
             await self.close()  # before accept: the handshake is answered with HTTP 403
             return
         self.bad_messages: collections.deque[float] = collections.deque()
+        self.offers: OrderedDict[str, str] = OrderedDict()  # WebRTC session -> console channel awaiting the answer
         # Join the groups before robot_connected re-checks the token: a revocation committed after that check
         # reaches this socket as an event, one committed before it makes the check fail. Nothing slips between.
         await self.channel_layer.group_add(robot.group_name, self.channel_name)
@@ -54,12 +67,18 @@ class RobotConsumer(AsyncWebsocketConsumer):
             return
         await self.accept()
         log.info("robot %s connected from %s", robot.name, _client(self.scope))
+        await self._broadcast_state()
 
     async def disconnect(self, code):
         if self.robot is None:
             return
         await self._leave_groups()
+        if self.pending_state is not None:
+            self.pending_state.cancel()
         await database_sync_to_async(services.robot_disconnected)(self.robot, self.connected_at)
+        for session, console in self.offers.items():  # consoles still waiting for an answer learn it will not come
+            await self._answer_console(console, session, error="robot disconnected")
+        await self._broadcast_state(force=True)
         log.info("robot %s disconnected (code %s)", self.robot.name, code)
 
     async def receive(self, text_data=None, bytes_data=None):
@@ -86,22 +105,46 @@ class RobotConsumer(AsyncWebsocketConsumer):
     async def on_hello(self, msg: protocol.Hello):
         for reply in await database_sync_to_async(services.robot_hello)(self.robot, msg):
             await self._send(reply)
+        await self._broadcast_state()
 
     async def on_status(self, msg: protocol.Status):
-        if not await database_sync_to_async(services.robot_status)(self.robot, msg, self.token_hash):
-            await self._close_revoked()
+        ok, release = await database_sync_to_async(self._store_status)(msg)
+        if not ok:
+            return await self._close_revoked()
+        if release is not None:  # the robot obeys a lease that has ended: its release was lost, send it again
+            await self._send(release)
+        key = (msg.state, msg.task, msg.episode_id, msg.control_source, msg.lease, msg.operator, msg.deadman,
+               msg.estopped, msg.policy_version, msg.policy_error, msg.viewers)
+        if await self._broadcast_state(changed=key != self.last_state_key):
+            self.last_state_key = key  # a change skipped by the rate limit is still a change at the next heartbeat
+
+    def _store_status(self, msg: protocol.Status):
+        if not services.robot_status(self.robot, msg, self.token_hash):
+            return False, None
+        control.expire_leases(self.robot)  # every heartbeat checks its robot's lease: no worker needed for that
+        return True, control.stale_release(self.robot, msg.lease)
 
     async def on_episode_started(self, msg: protocol.EpisodeStarted):
         await database_sync_to_async(services.episode_started)(self.robot, msg)
+        await self._broadcast_state(changed=True)
 
     async def on_episode_ended(self, msg: protocol.EpisodeEnded):
         await self._send(await database_sync_to_async(services.episode_ended)(self.robot, msg))
+        await self._broadcast_state(changed=True)  # today's counters moved
+
+    async def on_webrtc_answer(self, msg: protocol.WebrtcAnswer):
+        console = self.offers.pop(msg.session, None)
+        if console is None:
+            log.warning("robot %s: answer to unknown WebRTC session %s dropped", self.robot.name, msg.session)
+            return
+        await self._answer_console(console, msg.session, sdp=msg.sdp, error=msg.error)
 
     HANDLERS = {
         protocol.Hello: on_hello,
         protocol.Status: on_status,
         protocol.EpisodeStarted: on_episode_started,
         protocol.EpisodeEnded: on_episode_ended,
+        protocol.WebrtcAnswer: on_webrtc_answer,
     }
 
     # ------------------------------------------------------------ channel-layer events (services.py sends them)
@@ -115,7 +158,42 @@ class RobotConsumer(AsyncWebsocketConsumer):
     async def policy_updated(self, event):
         await self._relay(event)
 
+    # operator console (robots/control.py, robots/console.py): relayed as they are
+    async def control_takeover(self, event):
+        await self._relay(event)
+
+    async def control_release(self, event):
+        await self._relay(event)
+
+    async def control_estop(self, event):
+        await self._relay(event)
+
+    async def control_command(self, event):
+        await self._relay(event)
+
+    async def episode_label(self, event):
+        await self._relay(event)
+
+    async def webrtc_offer(self, event):
+        """Remember which console asked, so that the robot's answer goes back to it (and to no other console)."""
+        session = event["message"]["session"]
+        self.offers.pop(session, None)
+        self.offers[session] = event["console"]
+        while len(self.offers) > MAX_PENDING_OFFERS:
+            self.offers.popitem(last=False)
+        await self._relay(event)
+
+    async def webrtc_close(self, event):
+        self.offers.pop(event["message"]["session"], None)
+        await self._relay(event)
+
     # ------------------------------------------------------------ helpers
+
+    async def _broadcast_later(self, delay: float):
+        await asyncio.sleep(delay)
+        self.pending_state = None
+        if not self.closing:
+            await self._broadcast_state(force=True)
 
     async def _relay(self, event):
         if not self.closing:
@@ -123,6 +201,26 @@ class RobotConsumer(AsyncWebsocketConsumer):
 
     async def _send(self, message: protocol.Message):
         await self.send(text_data=protocol.encode(message))
+
+    async def _answer_console(self, console: str, session: str, sdp: str = "", error: str = ""):
+        event = {"type": "webrtc.answer", "robot": self.robot.name, "session": session, "sdp": sdp, "error": error}
+        await self.channel_layer.send(console, event)
+
+    async def _broadcast_state(self, changed: bool = True, force: bool = False) -> bool:
+        """robot.state to the consoles: a heartbeat that changed nothing they show at most once per heartbeat,
+        a change at once (or, too soon after the previous one, MIN_STATE_INTERVAL_S after it). Returns whether it was
+        sent or scheduled."""
+        now = time.monotonic()
+        interval = MIN_STATE_INTERVAL_S if changed else settings.SOP_HEARTBEAT_S * 0.9
+        if not force and now - self.last_state_at < interval:
+            if changed and self.pending_state is None:
+                self.pending_state = asyncio.ensure_future(self._broadcast_later(interval - (now - self.last_state_at)))
+            return changed
+        self.last_state_at = now
+        state = await database_sync_to_async(control.robot_state)(self.robot.pk)
+        if state is not None:
+            await self.channel_layer.group_send(control.CONSOLE_GROUP, {"type": "robot.state", "robot": state})
+        return True
 
     async def _reject(self, exc: ProtocolError):
         """Answer a bad frame with a typed error; past the per-minute budget, close the socket."""

@@ -11,6 +11,7 @@ import uuid
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+from django.db.models import Q
 
 from .protocol import ControlSource, Outcome, RobotState, Split
 
@@ -71,6 +72,14 @@ class Robot(models.Model):
     spool_pending = models.PositiveIntegerField(default=0)
     capabilities = models.JSONField(default=list, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
+    # operator console (docs/console.md): the server's e-stop latch (re-sent at every hello) and what status reports
+    estopped = models.BooleanField(default=False, help_text="E-stop latched from the console; cleared only there")
+    estopped_by = models.CharField(max_length=150, blank=True)
+    estopped_at = models.DateTimeField(null=True, blank=True)
+    deadman = models.BooleanField(default=False, help_text="Under a takeover without fresh commands: holding still")
+    operator_name = models.CharField(max_length=150, blank=True, help_text="Operator driving, as the robot reports")
+    video_fps = models.FloatField(default=0.0)
+    viewers = models.PositiveIntegerField(default=0, help_text="Open WebRTC sessions")
 
     class Meta:
         ordering = ["name"]
@@ -177,3 +186,45 @@ class AuditEvent(models.Model):
 
     def __str__(self):
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action}"
+
+
+class ControlLease(models.Model):
+    """Exclusive control of one robot by one console operator (docs/console.md, "Leases").
+
+    Active while ``ended_at`` is null; a partial unique constraint allows one active lease per robot, so two
+    operators racing for a robot get one lease and one refusal. Ends on release, console disconnect, timeout
+    (not renewed before ``expires_at``), forced takeover or the robot going offline (``end_reason``).
+    """
+
+    class EndReason(models.TextChoices):
+        RELEASED = "released"
+        DISCONNECTED = "disconnected"
+        TIMEOUT = "timeout"
+        FORCED = "forced"
+        ROBOT_OFFLINE = "robot_offline"
+
+    robot = models.ForeignKey(Robot, on_delete=models.CASCADE, related_name="leases")
+    operator = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="+")
+    operator_name = models.CharField(max_length=150, help_text="Kept if the user is deleted")
+    reason = models.CharField(max_length=500, blank=True)
+    channel_name = models.CharField(max_length=200, blank=True, help_text="The console socket holding the lease")
+    forced = models.BooleanField(default=False, help_text="Taken from another operator by an admin")
+    started_at = models.DateTimeField()
+    renewed_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=16, choices=EndReason.choices, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["robot"], condition=Q(ended_at__isnull=True), name="one_active_lease_per_robot")
+        ]
+
+    def __str__(self):
+        return f"lease {self.pk}: {self.operator_name} on robot {self.robot_id}"
+
+    @property
+    def active(self) -> bool:
+        return self.ended_at is None

@@ -2,7 +2,8 @@
 
 from django.urls import path
 
+from .console import ConsoleConsumer
 from .consumers import RobotConsumer
 
 robot_urlpatterns = [path("ws/robots/", RobotConsumer.as_asgi())]
-console_urlpatterns = []
+console_urlpatterns = [path("ws/console/", ConsoleConsumer.as_asgi())]

@@ -70,6 +70,7 @@ class RobotSerializer(serializers.ModelSerializer):
             "current_episode", "current_step", "policy_version", "policy_name", "policy_error", "control_source", "loop_hz",
             "loop_p99_ms", "spool_pending", "capabilities", "agent_version", "token_prefix", "revoked", "revoked_at",
             "episode_count", "verified_episode_count", "successful_episode_count",
+            "estopped", "estopped_by", "estopped_at", "deadman", "operator_name", "video_fps", "viewers",
         ]
         read_only_fields = fields
 

@@ -44,6 +44,7 @@ from .protocol import ControlSource, Outcome, RobotState, Split
 log = logging.getLogger(__name__)
 
 FLEET_GROUP = "robots.fleet"  # every robot socket joins it: fleet-wide broadcasts (policy.updated)
+CONSOLE_GROUP = "console.fleet"  # every console socket joins it: robot.state, robot.removed, lease (docs/console.md)
 ROBOT_REVOKED = "robot.revoked"  # channel-layer event: every socket of the robot closes (4003)
 MAX_DB_INT = 2**31 - 1  # PositiveIntegerField on PostgreSQL; protocol ints are unbounded
 HASH_BLOCK = 1024 * 1024
@@ -85,7 +86,9 @@ def revoke_robot(robot: Robot, actor=None) -> Robot:
         prefix = Robot.objects.filter(pk=robot.pk).values_list("token_prefix", flat=True).first()
         Robot.objects.filter(pk=robot.pk).update(token_hash=None, revoked_at=timezone.now())
         _audit("robot.token_revoked", robot=robot, actor=actor, detail={"token_prefix": prefix or ""})
-        _group_send_on_commit(robot.group_name, ROBOT_REVOKED)
+        # one commit hook: the robot's sockets close, and the consoles drop its tile
+        _group_sends_on_commit([(robot.group_name, {"type": ROBOT_REVOKED}),
+                                (CONSOLE_GROUP, {"type": "robot.removed", "robot": robot.name})])
     robot.refresh_from_db()
     return robot
 
@@ -126,6 +129,21 @@ def robot_hello(robot: Robot, msg: protocol.Hello) -> list[protocol.Message]:
     policy = _policy_source() if _policy_source else None
     if policy is not None and policy.version != msg.policy_version:
         replies.append(policy)
+    replies.extend(_control_state(robot))
+    return replies
+
+
+def _control_state(robot: Robot) -> list[protocol.Message]:
+    """What a (re)connecting robot must obey at once: the e-stop latch and a takeover lease that is still active."""
+    from .models import ControlLease
+
+    replies: list[protocol.Message] = []
+    latch = Robot.objects.filter(pk=robot.pk).values("estopped", "estopped_by").first()
+    if latch and latch["estopped"]:
+        replies.append(protocol.ControlEstop(engaged=True, by=latch["estopped_by"]))
+    lease = ControlLease.objects.filter(robot_id=robot.pk, ended_at__isnull=True).first()
+    if lease is not None:
+        replies.append(protocol.ControlTakeover(lease=lease.pk, operator=lease.operator_name, reason=lease.reason))
     return replies
 
 
@@ -146,6 +164,10 @@ def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
         policy_name=msg.policy[:100],
         spool_pending=_count(msg.spool_pending),
         policy_error=msg.policy_error[:300],
+        deadman=msg.deadman,
+        operator_name=msg.operator[:150],
+        video_fps=msg.video_fps,
+        viewers=_count(msg.viewers),
     )
     if msg.task is not None:
         fields["current_task"] = Subquery(Task.objects.filter(name=msg.task).values("pk")[:1])
@@ -153,22 +175,35 @@ def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
     return Robot.objects.filter(pk=robot.pk, token_hash=token_hash, revoked_at__isnull=True).update(**fields) == 1
 
 
-def robot_disconnected(robot: Robot, connected_at: dt.datetime) -> None:
+def robot_disconnected(robot: Robot, connected_at: dt.datetime) -> bool:
+    """Mark the robot offline; its takeover lease ends (robot_offline). Returns whether it went offline."""
+    from . import control
+
     # A robot that reconnects before its old socket notices the drop has two sockets for a moment: only the
     # connection that is still the latest one (same connected_at) may mark the robot offline.
-    Robot.objects.filter(pk=robot.pk, connected_at=connected_at).update(
-        connected=False, state=RobotState.OFFLINE.value
-    )
+    offline = Robot.objects.filter(pk=robot.pk, connected_at=connected_at).update(
+        connected=False, state=RobotState.OFFLINE.value, deadman=False, video_fps=0.0, viewers=0
+    ) == 1
+    if offline:
+        control.end_leases_for_robot(robot.pk)
+    return offline
 
 
 def mark_silent_robots_offline() -> int:
-    """Robots whose last heartbeat is older than SOP_ROBOT_SILENT_S are shown offline (e.g. after a web node died)."""
+    """Robots whose last heartbeat is older than SOP_ROBOT_SILENT_S are shown offline (e.g. after a web node died);
+    their takeover leases end."""
+    from . import control
+
     cutoff = timezone.now() - dt.timedelta(seconds=settings.SOP_ROBOT_SILENT_S)
-    return (
-        Robot.objects.filter(connected=True)
-        .filter(Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True))
-        .update(connected=False, state=RobotState.OFFLINE.value)
+    silent = Robot.objects.filter(connected=True).filter(Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True))
+    ids = list(silent.values_list("pk", flat=True))
+    count = Robot.objects.filter(pk__in=ids).filter(Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True)).update(
+        connected=False, state=RobotState.OFFLINE.value, deadman=False, video_fps=0.0, viewers=0
     )
+    for robot_id in ids:
+        control.end_leases_for_robot(robot_id)
+        control.broadcast_state_on_commit(robot_id)
+    return count
 
 
 # ---------------------------------------------------------------- task assignment
@@ -530,11 +565,16 @@ def _payload_fields(meta: dict[str, Any], episode: Episode) -> dict[str, Any]:
     for seg in segments:
         if seg.source not in sources:
             raise ValueError(f"intervention source {seg.source!r} is not one of {sorted(sources)}")
+    # An operator's label (docs/console.md "Label") travels in the payload: who decided the outcome, and which user.
+    outcome_source = "operator" if meta.get("outcome_source") == "operator" else "robot"
+    outcome_by_name = str(meta.get("outcome_by") or "")[:150] if outcome_source == "operator" else ""
+    outcome_by = (get_user_model().objects.filter(username=outcome_by_name).first() if outcome_by_name else None)
     return dict(
         steps=_count(meta["steps"]),
         outcome=meta["outcome"],
         success=bool(meta["success"]),
-        outcome_source="robot",
+        outcome_source=outcome_source,
+        outcome_by=outcome_by,
         image_shape=[int(n) for n in meta["image_shape"]],
         control_hz=float(meta["control_hz"]),
         split=meta["split"],
@@ -596,6 +636,17 @@ def _group_send_on_commit(group: str, event_type: str, **payload) -> None:
     transaction.on_commit(send, robust=True)
 
 
+def _group_sends_on_commit(events: list[tuple[str, dict]]) -> None:
+    """Several group sends after the commit, in order, as one hook."""
+
+    def send():
+        layer = get_channel_layer()
+        for group, event in events:
+            async_to_sync(layer.group_send)(group, event)
+
+    transaction.on_commit(send, robust=True)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -625,3 +676,62 @@ def _version(value: Optional[int]) -> Optional[int]:
 
 def _count(value: int) -> int:
     return max(0, min(int(value), MAX_DB_INT))
+
+
+# ---------------------------------------------------------------- console: tasks, task mixes, relabels
+
+
+def save_task(task: Task, *, actor=None, created: bool = False) -> Task:
+    """Save a task edited in the console (validated by the caller), audit it, and re-send the assignment of connected
+    robots that run it, so that a new prompt, step limit or a disabled task applies from their next episode."""
+    with transaction.atomic():
+        task.save()
+        _audit("task_saved", actor=actor, detail={
+            "task": task.name, "created": created, "env_id": task.env_id, "enabled": task.enabled,
+            "max_steps": task.max_steps, "prompts": len(task.prompts)})
+        for robot in Robot.objects.filter(current_task=task, connected=True):
+            reassign_robot(robot)
+    return task
+
+
+def set_assignments(robot: Optional[Robot], entries: dict[Task, tuple[float, str]], *, actor=None) -> list[TaskAssignment]:
+    """Replace a task mix: the robot's own (``robot``) or the fleet-wide one (``robot=None``). ``entries`` maps
+    tasks to (weight, split); weights <= 0 leave the task out. Connected robots that the mix applies to are sent a
+    new assignment, which they run from their next episode."""
+    rows = [(t, float(w), s) for t, (w, s) in entries.items() if w and float(w) > 0]
+    for _, _, split in rows:
+        if split not in {s.value for s in Split}:
+            raise SopError(f"unknown split {split!r}")
+    with transaction.atomic():
+        scope = TaskAssignment.objects.filter(robot=robot) if robot else TaskAssignment.objects.filter(robot__isnull=True)
+        before = {a.task.name: [a.weight, a.split] for a in scope.select_related("task")}
+        scope.delete()
+        saved = TaskAssignment.objects.bulk_create(
+            [TaskAssignment(robot=robot, task=t, weight=w, split=s) for t, w, s in rows])
+        after = {t.name: [w, s] for t, w, s in rows}
+        if before == after:
+            return saved
+        _audit("assignments_saved", robot=robot, actor=actor,
+               detail={"scope": robot.name if robot else "fleet", "before": before, "after": after})
+        if robot is not None:
+            targets = Robot.objects.filter(pk=robot.pk)
+        else:  # robots without a mix of their own follow the fleet-wide one
+            targets = Robot.objects.exclude(pk__in=TaskAssignment.objects.filter(robot__isnull=False).values("robot"))
+        for target in targets.filter(connected=True, revoked_at__isnull=True):
+            reassign_robot(target)
+    return saved
+
+
+def relabel_episode(episode: Episode, outcome: str, *, actor, reason: str) -> Episode:
+    """An operator's verdict on a stored episode: sets outcome and success, records who, audits old and new."""
+    if outcome not in {o.value for o in Outcome}:
+        raise SopError(f"unknown outcome {outcome!r}")
+    with transaction.atomic():
+        episode = Episode.objects.select_for_update().get(pk=episode.pk)
+        old = episode.outcome
+        episode.outcome, episode.success = outcome, outcome == Outcome.SUCCESS.value
+        episode.outcome_source, episode.outcome_by = "operator", actor
+        episode.save(update_fields=["outcome", "success", "outcome_source", "outcome_by"])
+        _audit("relabel", robot=episode.robot, actor=actor,
+               detail={"episode": str(episode.pk), "old": old, "new": outcome, "reason": reason[:500]})
+    return episode

@@ -13,3 +13,11 @@ def cleanup_stale_uploads() -> int:
 @shared_task(name="robots.mark_silent_robots_offline")
 def mark_silent_robots_offline() -> int:
     return services.mark_silent_robots_offline()
+
+
+@shared_task(name="robots.expire_leases")
+def expire_leases() -> int:
+    """Takeover leases not renewed within SOP_LEASE_TIMEOUT_S end; their robots get control.release."""
+    from . import control
+
+    return control.expire_leases()

@@ -5,6 +5,7 @@ package's bundled binary on a unix socket in the same directory (sop_web/embedde
 REDIS_URL switches to PostgreSQL and a shared Redis; the code path is the same.
 """
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -166,6 +167,9 @@ CELERY_TASK_ROUTES = {"learner.*": {"queue": "learner"}}  # training and evaluat
 CELERY_BEAT_SCHEDULE = {
     "cleanup-stale-uploads": {"task": "robots.cleanup_stale_uploads", "schedule": 600.0},
     "mark-silent-robots-offline": {"task": "robots.mark_silent_robots_offline", "schedule": 30.0},
+    # Takeover leases not renewed within SOP_LEASE_TIMEOUT_S end (robot heartbeats and keepalives check them too,
+    # so a worker busy with training delays nothing); a run still queued after 2 s is dropped, not piled up.
+    "expire-control-leases": {"task": "robots.expire_leases", "schedule": 2.0, "options": {"expires": 2.0}},
     "resume-stalled-training-runs": {"task": "learner.resume_stalled_runs",
                                      "schedule": float(env_str("SOP_WATCHDOG_S", "30"))},
 }
@@ -179,6 +183,21 @@ SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat 
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
 SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)
 SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an evaluation
+SOP_LEASE_TIMEOUT_S = float(env_str("SOP_LEASE_TIMEOUT_S", "5"))  # a takeover lease not renewed for this long ends
+
+
+def _ice_servers(raw: str) -> list[dict]:
+    try:
+        servers = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"SOP_ICE_SERVERS={raw!r} is not JSON") from None
+    if not isinstance(servers, list) or not all(isinstance(s, dict) and s.get("urls") for s in servers):
+        raise ValueError("SOP_ICE_SERVERS must be a JSON list of RTCIceServer objects, each with 'urls'")
+    return servers
+
+
+# STUN/TURN servers for WebRTC (docs/console.md, "ICE"): [] = host candidates only, enough on a LAN.
+SOP_ICE_SERVERS = _ice_servers(env_str("SOP_ICE_SERVERS", "[]"))
 DATA_UPLOAD_MAX_MEMORY_SIZE = SOP_MAX_UPLOAD_CHUNK_BYTES + 1024
 # Upload chunks are bounded (sop_web/limits.py), so keep them in memory instead of a temp file on the event loop.
 FILE_UPLOAD_MAX_MEMORY_SIZE = SOP_MAX_UPLOAD_CHUNK_BYTES + 1024

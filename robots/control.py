@@ -1,0 +1,401 @@
+"""The console's control plane (docs/console.md): takeover leases, e-stop, episode labels, and the robot state that
+consoles see.
+
+Every function here is synchronous and transactional; the console socket (robots/console.py) calls them through
+``database_sync_to_async``. Each change is audited (AuditEvent) and, after its transaction commits, sends the matching
+protocol message to the robot's channel-layer group (event type = the message's TYPE, payload ``message``) and a
+``robot.state`` (plus a ``lease`` event for lease changes) to the consoles' group ``console.fleet``.
+
+Exclusivity rests on the database: a partial unique constraint allows one active lease per robot, so two operators
+racing for one robot get one lease and one ``held`` error, whatever the interleaving.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Iterable, Optional
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Q, Sum
+from django.utils import timezone
+from rest_framework import status
+
+from . import protocol, roles, selectors
+from .exceptions import SopError
+from .models import ControlLease, Episode, Robot
+from .services import CONSOLE_GROUP, _audit, _group_send_on_commit
+
+log = logging.getLogger(__name__)
+
+EndReason = ControlLease.EndReason
+MAX_REASON = 500
+
+
+# ---------------------------------------------------------------- errors (the console socket's error codes)
+
+
+class ControlError(SopError):
+    """A console request that was refused. ``default_code`` is the console socket's ``error`` code."""
+
+    protocol_code = "forbidden"
+
+
+class UnknownRobot(ControlError):
+    status_code = status.HTTP_404_NOT_FOUND
+    default_code = "unknown_robot"
+    default_detail = "No such robot (or its token was revoked)."
+
+
+class Forbidden(ControlError):
+    status_code = status.HTTP_403_FORBIDDEN
+    default_code = "forbidden"
+    default_detail = "Your role does not allow this."
+
+
+class LeaseHeld(ControlError):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "held"
+    default_detail = "Another operator holds this robot."
+
+
+class NotHolder(ControlError):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "not_holder"
+    default_detail = "You do not hold this robot's lease."
+
+
+class RobotOffline(ControlError):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "robot_offline"
+    default_detail = "The robot is offline."
+
+
+class InvalidRequest(ControlError):
+    default_code = "invalid"
+    default_detail = "Invalid request."
+    protocol_code = "invalid"
+
+
+def _held(lease: Optional[ControlLease]) -> LeaseHeld:
+    holder = lease.operator_name if lease is not None else "another operator"
+    return LeaseHeld(f"held by {holder}", holder=holder)
+
+
+# ---------------------------------------------------------------- lookups
+
+
+def get_robot(name) -> Robot:
+    """A robot by name, as the console addresses it. Unknown or revoked: UnknownRobot."""
+    if not isinstance(name, str) or not name or len(name) > 100:
+        raise UnknownRobot()
+    robot = Robot.objects.filter(name=name, revoked_at__isnull=True, token_hash__isnull=False).first()
+    if robot is None:
+        raise UnknownRobot(f"no robot named {name!r}")
+    return robot
+
+
+def online_robot(name) -> Robot:
+    """A robot that has a live socket now (signalling, labels). Raises UnknownRobot or RobotOffline."""
+    robot = get_robot(name)
+    if not robot.connected:
+        raise RobotOffline(f"robot {robot.name} is offline")
+    return robot
+
+
+def active_lease(robot_id: int) -> Optional[ControlLease]:
+    return ControlLease.objects.filter(robot_id=robot_id, ended_at__isnull=True).first()
+
+
+def _require_operator(user) -> None:
+    if not roles.can_operate(user):
+        raise Forbidden("operators and admins only")
+
+
+def _timeout() -> dt.timedelta:
+    return dt.timedelta(seconds=settings.SOP_LEASE_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------- leases
+
+
+def acquire_lease(robot: Robot, user, reason: str = "", channel: str = "", force: bool = False) -> ControlLease:
+    """Take over ``robot`` for ``user`` (an operator or admin) from console socket ``channel``.
+
+    Held by someone else: LeaseHeld ("held by X"), unless ``force`` (admins only), which ends that lease (reason
+    ``forced``, audited as forced_takeover). A repeated takeover from the socket that already holds it renews it.
+    """
+    _require_operator(user)
+    if force and not roles.is_admin(user):
+        raise Forbidden("only admins can force a takeover")
+    reason = (reason or "")[:MAX_REASON]
+    name = user.get_username()
+    expire_leases(robot)
+    with transaction.atomic():
+        if not Robot.objects.filter(pk=robot.pk, connected=True).exists():
+            raise RobotOffline(f"robot {robot.name} is offline")
+        current = ControlLease.objects.select_for_update().filter(robot_id=robot.pk, ended_at__isnull=True).first()
+        previous = None
+        if current is not None:
+            if current.operator_id == user.pk and current.channel_name == channel:
+                return _renew(current)
+            if not force:
+                raise _held(current)
+            _end(current, EndReason.FORCED, actor=user)
+            previous = current
+        now = timezone.now()
+        try:
+            with transaction.atomic():  # a savepoint: the unique constraint decides a race, the outer block goes on
+                lease = ControlLease.objects.create(
+                    robot=robot, operator=user, operator_name=name, reason=reason, channel_name=channel[:200],
+                    forced=previous is not None, started_at=now, renewed_at=now, expires_at=now + _timeout(),
+                )
+        except IntegrityError:
+            raise _held(active_lease(robot.pk)) from None
+        detail = {"lease": lease.pk, "reason": reason}
+        if previous is not None:
+            detail.update(previous_lease=previous.pk, previous_operator=previous.operator_name)
+        _audit("forced_takeover" if previous else "takeover", robot=robot, actor=user, detail=detail)
+        _send_to_robot(robot.pk, protocol.ControlTakeover(lease=lease.pk, operator=name, reason=reason))
+        _lease_event_on_commit(robot, lease)
+        broadcast_state_on_commit(robot.pk)
+    log.info("robot %s: %s by %s (lease %s)", robot.name, "forced takeover" if previous else "takeover", name,
+             lease.pk)
+    return lease
+
+
+def renew_lease(robot: Robot, user, channel: str) -> ControlLease:
+    """The holder's keepalive: the lease lives SOP_LEASE_TIMEOUT_S more. Expired or not the holder: NotHolder."""
+    expire_leases(robot)
+    lease = _holder_lease(robot, user, channel)
+    return _renew(lease)
+
+
+def release_lease(robot: Robot, user, channel: str) -> ControlLease:
+    """The holder gives the robot back to its policy."""
+    lease = _holder_lease(robot, user, channel)
+    end_lease(lease, EndReason.RELEASED, actor=user)
+    return lease
+
+
+def holder_lease(robot: Robot, user, channel: str) -> ControlLease:
+    """The active, unexpired lease of ``robot`` held by ``user`` from ``channel``; NotHolder otherwise."""
+    expire_leases(robot)
+    return _holder_lease(robot, user, channel)
+
+
+def end_lease(lease: ControlLease, reason: str, actor=None) -> bool:
+    """End an active lease; False if it had already ended. Tells the robot (control.release) and the consoles."""
+    return _end(lease, reason, actor=actor)
+
+
+def end_leases_for_channel(channel: str) -> int:
+    """A console socket closed: the leases it held end (reason ``disconnected``); the robots resume their policy."""
+    if not channel:
+        return 0
+    leases = ControlLease.objects.filter(channel_name=channel, ended_at__isnull=True)
+    return sum(_end(lease, EndReason.DISCONNECTED) for lease in leases)
+
+
+def end_leases_for_robot(robot_id: int, reason: str = EndReason.ROBOT_OFFLINE) -> int:
+    """The robot went offline: its lease ends (the operator's console hears it)."""
+    leases = ControlLease.objects.filter(robot_id=robot_id, ended_at__isnull=True)
+    return sum(_end(lease, reason) for lease in leases)
+
+
+def expire_leases(robot: Optional[Robot] = None) -> int:
+    """End the leases not renewed within SOP_LEASE_TIMEOUT_S (all robots, or one). Returns how many ended."""
+    leases = ControlLease.objects.filter(ended_at__isnull=True, expires_at__lt=timezone.now())
+    if robot is not None:
+        leases = leases.filter(robot_id=robot.pk)
+    ended = sum(_end(lease, EndReason.TIMEOUT) for lease in leases)
+    if ended:
+        log.info("%d takeover lease(s) expired", ended)
+    return ended
+
+
+def stale_release(robot: Robot, reported_lease: Optional[int]) -> Optional[protocol.ControlRelease]:
+    """A heartbeat says the robot obeys ``reported_lease``: if that lease is not the active one (its release was
+    lost, e.g. sent while the robot reconnected), the control.release to send again; else None."""
+    if reported_lease is None:
+        return None
+    lease = ControlLease.objects.filter(pk=reported_lease, robot_id=robot.pk).only("ended_at", "end_reason").first()
+    if lease is not None and lease.ended_at is None:
+        return None
+    return protocol.ControlRelease(lease=reported_lease, reason=lease.end_reason if lease else "unknown")
+
+
+def _holder_lease(robot: Robot, user, channel: str) -> ControlLease:
+    lease = active_lease(robot.pk)
+    if lease is None or lease.operator_id != getattr(user, "pk", None) or lease.channel_name != channel:
+        raise NotHolder(f"you do not hold robot {robot.name}")
+    return lease
+
+
+def _renew(lease: ControlLease) -> ControlLease:
+    now = timezone.now()
+    updated = ControlLease.objects.filter(pk=lease.pk, ended_at__isnull=True).update(
+        renewed_at=now, expires_at=now + _timeout()
+    )
+    if not updated:
+        raise NotHolder("the lease has ended")
+    lease.renewed_at, lease.expires_at = now, now + _timeout()
+    return lease
+
+
+def _end(lease: ControlLease, reason: str, actor=None) -> bool:
+    reason = EndReason(reason).value
+    with transaction.atomic():
+        now = timezone.now()
+        # The conditional UPDATE makes every end happen once, whichever door (release, timeout, disconnect) is first.
+        if not ControlLease.objects.filter(pk=lease.pk, ended_at__isnull=True).update(ended_at=now, end_reason=reason):
+            return False
+        lease.ended_at, lease.end_reason = now, reason
+        robot = Robot.objects.filter(pk=lease.robot_id).first()
+        _audit(
+            "lease_expired" if reason == EndReason.TIMEOUT else "release",
+            robot=robot,
+            actor=actor,
+            detail={"lease": lease.pk, "operator": lease.operator_name, "reason": reason},
+        )
+        _send_to_robot(lease.robot_id, protocol.ControlRelease(lease=lease.pk, reason=reason))
+        if robot is not None:
+            _lease_event_on_commit(robot, lease)
+        broadcast_state_on_commit(lease.robot_id)
+    log.info("lease %s of %s on robot %s ended: %s", lease.pk, lease.operator_name, lease.robot_id, reason)
+    return True
+
+
+# ---------------------------------------------------------------- e-stop and labels
+
+
+def set_estop(robot: Robot, engaged: bool, user) -> None:
+    """Latch (``engaged``) or clear the e-stop. The latch is stored: a robot that reconnects gets it again at hello.
+    Works for offline robots too (it applies when they come back)."""
+    _require_operator(user)
+    name = user.get_username()
+    with transaction.atomic():
+        Robot.objects.filter(pk=robot.pk).update(
+            estopped=bool(engaged), estopped_by=name if engaged else "", estopped_at=timezone.now() if engaged else None
+        )
+        _audit("estop" if engaged else "estop_cleared", robot=robot, actor=user, detail={"engaged": bool(engaged)})
+        _send_to_robot(robot.pk, protocol.ControlEstop(engaged=bool(engaged), by=name))
+        broadcast_state_on_commit(robot.pk)
+    log.warning("robot %s: e-stop %s by %s", robot.name, "ENGAGED" if engaged else "cleared", name)
+
+
+def label_episode(robot: Robot, user, outcome: str, episode_id: Optional[str] = None) -> None:
+    """An operator decides the running episode's outcome; the robot ends it with that label (episode.label)."""
+    _require_operator(user)
+    try:
+        message = protocol.EpisodeLabel(outcome=outcome, by=user.get_username(), episode_id=episode_id)
+    except protocol.ProtocolError as exc:
+        raise InvalidRequest(exc.message) from None
+    if episode_id is not None and Episode.objects.filter(pk=episode_id).exclude(robot_id=robot.pk).exists():
+        raise InvalidRequest(f"episode {episode_id} is not an episode of robot {robot.name}")
+    if not Robot.objects.filter(pk=robot.pk, connected=True).exists():
+        raise RobotOffline(f"robot {robot.name} is offline")
+    with transaction.atomic():
+        _audit("label", robot=robot, actor=user, detail={"outcome": outcome, "episode_id": episode_id})
+        _send_to_robot(robot.pk, message)
+
+
+# ---------------------------------------------------------------- what consoles see
+
+
+def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
+    """Robot states as docs/console.md defines them (RobotSerializer + lease, e-stop, deadman, operator, video and
+    today's counters), JSON-ready. Revoked robots are left out. Two queries whatever the number of robots."""
+    from .serializers import RobotSerializer  # serializers import models only; kept local to stay cheap to import
+
+    start = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
+    today = Q(episodes__ended_at__gte=start)
+    robots = selectors.list_robots().filter(revoked_at__isnull=True, token_hash__isnull=False).annotate(
+        episodes_today=Count("episodes", filter=today),
+        successes_today=Count("episodes", filter=today & Q(episodes__success=True)),
+        interventions_today=Sum("episodes__intervention_count", filter=today),
+    )
+    if robot_ids is not None:
+        robots = robots.filter(pk__in=list(robot_ids))
+    robots = list(robots)
+    leases = {
+        lease.robot_id: lease
+        for lease in ControlLease.objects.filter(ended_at__isnull=True, robot_id__in=[r.pk for r in robots])
+    }
+    states = []
+    for robot, row in zip(robots, RobotSerializer(robots, many=True).data):
+        lease = leases.get(robot.pk)
+        n = robot.episodes_today
+        states.append({
+            **row,
+            "lease": {"id": lease.pk, "operator": lease.operator_name, "since": lease.started_at} if lease else None,
+            # the server's latch, or the robot's own (latched over the data channel while the websocket was down)
+            "estopped": robot.estopped or robot.state == protocol.RobotState.ESTOPPED.value,
+            "estopped_by": robot.estopped_by,
+            "deadman": robot.deadman,
+            "operator": robot.operator_name,
+            "video_fps": robot.video_fps,
+            "viewers": robot.viewers,
+            "episodes_today": n,
+            "success_rate_today": round(robot.successes_today / n, 3) if n else None,
+            "interventions_today": robot.interventions_today or 0,
+        })
+    return json.loads(json.dumps(states, cls=DjangoJSONEncoder))  # plain types for the channel layer (msgpack)
+
+
+def robot_state(robot_id: int) -> Optional[dict]:
+    states = robot_states([robot_id])
+    return states[0] if states else None
+
+
+def console_hello(user) -> dict:
+    """The first frame of a console socket."""
+    return {
+        "type": "hello",
+        "user": user.get_username(),
+        "role": roles.role_of(user),
+        "ice_servers": settings.SOP_ICE_SERVERS,
+        "lease_timeout_s": settings.SOP_LEASE_TIMEOUT_S,
+        "deadman_ms": int(protocol.DEADMAN_S * 1000),
+        "robots": robot_states(),
+    }
+
+
+def broadcast_state(robot_id: int) -> None:
+    """Send the robot's state to every console now (from sync code outside an event loop)."""
+    state = robot_state(robot_id)
+    if state is not None:
+        async_to_sync(get_channel_layer().group_send)(CONSOLE_GROUP, {"type": "robot.state", "robot": state})
+
+
+def broadcast_state_on_commit(robot_id: int) -> None:
+    """Send the robot's state to the consoles once the surrounding transaction commits (computed then)."""
+    transaction.on_commit(lambda: broadcast_state(robot_id), robust=True)
+
+
+def broadcast_removed_on_commit(robot: Robot) -> None:
+    _group_send_on_commit(CONSOLE_GROUP, "robot.removed", robot=robot.name)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _send_to_robot(robot_id: int, message: protocol.Message) -> None:
+    _group_send_on_commit(Robot(pk=robot_id).group_name, message.TYPE.value, message=message.to_dict())
+
+
+def _lease_event_on_commit(robot: Robot, lease: ControlLease) -> None:
+    _group_send_on_commit(
+        CONSOLE_GROUP,
+        "lease",
+        robot=robot.name,
+        lease=lease.pk,
+        operator=lease.operator_name,
+        active=lease.ended_at is None,
+        reason=lease.end_reason or "",
+    )
