@@ -3,10 +3,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ROBOTS ?= 2
+# Chart.js for the console's charts, pinned, from the npm registry; re-fetched when the copy under static/ is missing.
+CHARTJS_VERSION := 4.4.8
+CHARTJS := static/vendor/chart.umd.js
 
 .PHONY: install migrate demo test test-fast bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(CHARTJS)
+
+$(CHARTJS):
+	npm install --prefix var/npm --no-save --no-audit --no-fund --no-package-lock --loglevel=error chart.js@$(CHARTJS_VERSION)
+	mkdir -p $(@D)
+	cp var/npm/node_modules/chart.js/dist/chart.umd.js $@
 
 # torch first and pinned: installing a torch dependant first makes pip resolve a multi-GB CUDA build.
 $(VENV)/.installed: requirements.txt

@@ -1,0 +1,434 @@
+"""The console pages of the fleet: tasks and task mixes, episodes (filters, MP4 replay, relabel), metrics, audit.
+
+Django test client against real models; roles from robots/roles.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import uuid
+
+import av
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from robots import episode_file, services
+from robots.episode_file import Segment
+from robots.models import AuditEvent, Episode, InterventionSegment, Robot, Task, TaskAssignment
+from robots.roles import set_role
+
+from .factories import episode_data
+
+pytestmark = pytest.mark.django_db
+
+PAGES = [("tasks", {}), ("task_new", {}), ("episodes", {}), ("metrics", {}), ("metrics_data", {}), ("audit", {})]
+
+
+@pytest.fixture
+def viewer(django_user_model):
+    """Dave: logged in, in no role group, so a viewer."""
+    return django_user_model.objects.create_user("dave", password="dave-password-1")
+
+
+@pytest.fixture
+def op(operator):
+    set_role(operator, "operator")
+    return operator
+
+
+def client_for(client, user):
+    client.force_login(user)
+    return client
+
+
+def make_episode(task, robot, *, outcome="success", minutes_ago=10.0, steps=100, interventions=0, iv_steps=0,
+                 split="online", version=1, status=Episode.Status.VERIFIED, now=None):
+    now = now or timezone.now()
+    ended = now - dt.timedelta(minutes=minutes_ago)
+    return Episode.objects.create(
+        robot=robot, task=task, prompt=task.prompts[0] if task.prompts else "", policy_version=version, split=split,
+        started_at=ended - dt.timedelta(seconds=steps / 10), ended_at=ended if outcome else None, steps=steps,
+        outcome=outcome, success=(outcome == "success") if outcome else None, outcome_source="robot" if outcome else "",
+        intervention_count=interventions, intervention_steps=iv_steps, control_hz=10.0, status=status)
+
+
+@pytest.fixture
+def tasks(db):
+    return [Task.objects.create(name="drawer-open", env_id="drawer-open-v3", prompts=["open the drawer"]),
+            Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the goal", "touch the target"])]
+
+
+@pytest.fixture
+def robots(db):
+    return [services.register_robot("sim-01")[0], services.register_robot("sim-02")[0]]
+
+
+# ---------------------------------------------------------------- access
+
+
+def test_every_page_redirects_anonymous_users_to_login(client, tasks, robots):
+    ep = make_episode(tasks[0], robots[0])
+    urls = [reverse(name, kwargs=kw) for name, kw in PAGES] + [
+        reverse("task_edit", args=["reach"]), reverse("episode", args=[ep.pk]), reverse("episode_video", args=[ep.pk])]
+    for url in urls:
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith(reverse("login")), url
+    for url in (reverse("tasks"), reverse("task_new"), reverse("task_edit", args=["reach"]),
+                reverse("episode_relabel", args=[ep.pk])):
+        response = client.post(url, {})
+        assert response.status_code == 302 and response["Location"].startswith(reverse("login")), url
+
+
+def test_viewers_see_every_page_but_cannot_change_anything(client, viewer, tasks, robots):
+    ep = make_episode(tasks[0], robots[0])
+    client_for(client, viewer)
+    for url in (reverse("tasks"), reverse("task_edit", args=["reach"]), reverse("episodes"),
+                reverse("episode", args=[ep.pk]), reverse("metrics"), reverse("metrics_data"), reverse("audit")):
+        assert client.get(url).status_code == 200, url
+    page = client.get(reverse("tasks")).content.decode()
+    assert "viewer" in page and "New task" not in page and "Only administrators change task mixes" in page
+    assert client.get(reverse("task_new")).status_code == 403
+    assert client.post(reverse("task_new"), {"name": "x", "env_id": "reach-v3", "prompts": "a",
+                                              "max_steps": 10}).status_code == 403
+    assert client.post(reverse("task_edit", args=["reach"]), {"env_id": "push-v3", "prompts": "a",
+                                                              "max_steps": 10}).status_code == 403
+    assert client.post(reverse("tasks"), {f"w-fleet-{tasks[0].pk}": "1"}).status_code == 403
+    assert client.post(reverse("episode_relabel", args=[ep.pk]), {"outcome": "failure", "reason": "x"}).status_code == 403
+    assert Task.objects.get(name="reach").env_id == "reach-v3" and not TaskAssignment.objects.exists()
+    assert Episode.objects.get(pk=ep.pk).outcome == "success"
+
+
+def test_operators_cannot_edit_tasks(client, op, tasks):
+    client_for(client, op)
+    assert client.get(reverse("task_new")).status_code == 403
+    assert client.post(reverse("task_edit", args=["reach"]), {"env_id": "push-v3", "prompts": "a",
+                                                              "max_steps": 10}).status_code == 403
+
+
+def test_posts_need_a_csrf_token(admin_user, tasks):
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin_user)
+    response = client.post(reverse("task_edit", args=["reach"]), {"env_id": "push-v3", "prompts": "a", "max_steps": 10})
+    assert response.status_code == 403
+    assert Task.objects.get(name="reach").env_id == "reach-v3"
+
+
+def test_the_nav_shows_the_role_and_admin_link(client, admin_user, op):
+    page = client_for(client, admin_user).get(reverse("tasks")).content.decode()
+    assert 'class="role role-admin"' in page and reverse("admin:index") in page
+    for label in ("Fleet", "Tasks", "Episodes", "Training", "Metrics", "Audit"):
+        assert f">{label}</a>" in page
+    client.logout()
+    page = client_for(client, op).get(reverse("tasks")).content.decode()
+    assert 'class="role role-operator"' in page and reverse("admin:index") not in page
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def test_admin_creates_a_task_and_it_is_audited(client, admin_user):
+    client_for(client, admin_user)
+    page = client.get(reverse("task_new")).content.decode()
+    assert '<option value="drawer-open-v3">' in page  # the catalog's env ids as suggestions
+    response = client.post(reverse("task_new"), {
+        "name": "door-open", "env_id": "door-open-v3", "prompts": "open the door\n\n  pull the door open  \n",
+        "max_steps": 120, "enabled": "on", "description": "A door."})
+    assert response.status_code == 302 and response["Location"] == reverse("task_edit", args=["door-open"])
+    task = Task.objects.get(name="door-open")
+    assert task.prompts == ["open the door", "pull the door open"] and task.max_steps == 120 and task.enabled
+    event = AuditEvent.objects.get(action="task_saved")
+    assert event.actor == admin_user and event.detail["task"] == "door-open" and event.detail["created"] is True
+
+
+def test_task_form_validation_errors_are_shown(client, admin_user, tasks):
+    client_for(client, admin_user)
+    response = client.post(reverse("task_new"), {"name": "Bad Name", "env_id": "has space", "prompts": "  \n ",
+                                                  "max_steps": 0})
+    assert response.status_code == 400
+    assert set(response.context["form"].errors) == {"name", "env_id", "prompts", "max_steps"}
+    page = response.content.decode()
+    assert "slug" in page and "This field is required" in page and "no spaces" in page
+    assert "Between 1 and 10000 steps" in page and 'class="field invalid"' in page
+    response = client.post(reverse("task_new"), {"name": "ok", "env_id": "reach-v3", "prompts": "x" * 501, "max_steps": 5})
+    assert "at most 500 characters" in response.content.decode()
+    response = client.post(reverse("task_new"), {"name": "reach", "env_id": "reach-v3", "prompts": "x", "max_steps": 5})
+    assert response.status_code == 400 and "already exists" in response.content.decode()
+    assert Task.objects.count() == 2 and not AuditEvent.objects.filter(action="task_saved").exists()
+
+
+def test_admin_edits_a_task_but_not_its_name(client, admin_user, tasks):
+    client_for(client, admin_user)
+    response = client.post(reverse("task_edit", args=["reach"]), {
+        "name": "renamed", "env_id": "reach-wall-v3", "prompts": "reach it", "max_steps": 80, "description": ""})
+    assert response.status_code == 302
+    task = Task.objects.get(pk=tasks[1].pk)
+    assert task.name == "reach" and task.env_id == "reach-wall-v3" and task.prompts == ["reach it"]
+    assert task.max_steps == 80 and task.enabled is False  # an unchecked box disables
+    assert AuditEvent.objects.get(action="task_saved").detail["enabled"] is False
+
+
+def test_task_list_shows_counts_and_recent_success(client, viewer, tasks, robots):
+    for outcome in ("success", "success", "failure", "aborted"):
+        make_episode(tasks[0], robots[0], outcome=outcome)
+    make_episode(tasks[0], robots[0], outcome="success", split="offline")
+    page = client_for(client, viewer).get(reverse("tasks")).content.decode()
+    row = page.split("drawer-open</strong>")[1].split("</tr>")[0]
+    assert '<td class="num">5</td>' in row and '<td class="num">4</td>' in row  # stored, online
+    assert "67%" in row and "of 3" in row  # 2 of 3 rated online episodes (aborted is not rated)
+
+
+def test_admin_saves_the_task_mixes(client, admin_user, tasks, robots):
+    drawer, reach = tasks
+    TaskAssignment.objects.create(robot=None, task=drawer, weight=1.0)
+    client_for(client, admin_user)
+    page = client.get(reverse("tasks")).content.decode()
+    assert f'name="w-fleet-{drawer.pk}" value="1"' in page
+    response = client.post(reverse("tasks"), {
+        f"w-fleet-{drawer.pk}": "3", f"w-fleet-{reach.pk}": "1", "split-fleet": "online",
+        f"w-{robots[0].pk}-{reach.pk}": "2.5", f"split-{robots[0].pk}": "eval",
+        f"w-{robots[1].pk}-{drawer.pk}": "0", f"split-{robots[1].pk}": "online"})
+    assert response.status_code == 302
+    mix = {(a.robot_id, a.task.name): (a.weight, a.split) for a in TaskAssignment.objects.select_related("task")}
+    assert mix == {(None, "drawer-open"): (3.0, "online"), (None, "reach"): (1.0, "online"),
+                   (robots[0].pk, "reach"): (2.5, "eval")}
+    events = AuditEvent.objects.filter(action="assignments_saved")
+    assert {e.detail["scope"] for e in events} == {"fleet", "sim-01"}  # sim-02's mix did not change
+    fleet = events.get(detail__scope="fleet")
+    assert fleet.detail["before"] == {"drawer-open": [1.0, "online"]} and fleet.actor == admin_user
+    # the next assignment follows the new mix
+    assert services.next_assignment(robots[0]).task == "reach" and services.next_assignment(robots[0]).split == "eval"
+
+
+def test_bad_weights_are_refused_with_a_message(client, admin_user, tasks, robots):
+    client_for(client, admin_user)
+    response = client.post(reverse("tasks"), {f"w-fleet-{tasks[0].pk}": "lots", "split-fleet": "online",
+                                              f"w-{robots[0].pk}-{tasks[1].pk}": "-1"})
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert "&#x27;lots&#x27; is not a number" in page and "a weight is a number from 0" in page
+    assert not TaskAssignment.objects.exists()
+
+
+# ---------------------------------------------------------------- episodes
+
+
+def test_episode_filters(client, viewer, tasks, robots):
+    a = make_episode(tasks[0], robots[0], outcome="success", version=1)
+    b = make_episode(tasks[1], robots[1], outcome="failure", version=2, interventions=2, iv_steps=10)
+    c = make_episode(tasks[1], robots[0], outcome="timeout", version=2, split="eval")
+    d = make_episode(tasks[0], robots[1], outcome="", version=None, status=Episode.Status.RECORDING)
+    client_for(client, viewer)
+
+    def shown(**params):
+        response = client.get(reverse("episodes"), params)
+        assert response.status_code == 200
+        return {e.pk for e in response.context["page"]}
+
+    assert shown() == {a.pk, b.pk, c.pk, d.pk}
+    assert shown(task="reach") == {b.pk, c.pk}
+    assert shown(robot="sim-01") == {a.pk, c.pk}
+    assert shown(version="2") == {b.pk, c.pk}
+    assert shown(outcome="failure") == {b.pk}
+    assert shown(outcome="none") == {d.pk}
+    assert shown(intervened="yes") == {b.pk}
+    assert shown(intervened="no") == {a.pk, c.pk, d.pk}
+    assert shown(split="eval") == {c.pk}
+    assert shown(task="reach", intervened="no") == {c.pk}
+    assert shown(version="x") == set()  # an invalid filter shows nothing rather than everything
+
+
+def test_episode_list_is_paginated(client, viewer, tasks, robots):
+    for i in range(55):
+        make_episode(tasks[0], robots[0], minutes_ago=i)
+    client_for(client, viewer)
+    first = client.get(reverse("episodes"), {"task": "drawer-open"})
+    assert len(first.context["page"]) == 50 and "page=2" in first.content.decode()
+    assert "task=drawer-open" in first.content.decode().split("Older")[0].rsplit("href=", 1)[1]
+    second = client.get(reverse("episodes"), {"task": "drawer-open", "page": 2})
+    assert len(second.context["page"]) == 5
+
+
+def _stored_episode(task, robot, steps=12, segments=None, hz=10.0):
+    """A verified episode with a real payload file (robots/episode_file.py writer)."""
+    from django.conf import settings
+
+    data = episode_data(steps=steps, segments=segments or [])
+    data.images[:] = (data.images // 2)  # any content; decodable either way
+    rel = f"episodes/{data.meta['episode_id']}.h5"
+    path = settings.PAYLOAD_DIR / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    episode_file.write_episode(path, data)
+    ep = make_episode(task, robot, steps=steps)
+    Episode.objects.filter(pk=ep.pk).update(payload_path=rel, payload_size=path.stat().st_size, payload_sha256="ab" * 32,
+                                            control_hz=hz, image_shape=[8, 8, 3])
+    ep.refresh_from_db()
+    return ep
+
+
+@pytest.fixture
+def data_dirs(settings, tmp_path):
+    settings.PAYLOAD_DIR = tmp_path / "payloads"
+    settings.DATA_DIR = tmp_path
+    return tmp_path
+
+
+def test_the_video_endpoint_returns_a_decodable_mp4_with_one_frame_per_step(client, viewer, tasks, robots, data_dirs):
+    ep = _stored_episode(tasks[0], robots[0], steps=23, hz=12.5)
+    client_for(client, viewer)
+    response = client.get(reverse("episode_video", args=[ep.pk]))
+    assert response.status_code == 200 and response["Content-Type"] == "video/mp4"
+    body = b"".join(response.streaming_content)
+    with av.open(io.BytesIO(body)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))
+        assert abs(float(stream.average_rate) - 12.5) < 0.01
+    assert len(frames) == 23
+    assert frames[0].width >= 8 and frames[0].width % 2 == 0
+    cached = list((data_dirs / "videos").glob("*.mp4"))
+    assert len(cached) == 1 and not list((data_dirs / "videos").glob("*.part.mp4"))
+    # the second request serves the cached file
+    mtime = cached[0].stat().st_mtime_ns
+    again = client.get(reverse("episode_video", args=[ep.pk]))
+    assert b"".join(again.streaming_content) == body and cached[0].stat().st_mtime_ns == mtime
+    assert again["Accept-Ranges"] == "bytes"
+    # byte ranges, so that browsers can seek in the replay
+    part = client.get(reverse("episode_video", args=[ep.pk]), HTTP_RANGE="bytes=10-19")
+    assert part.status_code == 206 and part.content == body[10:20]
+    assert part["Content-Range"] == f"bytes 10-19/{len(body)}"
+    tail = client.get(reverse("episode_video", args=[ep.pk]), HTTP_RANGE="bytes=-5")
+    assert tail.status_code == 206 and tail.content == body[-5:]
+    assert client.get(reverse("episode_video", args=[ep.pk]), HTTP_RANGE=f"bytes={len(body)}-").status_code == 416
+
+
+def test_no_video_for_an_episode_without_frames(client, viewer, tasks, robots, data_dirs):
+    ep = make_episode(tasks[0], robots[0], status=Episode.Status.RECORDING, outcome="")
+    client_for(client, viewer)
+    assert client.get(reverse("episode_video", args=[ep.pk])).status_code == 404
+    assert client.get(reverse("episode_video", args=[uuid.uuid4()])).status_code == 404
+    assert client.get(reverse("episode", args=[uuid.uuid4()])).status_code == 404
+
+
+def test_episode_page_shows_the_timeline_and_segments(client, viewer, tasks, robots, data_dirs):
+    ep = _stored_episode(tasks[0], robots[0], steps=20, segments=[Segment(2, 6, "sim_operator", "", "stalled")])
+    InterventionSegment.objects.create(episode=ep, start_step=2, end_step=6, source="sim_operator", reason="stalled")
+    InterventionSegment.objects.create(episode=ep, start_step=10, end_step=15, source="operator",
+                                       operator_name="alice", reason="about to drop it")
+    page = client_for(client, viewer).get(reverse("episode", args=[ep.pk])).content.decode()
+    assert reverse("episode_video", args=[ep.pk]) in page
+    assert 'class="seg sim_operator" style="left:10.000%;width:20.000%"' in page
+    assert 'class="seg operator" style="left:50.000%;width:25.000%"' in page
+    assert "about to drop it" in page and "alice" in page and "simulated operator" in page
+    assert 'data-hz="10.0"' in page and 'data-steps="20"' in page
+    assert "Operators and administrators relabel" in page  # a viewer gets no relabel form
+
+
+def test_relabel_sets_the_outcome_and_is_audited(client, op, tasks, robots):
+    ep = make_episode(tasks[0], robots[0], outcome="success")
+    client_for(client, op)
+    url = reverse("episode_relabel", args=[ep.pk])
+    response = client.post(url, {"outcome": "failure"})  # no reason: refused
+    assert response.status_code == 302 and Episode.objects.get(pk=ep.pk).outcome == "success"
+    response = client.post(url, {"outcome": "failure", "reason": "the drawer bounced back"})
+    assert response.status_code == 302 and response["Location"] == reverse("episode", args=[ep.pk])
+    ep.refresh_from_db()
+    assert (ep.outcome, ep.success, ep.outcome_source, ep.outcome_by) == ("failure", False, "operator", op)
+    event = AuditEvent.objects.get(action="relabel")
+    assert event.actor == op and event.robot == robots[0]
+    assert event.detail == {"episode": str(ep.pk), "old": "success", "new": "failure", "reason": "the drawer bounced back"}
+    page = client.get(reverse("episode", args=[ep.pk])).content.decode()
+    assert "the drawer bounced back" in page and "by alice" in page
+    assert client.post(url, {"outcome": "nonsense", "reason": "x"}).status_code == 302
+    assert AuditEvent.objects.filter(action="relabel").count() == 1
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_numbers_for_hand_made_episodes(client, viewer, tasks, robots):
+    drawer, reach = tasks
+    now = timezone.now().replace(minute=30, second=0, microsecond=0)
+    # five hours of data -> hourly-or-finer buckets; reach v1: 1/2, v2: 2/2; drawer v1: 1 success, 1 timeout, 1 aborted
+    rows = [
+        (reach, "success", 300, 1, 0, 0), (reach, "failure", 290, 1, 2, 30),
+        (reach, "success", 30, 2, 1, 10), (reach, "success", 20, 2, 0, 0),
+        (drawer, "success", 280, 1, 0, 0), (drawer, "timeout", 100, 1, 1, 50), (drawer, "aborted", 10, 1, 0, 0),
+    ]
+    for task, outcome, minutes, version, iv, iv_steps in rows:
+        make_episode(task, robots[0], outcome=outcome, minutes_ago=minutes, version=version, interventions=iv,
+                     iv_steps=iv_steps, now=now)
+    make_episode(reach, robots[0], outcome="success", split="offline", now=now)  # not online: ignored
+    make_episode(reach, robots[0], outcome="", status=Episode.Status.RECORDING, now=now)  # not ended: ignored
+
+    data = client_for(client, viewer).get(reverse("metrics_data")).json()
+    assert data["tasks"] == ["drawer-open", "reach"]
+    totals = data["totals"]
+    assert totals["episodes"] == 7
+    assert totals["success_rate"] == round(4 / 6, 4)  # aborted is not rated
+    assert totals["interventions_per_episode"] == round(4 / 7, 4)
+    assert totals["intervened_step_share"] == round(90 / 700, 4)
+    assert totals["intervened_episode_share"] == round(3 / 7, 4)
+    assert data["versions"]["versions"] == [1, 2]
+    assert data["versions"]["success"]["reach"] == [{"rate": 0.5, "n": 2}, {"rate": 1.0, "n": 2}]
+    assert data["versions"]["success"]["drawer-open"] == [{"rate": 0.5, "n": 2}, {"rate": None, "n": 0}]
+    # buckets cover the span evenly; their sums equal the totals
+    width = dt.timedelta(seconds=data["bucket_s"])
+    assert len(data["buckets"]) <= 48 and width <= dt.timedelta(hours=1)
+    starts = [dt.datetime.fromisoformat(b) for b in data["buckets"]]
+    assert all(b - a == width for a, b in zip(starts, starts[1:]))
+    hours = data["bucket_s"] / 3600
+    ended = sum(sum(v) for v in data["throughput"].values()) * hours
+    assert round(ended) == 7 and round(sum(data["throughput"]["aborted"]) * hours) == 1
+    assert sum(data["interventions"]["episodes"]) == 7
+    rated = sum(c["n"] for c in data["success"]["reach"])
+    assert rated == 4
+    first = next(c for c in data["success"]["reach"] if c["n"])
+    assert first == {"rate": 0.5, "n": 2} or first["n"] == 1  # the first two reach episodes (10 min apart)
+    # the range filter
+    recent = client.get(reverse("metrics_data"), {"range": "6h"}).json()
+    assert recent["totals"]["episodes"] in (7, 5)  # depends only on "now"; all within 6 h of the real clock or not
+    assert client.get(reverse("metrics_data"), {"range": "1y"}).status_code == 400
+
+
+def test_metrics_with_no_data(client, viewer):
+    data = client_for(client, viewer).get(reverse("metrics_data")).json()
+    assert data["buckets"] == [] and data["tasks"] == [] and data["totals"] == {}
+    assert client.get(reverse("metrics")).status_code == 200
+
+
+def test_metrics_bucketing_is_hourly_for_long_spans(client, viewer, tasks, robots):
+    now = timezone.now()
+    for hours in (0, 10, 20, 30):
+        make_episode(tasks[0], robots[0], minutes_ago=hours * 60 + 1, now=now)
+    data = client_for(client, viewer).get(reverse("metrics_data")).json()
+    assert data["bucket_s"] == 3600
+    assert sum(c["n"] for c in data["success"]["drawer-open"]) == 4
+    assert 30 <= len(data["buckets"]) <= 32
+
+
+# ---------------------------------------------------------------- audit
+
+
+def test_audit_filters(client, viewer, admin_user, op, robots):
+    AuditEvent.objects.create(actor=admin_user, actor_name="carol", action="task_saved", detail={"task": "reach"})
+    AuditEvent.objects.create(actor=op, actor_name="alice", action="relabel", robot=robots[0],
+                              detail={"episode": str(uuid.uuid4()), "old": "success", "new": "failure"})
+    AuditEvent.objects.create(actor=op, actor_name="alice", action="estop", robot=robots[1], detail={"engaged": True})
+    client_for(client, viewer)
+
+    def shown(**params):
+        response = client.get(reverse("audit"), params)
+        assert response.status_code == 200
+        return sorted(e.action for e in response.context["page"])
+
+    everything = shown()
+    assert {"task_saved", "relabel", "estop"} <= set(everything)  # plus robot.token_issued from register_robot
+    assert shown(action="relabel") == ["relabel"]
+    assert shown(robot="sim-02") == ["estop", "robot.token_issued"]
+    assert shown(user="alice") == ["estop", "relabel"]
+    assert shown(user="alice", robot="sim-01") == ["relabel"]
+    page = client.get(reverse("audit"), {"action": "relabel"}).content.decode()
+    assert "alice" in page and "failure" in page and "/episodes/" in page
