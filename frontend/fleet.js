@@ -1,47 +1,250 @@
-// Fleet page: robots and latest episodes, refreshed every 2 s from the REST API.
-const REFRESH_MS = 2000;
-const robotsTable = document.getElementById("robots");
-const episodesTable = document.getElementById("episodes");
+// Fleet page: a tile per robot with live video (WebRTC), control badge and live counters, all from robot.state
+// messages of the one console socket (docs/console.md). The learning panel and the latest episodes poll the REST API.
+import { sharedSocket } from "./console/socket.js";
+import { RobotViewer } from "./console/video.js";
+import { ago, controlBadge, countersText, episodeText, esc, num, pct, setField, stateWord } from "./console/ui.js";
 
-const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-const badge = (text, cls = text) => `<span class="badge ${esc(cls)}">${esc(String(text).replace("_", " "))}</span>`;
-const pct = (x) => (x === null || x === undefined ? "–" : `${Math.round(x * 100)}%`);
-const ago = (iso) => {
-  if (!iso) return "–";
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
-  return s < 60 ? `${Math.round(s)} s ago` : s < 3600 ? `${Math.round(s / 60)} min ago` : new Date(iso).toLocaleString();
-};
+const LEARN_REFRESH_MS = 5000;
+const EPISODES_REFRESH_MS = 5000;
+
+const root = document.getElementById("fleet");
+const grid = document.getElementById("tiles");
+const tileTemplate = document.getElementById("tile-template");
+const episodesTable = document.getElementById("episodes");
+const errorBox = document.getElementById("fleet-error");
+const MAX_VIDEOS = Math.max(1, Number(root.dataset.maxVideos) || 6);
+const robotUrl = (name) => root.dataset.robotUrl.replace("ROBOT", encodeURIComponent(name));
+
+const socket = sharedSocket();
+socket.bindIndicator(document.getElementById("conn"));
+
+/** name -> {name, el, state, viewer, visible, pinnedAt} */
+const tiles = new Map();
+const viewers = new Map(); // name -> RobotViewer (window.sopConsole.viewers)
+window.sopConsole = Object.assign(window.sopConsole || {}, { socket, viewers, tiles });
+
+// ---------------------------------------------------------------- tiles
+
+const observer = "IntersectionObserver" in window
+  ? new IntersectionObserver((entries) => {
+    for (const entry of entries) {
+      const tile = tiles.get(entry.target.dataset.robot);
+      if (tile) tile.visible = entry.isIntersecting;
+    }
+    scheduleAllocation();
+  }, { rootMargin: "100px" })
+  : null;
+
+function ensureTile(name) {
+  let tile = tiles.get(name);
+  if (tile) return tile;
+  let el = grid.querySelector(`[data-robot="${CSS.escape(name)}"]`);
+  if (!el) {
+    el = document.createElement("article");
+    el.className = "tile";
+    el.dataset.robot = name;
+    grid.appendChild(el);
+    document.getElementById("no-robots")?.remove();
+  }
+  el.replaceChildren(tileTemplate.content.cloneNode(true));
+  setField(el, "name", name);
+  setField(el, "link", undefined, { href: robotUrl(name), title: `open ${name}` });
+  tile = { name, el, state: null, viewer: null, visible: !observer, pinnedAt: 0 };
+  el.querySelector('[data-action="watch"]').addEventListener("click", () => {
+    tile.pinnedAt = Date.now();
+    allocateVideos();
+  });
+  tiles.set(name, tile);
+  if (observer) observer.observe(el);
+  return tile;
+}
+
+function removeTile(name) {
+  const tile = tiles.get(name);
+  if (!tile) return;
+  stopVideo(tile);
+  if (observer) observer.unobserve(tile.el);
+  tile.el.remove();
+  tiles.delete(name);
+  renderSummary();
+}
+
+function renderTile(tile) {
+  const s = tile.state;
+  const el = tile.el;
+  const badge = controlBadge(s);
+  setField(el, "control", badge.text, { class: `badge control ${badge.cls}`, title: badge.title });
+  const word = stateWord(s);
+  setField(el, "state", word, { class: `badge state ${word}` });
+  el.dataset.connected = s && s.connected ? "true" : "false";
+  el.dataset.control = badge.cls;
+  el.classList.toggle("offline", !(s && s.connected));
+  el.classList.toggle("estopped", badge.cls === "estopped");
+  el.classList.toggle("operated", badge.cls === "operator" || badge.cls === "deadman");
+  setField(el, "task", s?.current_task || "no task");
+  setField(el, "prompt", s?.current_prompt ? `“${s.current_prompt}”` : "");
+  setField(el, "episode", episodeText(s));
+  setField(el, "counters", countersText(s));
+  setField(el, "loop", s?.connected && s.loop_hz ? `${num(s.loop_hz, 1)} Hz` : "");
+  setField(el, "viewers", s?.connected && s.viewers ? `· ${s.viewers} watching` : "");
+  setField(el, "policy-error", s?.policy_error ? "· checkpoint rejected" : "", { title: s?.policy_error || null });
+  renderVideoNote(tile);
+}
+
+function renderVideoNote(tile) {
+  const box = tile.el.querySelector(".tile-video");
+  const watch = tile.el.querySelector('[data-action="watch"]');
+  const online = !!(tile.state && tile.state.connected);
+  let note = "";
+  let state = "idle";
+  if (!online) {
+    note = "robot offline";
+    state = "offline";
+  } else if (tile.viewer) {
+    state = tile.viewer.status;
+    note = { connecting: "connecting video…", live: "", retrying: tile.viewer.error || "retrying…", offline: "robot offline" }[state] ?? "";
+  } else if (tile.visible) {
+    note = "";
+    state = "placeholder";
+  }
+  box.dataset.videoState = state;
+  setField(tile.el, "video-note", note);
+  watch.hidden = !(online && !tile.viewer && state === "placeholder");
+}
+
+// ---------------------------------------------------------------- video slots
+
+function startVideo(tile) {
+  if (tile.viewer) return;
+  const video = tile.el.querySelector("video");
+  tile.viewer = new RobotViewer({
+    socket, robot: tile.name, video,
+    onStatus: () => renderVideoNote(tile),
+  });
+  tile.viewer.setOnline(!!tile.state?.connected);
+  tile.viewer.start();
+  viewers.set(tile.name, tile.viewer);
+  renderVideoNote(tile);
+}
+
+function stopVideo(tile) {
+  if (!tile.viewer) return;
+  tile.viewer.stop(); // sends webrtc.close
+  tile.viewer = null;
+  viewers.delete(tile.name);
+  renderVideoNote(tile);
+}
+
+let allocTimer = null;
+function scheduleAllocation() {
+  clearTimeout(allocTimer);
+  allocTimer = setTimeout(allocateVideos, 250); // scrolling past tiles does not open and close videos
+}
+
+/** Visible, online tiles get video: clicked ("pinned") ones first, then in page order, at most MAX_VIDEOS. */
+function allocateVideos() {
+  const order = [...grid.querySelectorAll(".tile[data-robot]")].map((el) => tiles.get(el.dataset.robot)).filter(Boolean);
+  const candidates = order.filter((t) => t.visible && t.state && t.state.connected);
+  const pinned = candidates.filter((t) => t.pinnedAt).sort((a, b) => b.pinnedAt - a.pinnedAt);
+  const rest = candidates.filter((t) => !t.pinnedAt);
+  const chosen = new Set([...pinned, ...rest].slice(0, MAX_VIDEOS));
+  for (const t of pinned) if (!chosen.has(t)) t.pinnedAt = 0; // bumped out by newer clicks
+  for (const t of order) {
+    if (!chosen.has(t)) stopVideo(t);
+  }
+  for (const t of chosen) startVideo(t);
+  for (const t of order) renderVideoNote(t);
+}
+
+// ---------------------------------------------------------------- state
+
+function applyState(state) {
+  if (!state || !state.name) return;
+  if (state.revoked) {
+    removeTile(state.name);
+    return;
+  }
+  const tile = ensureTile(state.name);
+  const prev = tile.state;
+  tile.state = state;
+  renderTile(tile);
+  if (tile.viewer) tile.viewer.setOnline(!!state.connected);
+  if (!prev || prev.connected !== state.connected) scheduleAllocation();
+  if (prev && prev.current_episode && prev.current_episode !== state.current_episode) scheduleEpisodes();
+}
+
+function renderSummary() {
+  const robots = [...tiles.values()].map((t) => t.state).filter(Boolean);
+  const set = (k, v) => { const el = document.querySelector(`[data-stat="${k}"]`); if (el) el.textContent = v; };
+  const sum = (f) => robots.reduce((n, r) => n + (r[f] || 0), 0);
+  const total = sum("verified_episode_count");
+  set("online", `${robots.filter((r) => r.connected).length} / ${robots.length}`);
+  set("episodes", total);
+  set("success", total ? pct(sum("successful_episode_count") / total) : "–");
+  set("spool", sum("spool_pending"));
+}
+
+function showError(text) {
+  errorBox.textContent = text;
+  errorBox.hidden = !text;
+  clearTimeout(showError.timer);
+  if (text) showError.timer = setTimeout(() => { errorBox.hidden = true; }, 8000);
+}
+
+socket.on("hello", (hello) => {
+  const names = new Set((hello.robots || []).map((r) => r.name));
+  for (const name of [...tiles.keys()]) if (!names.has(name)) removeTile(name);
+  for (const state of hello.robots || []) applyState(state);
+  renderSummary();
+  scheduleAllocation();
+});
+socket.on("robot.state", (msg) => { applyState(msg.robot); renderSummary(); });
+socket.on("robot.removed", (msg) => removeTile(typeof msg.robot === "string" ? msg.robot : msg.robot?.name));
+socket.on("error", (msg) => {
+  if (msg.code === "forbidden" || msg.code === "unknown_robot" || msg.code === "malformed" || msg.code === "invalid") {
+    showError(msg.detail || msg.code);
+  }
+});
+
+// the page renders at once from the database; the socket's hello replaces it
+try {
+  for (const state of JSON.parse(document.getElementById("initial-robots").textContent)) applyState(state);
+} catch (err) {
+  console.warn("fleet: no initial robots", err);
+}
+renderSummary();
+scheduleAllocation();
+socket.start();
+
+window.addEventListener("pagehide", () => { for (const t of tiles.values()) stopVideo(t); });
+
+// ---------------------------------------------------------------- REST panels: learning and latest episodes
 
 async function getJSON(url) {
   const resp = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
-  if (resp.status === 401 || resp.status === 403) { window.location.reload(); throw new Error("logged out"); }
+  if (resp.status === 401) { window.location.reload(); throw new Error("logged out"); }
   if (!resp.ok) throw new Error(`${url}: HTTP ${resp.status}`);
   return resp.json();
 }
 
-function renderRobots(robots) {
-  const body = robotsTable.tBodies[0];
-  if (!robots.length) {
-    body.innerHTML = `<tr><td colspan="10" class="muted">No robots yet. Add one with <code>python manage.py add_robot NAME</code>.</td></tr>`;
-    return;
-  }
-  body.innerHTML = robots.map((r) => {
-    const state = r.connected ? r.state : "offline";
-    const policy = r.policy_version ? `v${r.policy_version}` : (r.policy_name || "–");
-    const loop = r.connected && r.loop_hz ? `${r.loop_hz.toFixed(1)} Hz · p99 ${r.loop_p99_ms.toFixed(0)} ms` : "–";
-    return `<tr>
-      <td><strong>${esc(r.name)}</strong><div class="prompt">seen ${ago(r.last_seen)}</div></td>
-      <td>${badge(state)}</td>
-      <td>${esc(r.current_task || "–")}<div class="prompt">${esc(r.current_prompt || "")}</div></td>
-      <td>${r.current_episode ? `${esc(r.current_episode.slice(0, 8))} · ${r.current_step}` : "–"}</td>
-      <td>${badge(r.control_source)}</td>
-      <td>${esc(policy)}${r.policy_error ? `<div class="prompt error" title="${esc(r.policy_error)}">checkpoint rejected</div>` : ""}</td>
-      <td>${loop}</td>
-      <td>${r.spool_pending ?? 0}</td>
-      <td>${r.verified_episode_count}</td>
-      <td>${r.verified_episode_count ? pct(r.successful_episode_count / r.verified_episode_count) : "–"}</td>
-    </tr>`;
-  }).join("");
+const badge = (text, cls = text) => `<span class="badge ${esc(cls)}">${esc(String(text).replace("_", " "))}</span>`;
+
+function renderLearning(runs, checkpoints) {
+  const el = (k) => document.querySelector(`[data-learn="${k}"]`);
+  const deployed = checkpoints.find((c) => c.deployed);
+  el("deployed").textContent = deployed
+    ? `v${deployed.version} (${deployed.algorithm}, step ${deployed.step})`
+    : "none yet (robots run their built-in policy)";
+  const run = runs[0];
+  if (!run) return;
+  const continuous = run.total_steps >= 1e6; // online post-training runs until someone stops it
+  const pctDone = continuous ? 100 : Math.min(100, (100 * run.step) / Math.max(1, run.total_steps));
+  const steps = continuous ? `step ${run.step}, runs until stopped` : `step ${run.step} / ${run.total_steps}`;
+  el("run").innerHTML = `Run ${run.id} · ${esc(run.algorithm)} on ${esc(run.tasks.join(", "))} ${badge(run.status)} ` +
+    `<span class="muted">${steps}</span>`;
+  el("bar").classList.toggle("continuous", continuous && run.status === "running");
+  el("message").textContent = run.message;
+  el("bar").style.width = `${pctDone.toFixed(1)}%`;
 }
 
 function renderEpisodes(episodes) {
@@ -52,7 +255,7 @@ function renderEpisodes(episodes) {
   }
   body.innerHTML = episodes.map((e) => `<tr>
       <td>${e.status === "recording" ? "running now" : ago(e.ended_at || e.started_at)}</td>
-      <td>${esc(e.robot)}</td>
+      <td><a href="${esc(robotUrl(e.robot))}">${esc(e.robot)}</a></td>
       <td>${esc(e.task)}<div class="prompt">${esc(e.prompt)}</div></td>
       <td>${e.policy_version ? `v${e.policy_version}` : esc(e.policy_name || "–")}</td>
       <td>${e.steps}</td>
@@ -63,53 +266,39 @@ function renderEpisodes(episodes) {
     </tr>`).join("");
 }
 
-function renderSummary(robots) {
-  const set = (k, v) => { document.querySelector(`[data-stat="${k}"]`).textContent = v; };
-  const sum = (f) => robots.reduce((n, r) => n + (r[f] || 0), 0);
-  const total = sum("verified_episode_count");
-  set("online", `${robots.filter((r) => r.connected).length} / ${robots.length}`);
-  set("episodes", total);
-  set("success", total ? pct(sum("successful_episode_count") / total) : "–");
-  set("spool", sum("spool_pending"));
-}
+const updated = document.getElementById("updated");
 
-function renderLearning(runs, checkpoints) {
-  const el = (k) => document.querySelector(`[data-learn="${k}"]`);
-  const deployed = checkpoints.find((c) => c.deployed);
-  el("deployed").textContent = deployed
-    ? `v${deployed.version} (${deployed.algorithm}, step ${deployed.step})`
-    : "none yet (robots run their built-in policy)";
-  const run = runs[0];
-  if (!run) return;
-  const continuous = run.total_steps >= 1e6;  // online post-training runs until someone stops it
-  const pctDone = continuous ? 100 : Math.min(100, (100 * run.step) / Math.max(1, run.total_steps));
-  const steps = continuous ? `step ${run.step}, runs until stopped` : `step ${run.step} / ${run.total_steps}`;
-  el("run").innerHTML = `Run ${run.id} · ${esc(run.algorithm)} on ${esc(run.tasks.join(", "))} ${badge(run.status)} ` +
-    `<span class="muted">${steps}</span>`;
-  el("bar").classList.toggle("continuous", continuous && run.status === "running");
-  el("message").textContent = run.message;
-  el("bar").style.width = `${pctDone.toFixed(1)}%`;
-}
-
-async function refresh() {
+async function refreshLearning() {
   try {
     const learning = document.getElementById("learning");
-    const [robots, episodes, runs, checkpoints] = await Promise.all([
-      getJSON(robotsTable.dataset.url),
-      getJSON(`${episodesTable.dataset.url}?page_size=12`),
+    const [runs, checkpoints] = await Promise.all([
       getJSON(`${learning.dataset.runs}?page_size=1`),
       getJSON(`${learning.dataset.checkpoints}?deployed=1`),
     ]);
     renderLearning(runs.results ?? runs, checkpoints.results ?? checkpoints);
-    const robotList = robots.results ?? robots;
-    renderRobots(robotList);
-    renderEpisodes(episodes.results ?? episodes);
-    renderSummary(robotList);
-    document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
-    document.getElementById("updated").textContent = `Update failed: ${err.message}; retrying…`;
+    updated.textContent = `Learning update failed: ${err.message}; retrying…`;
   }
 }
 
-refresh();
-setInterval(refresh, REFRESH_MS);
+let episodesTimer = null;
+async function refreshEpisodes() {
+  clearTimeout(episodesTimer);
+  try {
+    const episodes = await getJSON(`${episodesTable.dataset.url}?page_size=12`);
+    renderEpisodes(episodes.results ?? episodes);
+    updated.textContent = `Episodes updated ${new Date().toLocaleTimeString()}`;
+  } catch (err) {
+    updated.textContent = `Episodes update failed: ${err.message}; retrying…`;
+  }
+  episodesTimer = setTimeout(refreshEpisodes, EPISODES_REFRESH_MS);
+}
+
+function scheduleEpisodes() {
+  clearTimeout(episodesTimer);
+  episodesTimer = setTimeout(refreshEpisodes, 1500); // an episode ended: its upload lands within a moment
+}
+
+refreshLearning();
+setInterval(refreshLearning, LEARN_REFRESH_MS);
+refreshEpisodes();

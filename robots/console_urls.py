@@ -2,8 +2,9 @@
 
 from django.urls import path
 
-from . import views
+from . import console_views
 
 urlpatterns = [
-    path("", views.fleet, name="fleet"),
+    path("", console_views.fleet, name="fleet"),
+    path("robots/<slug:name>/", console_views.robot, name="robot"),
 ]
