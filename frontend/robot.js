@@ -49,7 +49,9 @@ const viewer = new RobotViewer({
 });
 teleop.setViewer(viewer);
 const viewers = new Map([[ROBOT, viewer]]);
-window.sopConsole = Object.assign(window.sopConsole || {}, { socket, viewers, teleop, robot: ROBOT, get holding() { return holding; } });
+// Object.assign would copy the getter's value once; defineProperty keeps `holding` live for tests and benchmarks.
+window.sopConsole = Object.assign(window.sopConsole || {}, { socket, viewers, teleop, robot: ROBOT });
+Object.defineProperty(window.sopConsole, "holding", { get: () => holding, configurable: true });
 
 // ---------------------------------------------------------------- messages
 

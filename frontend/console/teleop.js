@@ -177,15 +177,20 @@ export class TeleopController {
     }
   }
 
+  // A change of the pressed keys is sent at once (not at the next 20 Hz tick): it is what the operator waits for.
   keyDown(code) {
     if (code === GRIP_KEY.keys[0]) {
       this.toggleGrip();
       return;
     }
+    if (this.pressed.has(code)) return; // key repeat
     this.pressed.add(code);
+    if (this.holding) this.tick();
   }
 
-  keyUp(code) { this.pressed.delete(code); }
+  keyUp(code) {
+    if (this.pressed.delete(code) && this.holding) this.tick();
+  }
 
   releaseAllKeys() { this.pressed.clear(); }
 

@@ -15,6 +15,7 @@ progress window. A human takeover therefore overrides the simulated operator.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ACCEPTED = "accepted"
 DROP_REASONS = ("stale", "replayed", "not_holder")
+TRACE_LEN = 1024  # accepted commands whose timing a "trace" request can ask for
 DEFAULT_GRIP = -1.0  # before the first step of an episode: Meta-World's gripper starts open
 
 
@@ -48,6 +50,7 @@ class ControlView:
     seq: Optional[int]  # seq of the command ``xyz`` comes from
     deadman: bool  # under a lease, and no accepted command or keepalive for DEADMAN_S
     estopped: bool
+    silent_s: float = 0.0  # under a lease: seconds since the last accepted command or keepalive (or the takeover)
 
 
 class OperatorControl:
@@ -72,6 +75,14 @@ class OperatorControl:
         self._seq = -1  # last accepted seq of this lease
         self._xyz_seq: Optional[int] = None
         self.applied_seq: Optional[int] = None  # seq of the command the last executed step used (control thread)
+        # Latency instrumentation (benchmarks/console_latency.py), robot unix ms: when the newest command was accepted
+        # and when a control step first executed it; how long after the last command the deadman last held still.
+        self.accepted_seq: Optional[int] = None
+        self.accepted_t: Optional[float] = None
+        self.applied_t: Optional[float] = None
+        self.deadman_reaction_ms: Optional[float] = None
+        self._trace: collections.OrderedDict[int, float] = collections.OrderedDict()  # seq -> accepted_t
+        self._applied: collections.deque[tuple[int, float]] = collections.deque(maxlen=TRACE_LEN)  # (seq, first step t)
         self._estopped = False
         self._estopped_by = ""
         self.dropped = {reason: 0 for reason in DROP_REASONS}  # since start, by reason
@@ -126,6 +137,10 @@ class OperatorControl:
                 return self._drop("stale")
             self._seq = seq
             self._alive = now
+            self.accepted_seq, self.accepted_t = seq, wall_ms
+            self._trace[seq] = round(wall_ms, 2)
+            if len(self._trace) > TRACE_LEN:
+                self._trace.popitem(last=False)
             if action is not None:
                 self._xyz = np.clip(np.asarray(action, dtype=np.float32)[:3], -1.0, 1.0)
                 self._moved, self._xyz_seq = now, seq
@@ -133,6 +148,17 @@ class OperatorControl:
                 self._grip = float(np.clip(grip, -1.0, 1.0))
             self.accepted += 1
         return ACCEPTED
+
+    def traced(self, seq: int) -> tuple[Optional[float], Optional[float]]:
+        """Robot unix ms when command ``seq`` (one of the last TRACE_LEN) was accepted, and when a control step first
+        executed it or a newer command (at 20 Hz of commands and 10 Hz of control, half are superseded unexecuted)."""
+        with self._lock:
+            applied = next((t for s, t in self._applied if s >= seq), None)
+            return self._trace.get(seq), applied
+
+    def mark_applied(self, seq: int, wall_ms: float) -> None:
+        with self._lock:
+            self._applied.append((seq, round(wall_ms, 2)))
 
     def _drop(self, reason: str) -> str:
         self.dropped[reason] += 1
@@ -145,13 +171,14 @@ class OperatorControl:
         with self._lock:
             if self._lease is None:
                 return ControlView(None, "", "", None, None, None, False, self._estopped)
-            deadman = now - self._alive > self.deadman_s
+            silent = now - self._alive
+            deadman = silent > self.deadman_s
             # A motion command lives DEADMAN_S: keepalives keep the deadman off but never stretch an old motion (the
             # data channel does not retransmit, so a lost "stop" must not leave the robot moving).
             fresh = self._xyz is not None and now - self._moved <= self.deadman_s and not deadman
             return ControlView(
                 self._lease, self._operator, self._reason, self._xyz.copy() if fresh else None, self._grip,
-                self._xyz_seq if fresh else None, deadman, self._estopped,
+                self._xyz_seq if fresh else None, deadman, self._estopped, silent,
             )
 
     @property
@@ -192,6 +219,10 @@ class OperatorControl:
             "estopped_by": estopped_by,
             "last_command_age_ms": self.last_command_age_ms(),
             "applied_seq": self.applied_seq,
+            "applied_t": self.applied_t,
+            "accepted_seq": self.accepted_seq,
+            "accepted_t": self.accepted_t,
+            "deadman_reaction_ms": self.deadman_reaction_ms,
             "dropped": dropped,
         }
 
@@ -210,6 +241,7 @@ class OperatorGate(Agent):
         self._last_grip = DEFAULT_GRIP
         self._driven = 0  # steps driven by the operator since the inner agent last acted
         self.operated_steps = 0  # in the current episode
+        self._was_deadman = False
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -239,7 +271,13 @@ class OperatorGate(Agent):
             if view.xyz is not None:
                 action[:3] = view.xyz
             action[3] = view.grip if view.grip is not None else self._last_grip
+            if view.seq is not None and view.seq != self.control.applied_seq:
+                self.control.applied_t = time.time() * 1000.0
+                self.control.mark_applied(view.seq, self.control.applied_t)
             self.control.applied_seq = view.seq
+            if view.deadman and not self._was_deadman:
+                self.control.deadman_reaction_ms = round(view.silent_s * 1000.0, 1)
+            self._was_deadman = view.deadman
             self._driven += 1
             self.operated_steps += 1
             decision = Decision(action, ControlSource.OPERATOR, view.operator, view.reason)

@@ -244,6 +244,10 @@ class WebrtcHub:
             result = self.control.command(seq, float(t), action, grip, via="dc", session_user=session.user)
             if result != ACCEPTED:
                 log.debug("teleop command %s of %s dropped: %s", seq, session.user, result)
+        elif kind == "trace":  # latency instrumentation: when did command ``seq`` arrive and first drive a step
+            seq = body.get("seq")
+            accepted_t, applied_t = self.control.traced(seq) if isinstance(seq, int) else (None, None)
+            self._send(session, {"type": "trace", "seq": seq, "accepted_t": accepted_t, "applied_t": applied_t})
         elif kind == "estop":
             log.warning("e-stop over the data channel by %s", session.user)
             self.estop(session.user)
