@@ -32,6 +32,7 @@ demo: install
 # The whole suite. Tests get their own data directory (database, payloads, embedded Redis) so that they never
 # touch a running demo.
 test: install
+	node --test tests/js/
 	SOP_DATA_DIR=$(CURDIR)/var/test $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install
