@@ -40,6 +40,7 @@ class EpisodeEntry:
     steps: int
     offset: int  # global frame id of the episode's first frame; its frames are [offset, offset + steps)
     image_shape: tuple[int, int, int]
+    outcome: str = ""  # protocol.Outcome value: success, failure, timeout, aborted (RECAP's rewards use it)
 
 
 def _file_access() -> h5py.h5p.PropFAID:
@@ -123,9 +124,11 @@ class FrameIndex:
 
     # -- indexing ----------------------------------------------------------------------------------------------
 
-    def add_episode(self, path: str | os.PathLike) -> Optional[EpisodeEntry]:
+    def add_episode(self, path: str | os.PathLike, outcome: Optional[str] = None) -> Optional[EpisodeEntry]:
         """Index one verified episode file. Returns None for eval episodes (never trained on); adding the same
-        episode id twice returns the existing entry. Reads only attributes and the control_source column."""
+        episode id twice returns the existing entry. Reads only attributes and the control_source column.
+        ``outcome`` overrides the file's (an operator may relabel a stored episode in the database; files are never
+        rewritten)."""
         path = Path(path)
         with EpisodeReader(path) as reader:
             meta = reader.meta
@@ -151,6 +154,7 @@ class FrameIndex:
             steps=steps,
             offset=self.num_frames,
             image_shape=tuple(meta["image_shape"]),
+            outcome=str(meta["outcome"] if outcome is None else outcome),
         )
         if self.image_shape is None:
             self.image_shape = entry.image_shape
@@ -310,6 +314,18 @@ class FrameIndex:
         if not states:
             raise ValueError("no trainable frames to fit normalisation on")
         return np.concatenate(states), np.concatenate(actions)
+
+    def episode_columns(self, episode: int) -> dict[str, np.ndarray]:
+        """All frames of one episode at once (``image`` uint8 [T, H, W, 3] at the file's camera size, ``state``
+        float32 [T, S]): for batched passes over whole episodes (RECAP's value function). Reads through a validating
+        ``EpisodeReader``, not the sampling LRU, so that it never evicts the files the sampler is using."""
+        entry = self.episodes[int(episode)]
+        with EpisodeReader(entry.path) as reader:
+            images = np.ascontiguousarray(reader.column("observation/image"), dtype=np.uint8)
+            states = np.asarray(reader.column("observation/state"), dtype=np.float32)
+        if len(images) != entry.steps:
+            raise ValueError(f"{entry.path} changed since it was indexed")
+        return {"image": images, "state": states}
 
     def close(self) -> None:
         with self._lock:

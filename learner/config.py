@@ -36,8 +36,16 @@ class PolicyConfig:
     state_features: int = 64  # the normalised proprio state is projected to this width
     hidden: tuple[int, ...] = (256, 256)  # widths of the MLP head on [image, prompt, state]
     loss: str = "l1"  # "l1" or "mse" on normalised actions (L1 is sharper for saturated expert actions)
+    # RECAP (docs/policy.md "RECAP"): a learned advantage-indicator embedding (rows: negative, positive, dropped) is
+    # added to the head's input. Off for bc/hg_dagger and for every checkpoint written before it existed (their JSON
+    # has no such key and reads as the default), so those policies build, load and act exactly as before.
+    advantage_conditioning: bool = False
+    guidance_beta: float = 1.0  # classifier-free guidance weight the robots use (1 = the conditional pass only)
+    eval_guidance_beta: float = 1.0  # ... and the one evaluation uses (learner/evaluation.py)
 
     def __post_init__(self):
+        if self.guidance_beta < 0 or self.eval_guidance_beta < 0:
+            raise ConfigError("guidance_beta and eval_guidance_beta must be >= 0")
         if self.loss not in ("l1", "mse"):
             raise ConfigError(f"loss must be 'l1' or 'mse', not {self.loss!r}")
         if self.horizon < 1 or self.action_dim < 1 or self.image_size < 8:
@@ -50,7 +58,7 @@ class PolicyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    algorithm: str = "hg_dagger"  # registry key = file name in learner/algorithms/ ("bc", "hg_dagger")
+    algorithm: str = "hg_dagger"  # registry key = file name in learner/algorithms/ ("bc", "hg_dagger", "recap")
     batch_size: int = 64  # frames per learner step
     lr: float = 3e-4  # Adam learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay; 0 = plain Adam
@@ -70,8 +78,34 @@ class TrainConfig:
     prefetch: bool = True  # load the next batch in a background thread while the current one trains
     max_open_episodes: int = 256  # LRU bound on open episode files: ~0.55 MiB each (HDF5 handle + small columns)
     norm_max_episodes: int = 500  # normalisation stats are computed from at most this many episodes' columns
+    # -- RECAP (algorithm "recap"; ignored by the others). docs/policy.md "RECAP" explains each. --
+    c_fail: float = 1.0  # failure penalty at the last step, in units of the task's max episode length
+    value_bins: int = 201  # B: bins of the distributional value function on [-1, 0]
+    advantage_lookahead: int = 50  # N of the N-step advantage
+    positive_share: float = 0.4  # per task, this share of (non-intervention) frames gets I = positive
+    indicator_dropout: float = 0.3  # probability that a training sample's indicator is replaced by "dropped"
+    guidance_beta: float = 1.0  # CFG weight written into the checkpoints' policy config: what the robots use
+    eval_guidance_beta: float = 1.5  # CFG weight evaluation uses (1.5-2.5 in pi*0.6)
+    value_mode: str = "frozen"  # "frozen" (SOP): V fixed after pretraining; "refresh" (pi*0.6): V keeps training
+    value_lr: float = 3e-4  # Adam learning rate of the value network
+    value_path: str = ""  # a pretrained value file (manage.py pretrain_value); "" = pretrain inside the run
+    value_pretrain_steps: int = 2000  # in-run value pretraining (first learner steps) when value_path is ""
+    value_refresh_every: int = 500  # refresh mode: recompute the cached values after this many value updates
+    value_frames_per_step: int = 512  # at most this many frames (whole episodes, at least one) get new V(o) per step
+    # per-task max episode length (task name, steps) for return normalisation; a task not listed uses the longest
+    # episode of that task indexed so far (a timeout runs exactly max_steps, so that is exact once one timed out)
+    task_max_steps: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "task_max_steps", tuple((str(t), int(n)) for t, n in self.task_max_steps))
+        if self.value_mode not in ("frozen", "refresh"):
+            raise ConfigError(f"value_mode must be 'frozen' or 'refresh', not {self.value_mode!r}")
+        if not 0.0 < self.positive_share < 1.0 or not 0.0 <= self.indicator_dropout < 1.0:
+            raise ConfigError("positive_share must lie in (0, 1) and indicator_dropout in [0, 1)")
+        if self.value_bins < 2 or self.advantage_lookahead < 1 or self.c_fail < 0:
+            raise ConfigError("value_bins must be >= 2, advantage_lookahead >= 1 and c_fail >= 0")
+        if self.guidance_beta < 0 or self.eval_guidance_beta < 0:
+            raise ConfigError("guidance betas must be >= 0")
         if self.sampler_a <= 1.0:
             raise ConfigError("sampler_a must be > 1 (the SOP formula favours online data at equal losses)")
         lo, hi = self.clip
@@ -129,6 +163,10 @@ PRESETS: dict[str, Preset] = {
             augment_shift=1,
             prefetch=False,
             max_open_episodes=4,
+            value_bins=21,
+            advantage_lookahead=3,
+            value_pretrain_steps=2,
+            value_refresh_every=2,
         ),
     ),
 }

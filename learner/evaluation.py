@@ -29,12 +29,19 @@ class EvalOutcome:
 
 def evaluate_policy(policy, env_id: str, prompts: list[str], max_steps: int, episodes: int, *, seed: int = 0,
                     image_size: int = 96, camera: str = "corner3", version: Optional[int] = None,
-                    progress: Optional[Callable[[int, int], None]] = None) -> EvalOutcome:
-    """Run ``episodes`` episodes with fresh task variations (seeded) through the robot agent's runtime."""
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    guidance_beta: Optional[float] = None) -> EvalOutcome:
+    """Run ``episodes`` episodes with fresh task variations (seeded) through the robot agent's runtime.
+
+    An advantage-conditioned (RECAP) policy is evaluated with classifier-free guidance ``guidance_beta``, by default
+    its checkpoint's ``eval_guidance_beta`` (robots collect data with ``guidance_beta``, usually 1)."""
+    if guidance_beta is None:
+        guidance_beta = evaluation_guidance_beta(policy)
     logging.getLogger("robots.agent").setLevel(logging.WARNING)
     rng = random.Random(seed)
     env = MetaWorldEnvironment(env_id, camera=camera, image_size=image_size, seed=seed)
-    runtime = Runtime(lambda _: env, PolicyAgent(policy, version), control_hz=FAST_HZ, camera=camera)
+    agent = PolicyAgent(policy, version, guidance_beta=guidance_beta)
+    runtime = Runtime(lambda _: env, agent, control_hz=FAST_HZ, camera=camera)
     successes, lengths = 0, []
     try:
         for i in range(episodes):
@@ -48,3 +55,11 @@ def evaluate_policy(policy, env_id: str, prompts: list[str], max_steps: int, epi
         runtime.stop()
         env.close()
     return EvalOutcome(episodes, successes, sum(lengths) / max(1, len(lengths)), tuple(lengths))
+
+
+def evaluation_guidance_beta(policy) -> Optional[float]:
+    """The checkpoint's ``eval_guidance_beta`` for an advantage-conditioned policy; None for any other policy."""
+    config = getattr(policy, "config", None)
+    if config is None or not getattr(config, "advantage_conditioning", False):
+        return None
+    return float(config.eval_guidance_beta)

@@ -118,6 +118,16 @@ def random_shift(images: torch.Tensor, pad: int, generator: Optional[torch.Gener
     return padded.view(b, c, -1).gather(2, flat).view(b, c, h, w)
 
 
+# Rows of the advantage-indicator embedding (RECAP): I = 0, I = 1, and "no indicator" (the unconditional prediction).
+NEGATIVE, POSITIVE, DROPPED = 0, 1, 2
+
+
+def _indicator_embedding(width: int) -> nn.Embedding:
+    embedding = nn.Embedding(3, width)
+    nn.init.zeros_(embedding.weight)  # conditional == unconditional == the policy without the embedding, at first
+    return embedding
+
+
 class SmallVLA(Policy):
     """Image (stride-2 CNN) + frozen MiniLM prompt embedding + proprio state -> MLP -> H x action_dim actions."""
 
@@ -149,6 +159,12 @@ class SmallVLA(Policy):
             width = hidden
         head.append(nn.Linear(width, config.horizon * config.action_dim))
         self.head = nn.Sequential(*head)
+        # RECAP's advantage indicator, added to the head's input. Absent (no parameters, no state-dict keys) unless
+        # config.advantage_conditioning, so policies without it keep their exact architecture and checkpoints.
+        self.indicator: Optional[nn.Embedding] = (
+            _indicator_embedding(config.image_features + config.prompt_features + config.state_features)
+            if config.advantage_conditioning else None
+        )
         self.register_buffer("state_index", torch.tensor(config.state_indices, dtype=torch.long), persistent=False)
         norm = Normalization.identity(config)
         self.register_buffer("state_mean", torch.from_numpy(norm.state_mean))
@@ -188,12 +204,29 @@ class SmallVLA(Policy):
         selected = states.index_select(1, self.state_index)
         return ((selected - self.state_mean) / self.state_std).clamp_(-10.0, 10.0)
 
-    def forward(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """Preprocessed inputs -> normalised action chunk [B, H, action_dim]."""
+    def forward(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, states: torch.Tensor,
+                indicator: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Preprocessed inputs -> normalised action chunk [B, H, action_dim].
+
+        ``indicator`` (int64 [B]: ``NEGATIVE``, ``POSITIVE`` or ``DROPPED``) is only used by an advantage-conditioned
+        policy; None there means ``DROPPED`` (the unconditional prediction)."""
         features = torch.cat(
             [self.image_encoder(images), self.prompt_proj(prompt_embeddings), self.state_proj(states)], dim=1
         )
+        if self.indicator is not None:
+            if indicator is None:
+                indicator = torch.full((features.shape[0],), DROPPED, dtype=torch.long)
+            features = features + self.indicator(indicator)
         return self.head(features).view(-1, self.config.horizon, self.config.action_dim)
+
+    def enable_advantage_conditioning(self, guidance_beta: float = 1.0, eval_guidance_beta: float = 1.0) -> None:
+        """Add the RECAP indicator embedding to a policy built without it (e.g. the BC base checkpoint), and record
+        the guidance weights in its config. The embedding starts at zero, so every indicator value predicts exactly
+        what the policy predicted before. Idempotent for the embedding; the betas are always updated."""
+        if self.indicator is None:
+            self.indicator = _indicator_embedding(self.head[0].in_features)
+        self.config = dataclasses.replace(self.config, advantage_conditioning=True, guidance_beta=float(guidance_beta),
+                                          eval_guidance_beta=float(eval_guidance_beta))
 
     def _prompt_batch(self, prompts: list[str]) -> torch.Tensor:
         unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
@@ -202,7 +235,11 @@ class SmallVLA(Policy):
 
     # -- the interface ---------------------------------------------------------------------------------------------
 
-    def act(self, observation: Observation, prompt: str) -> np.ndarray:
+    def act(self, observation: Observation, prompt: str, guidance_beta: Optional[float] = None) -> np.ndarray:
+        """The next H actions. An advantage-conditioned policy asks for I = positive with classifier-free guidance
+        ``uncond + beta * (cond - uncond)`` (on normalised actions, before clipping); ``guidance_beta`` defaults to
+        the checkpoint's ``config.guidance_beta``, and beta = 1 runs the conditional pass only. Other policies ignore
+        ``guidance_beta``."""
         state = np.array(observation["state"], dtype=np.float32)  # a copy: torch wants writable arrays
         image = np.asarray(observation["image"])
         if state.shape != (self.config.state_dim,):
@@ -212,12 +249,24 @@ class SmallVLA(Policy):
         if not (image.flags.c_contiguous and image.flags.writeable):
             image = np.array(image, order="C")
         with torch.inference_mode():
-            out = self.forward(
-                self._images(torch.from_numpy(image)[None]),
-                torch.from_numpy(self.prompts.get(prompt))[None],
-                self._states(torch.from_numpy(state)[None]),
-            )
-            return (out[0] * self.action_scale).clamp_(-1.0, 1.0).numpy()
+            images = self._images(torch.from_numpy(image)[None])
+            prompts = torch.from_numpy(self.prompts.get(prompt))[None]
+            states = self._states(torch.from_numpy(state)[None])
+            if self.indicator is None:
+                out = self.forward(images, prompts, states)[0]
+            else:
+                out = self._guided(images, prompts, states,
+                                   self.config.guidance_beta if guidance_beta is None else float(guidance_beta))
+            return (out * self.action_scale).clamp_(-1.0, 1.0).numpy()
+
+    def _guided(self, images: torch.Tensor, prompts: torch.Tensor, states: torch.Tensor, beta: float) -> torch.Tensor:
+        """Classifier-free guidance for ONE preprocessed observation -> normalised chunk [H, action_dim]."""
+        if beta == 1.0:
+            return self.forward(images, prompts, states, torch.tensor([POSITIVE]))[0]
+        both = self.forward(images.expand(2, -1, -1, -1), prompts.expand(2, -1), states.expand(2, -1),
+                            torch.tensor([POSITIVE, DROPPED]))
+        cond, uncond = both[0], both[1]
+        return uncond + beta * (cond - uncond)
 
     def loss(
         self, batch: dict[str, Any], *, generator: Optional[torch.Generator] = None, augment_shift: int = 0
@@ -225,7 +274,9 @@ class SmallVLA(Policy):
         images = self._images(batch["image"])
         if augment_shift > 0:
             images = random_shift(images, augment_shift, generator)
-        pred = self.forward(images, self._prompt_batch(batch["prompt"]), self._states(batch["state"]))
+        # "indicator" (int64 [B]) is set by RECAP; without it a conditioned policy learns the unconditional row
+        pred = self.forward(images, self._prompt_batch(batch["prompt"]), self._states(batch["state"]),
+                            batch.get("indicator"))
         target = batch["action"] / self.action_scale
         diff = pred - target
         err = (diff.abs() if self.config.loss == "l1" else diff.square()).mean(dim=2)  # [B, H]

@@ -71,6 +71,8 @@ class Trainer:
     Sets torch's intra-op thread count for the process (``config.num_threads``).
     """
 
+    EXTRA_STATS = ("value_loss", "positive_share", "value_version", "indicator_positive")
+
     def __init__(
         self,
         config: TrainConfig,
@@ -180,6 +182,8 @@ class Trainer:
             "loss": stats["loss"],
             "grad_norm": stats.get("grad_norm", 0.0),
             "online_fraction": float(batch["online"].float().mean()),
+            # algorithm-specific stats (RECAP: value_loss, positive_share per task, value_version), JSON-ready
+            **{k: stats[k] for k in self.EXTRA_STATS if stats.get(k) is not None},
         }
         if (
             self.step - self._checkpoint_step >= self.config.checkpoint_every_steps
@@ -211,6 +215,11 @@ class Trainer:
                 "offline_frames": int(len(self._groups[m][0])) if m < len(self._groups) else 0,
                 "online_frames": int(len(self._groups[m][1])) if m < len(self._groups) else 0,
             }
+        task_metrics = getattr(self.algorithm, "task_metrics", None)  # optional: per-task stats of the algorithm
+        if task_metrics is not None:
+            for name, values in task_metrics().items():
+                if name in tasks:
+                    tasks[name].update(values)
         return {"step": self.step, "tasks": tasks, "timing": self.timing.to_dict(), **self.last_stats}
 
     def close(self) -> None:

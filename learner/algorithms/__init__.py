@@ -7,8 +7,8 @@ import importlib
 from learner.algorithms.base import Algorithm
 from learner.config import TrainConfig
 
-# Each name is a module here that defines ALGORITHM. "recap" joins when it is implemented.
-NAMES = ("bc", "hg_dagger")
+# Each name is a module here that defines ALGORITHM.
+NAMES = ("bc", "hg_dagger", "recap")
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

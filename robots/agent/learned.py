@@ -18,8 +18,13 @@ class PolicyAgent(Agent):
     use this same class, so a checkpoint is measured exactly as robots run it.
     """
 
-    def __init__(self, policy, version: Optional[int], execute_steps: int = 1):
+    def __init__(self, policy, version: Optional[int], execute_steps: int = 1,
+                 guidance_beta: Optional[float] = None):
         self.policy = policy
+        # Classifier-free guidance weight for an advantage-conditioned (RECAP) policy. None: the checkpoint's own
+        # config.guidance_beta (what the robots run); evaluation passes the checkpoint's eval_guidance_beta. Policies
+        # without the indicator are called exactly as before.
+        self.guidance_beta = guidance_beta
         self.policy_version = version
         self.name = f"v{version}" if version is not None else "learned"
         self.execute_steps = max(1, execute_steps)
@@ -36,7 +41,11 @@ class PolicyAgent(Agent):
 
     def act(self, observation: Observation) -> Decision:
         if self._chunk is None or self._used >= min(self.execute_steps, len(self._chunk)):
-            self._chunk, self._used = self.policy.act(observation, self._prompt), 0
+            if self.guidance_beta is None:
+                chunk = self.policy.act(observation, self._prompt)
+            else:
+                chunk = self.policy.act(observation, self._prompt, guidance_beta=self.guidance_beta)
+            self._chunk, self._used = chunk, 0
         action = np.asarray(self._chunk[self._used], dtype=np.float32)
         self._used += 1
         return Decision(action)

@@ -48,6 +48,7 @@ def make_episode(
     segments: tuple[tuple[int, int, int], ...] = (),  # (start, end, control source code) of interventions
     seed: int = 0,
     source: Optional[int] = None,  # control source of the other steps; default: expert for offline, policy online
+    outcome: str = "success",
 ) -> Path:
     """A tiny episode file whose actions depend on the state, so a policy can learn something from it."""
     rng = np.random.default_rng(seed)
@@ -67,8 +68,8 @@ def make_episode(
             policy="scripted" if split == "offline" else "small_vla",
             policy_version=-1 if split == "offline" else 1,
             split=split,
-            outcome="success",
-            success=True,
+            outcome=outcome,
+            success=outcome == "success",
             started_at=1.0,
             ended_at=2.0,
             control_hz=30.0,

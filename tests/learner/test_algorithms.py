@@ -21,7 +21,7 @@ def test_algorithms_are_registered_under_their_file_names():
         assert get_algorithm(name).name == name
         assert get_algorithm(name).__module__ == f"learner.algorithms.{name}"
     with pytest.raises(ValueError, match="known"):
-        get_algorithm("recap")
+        get_algorithm("no_such_algorithm")
 
 
 def test_bc_learns_only_from_offline_demonstrations(index):
