@@ -59,18 +59,20 @@ def start_run(
 ) -> TrainingRun:
     """Create a run and queue it on the ``learner`` queue (after commit). By default it fine-tunes the checkpoint the
     fleet currently runs; ``from_scratch`` starts from fresh weights (as pretraining does)."""
+    task_objs = [t if isinstance(t, Task) else Task.objects.filter(name=t).first() for t in tasks]
+    if not task_objs or any(t is None for t in task_objs):
+        raise LearnerError("a run needs one or more existing tasks")
     try:
         get_algorithm(algorithm)
         base = get_preset(preset)
-        train = to_dict(base.train) | {"algorithm": algorithm} | dict(overrides or {})
+        # RECAP normalises returns by each task's episode limit, which episode files do not record: the tasks know it.
+        limits = {"task_max_steps": [[t.name, t.max_steps] for t in task_objs]}
+        train = to_dict(base.train) | {"algorithm": algorithm} | limits | dict(overrides or {})
         if total_steps is not None:
             train["steps"] = int(total_steps)
         config = Preset.from_dict({"name": base.name, "policy": to_dict(base.policy), "train": train})
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise LearnerError(str(exc)) from None
-    task_objs = [t if isinstance(t, Task) else Task.objects.filter(name=t).first() for t in tasks]
-    if not task_objs or any(t is None for t in task_objs):
-        raise LearnerError("a run needs one or more existing tasks")
     if base_checkpoint is None and not from_scratch:
         base_checkpoint = current_checkpoint()
     with transaction.atomic():
@@ -159,12 +161,13 @@ def _index_for(run: TrainingRun, horizon: int, max_open: int) -> FrameIndex:
         .exclude(split=protocol.Split.EVAL.value)
         .exclude(id__in=[*seen])
         .order_by("verified_at")
-        .values_list("id", "payload_path")
+        .values_list("id", "payload_path", "outcome")
     )
-    for episode_id, rel in new.iterator():
+    for episode_id, rel, outcome in new.iterator():
         seen.add(str(episode_id))
         try:
-            index.add_episode(settings.PAYLOAD_DIR / rel)
+            # The database's outcome wins over the file's: operators relabel stored episodes (RECAP's rewards use it).
+            index.add_episode(settings.PAYLOAD_DIR / rel, outcome=outcome or None)
         except Exception as exc:  # a file that vanished or rotted must not stop training on the rest
             log.warning("episode %s is not usable for training: %s", episode_id, exc)
     return index
@@ -272,6 +275,8 @@ def _record_metric(run: TrainingRun, trainer, stats: dict[str, Any]) -> None:
     metrics = trainer.metrics()
     values = {
         "loss": stats.get("loss"),
+        "value_loss": stats.get("value_loss"),  # RECAP
+        "positive_share": stats.get("positive_share"),  # RECAP: {task: share of positive advantages}
         "online_fraction": stats.get("online_fraction"),
         "sample_load_share": metrics["timing"]["sample_load_share"],
         "tasks": metrics["tasks"],

@@ -18,7 +18,7 @@ from django.conf import settings
 
 from robots import roles, services
 from robots.episode_file import EpisodeReader
-from robots.models import AuditEvent, Episode, InterventionSegment, Robot, Task, TaskAssignment
+from robots.models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task, TaskAssignment
 from robots.protocol import CONTROL_SOURCE_CODES, ControlSource
 
 from . import netns
@@ -208,6 +208,14 @@ def test_operator_takes_over_drives_releases_estops_and_labels(console, browser)
     wait_for(lambda: robot_row(robot).state == "running", 30, "the robot to run again after clearing", procs=procs)
     actions = set(AuditEvent.objects.filter(robot=robot).values_list("action", flat=True))
     assert {"takeover", "release", "estop", "estop_cleared", "label"} <= actions
+
+    # The console tab closes mid-takeover: the lease ends with the socket and the robot goes back to its policy.
+    op2.get_by_test_id("takeover").click()
+    wait_for(lambda: robot_row(robot).operator_name == "op2", 20, "op2 to take over", procs=procs)
+    op2.context.close()
+    wait_for(lambda: robot_row(robot).control_source == ControlSource.POLICY.value and not robot_row(robot).operator_name,
+             20, "the robot to resume its policy after op2's tab closed", procs=procs)
+    assert ControlLease.objects.filter(robot=robot, operator__username="op2", end_reason="disconnected").exists()
 
     # Every page, for a person to look at.
     for name, path in [("tasks", "/tasks/"), ("episodes", "/episodes/"), ("episode", f"/episodes/{labelled}/"),
