@@ -6,13 +6,25 @@ State changes go through learner/services.py.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
-from django.http import JsonResponse
+from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
@@ -21,8 +33,10 @@ from learner import services
 from learner.algorithms import NAMES as ALGORITHMS
 from learner.config import PRESETS
 from learner.models import Checkpoint, Evaluation, TrainingMetric, TrainingRun
-from robots.models import AuditEvent, Robot, Task
+from robots.models import AuditEvent, Episode, Robot, Task
 from robots.roles import can_operate, is_admin
+
+log = logging.getLogger(__name__)
 
 CONTINUOUS_STEPS = 10_000_000  # "runs until stopped": the fleet page shows runs this long as continuous
 MAX_METRIC_POINTS = 400
@@ -142,22 +156,38 @@ def training_run_metrics(request, run_id: int):
     rows = list(TrainingMetric.objects.filter(run=run).order_by("step").values_list("step", "values"))
     rows = _thin(rows, MAX_METRIC_POINTS)
     tasks: dict[str, dict[str, list]] = {}
+    recap = run.algorithm == "recap"
+    shares: dict[str, list] = {}
     for i, (_, values) in enumerate(rows):
+        if recap:  # {task: share of positive advantages}; older rows only had it under tasks[task]
+            per_task = (values or {}).get("positive_share") or {}
+            for name, info in ((values or {}).get("tasks") or {}).items():
+                share = per_task.get(name) if isinstance(per_task, dict) else None
+                if share is None and isinstance(info, dict):
+                    share = info.get("positive_share")
+                if share is not None:
+                    shares.setdefault(name, [None] * len(rows))[i] = share
+            for name, share in (per_task.items() if isinstance(per_task, dict) else ()):
+                shares.setdefault(name, [None] * len(rows))[i] = share
         for name, info in ((values or {}).get("tasks") or {}).items():
             series = tasks.setdefault(name, {"loss_online": [None] * len(rows), "loss_offline": [None] * len(rows),
                                              "w_on": [None] * len(rows)})
             for key in series:
                 series[key][i] = info.get(key) if isinstance(info, dict) else None
     checkpoints = list(run.checkpoints.order_by("version").values("version", "step"))
-    return JsonResponse({
-        "id": run.pk, "status": run.status, "message": run.message, "step": run.step, "total_steps": run.total_steps,
+    payload = {
+        "id": run.pk, "algorithm": run.algorithm, "status": run.status, "message": run.message, "step": run.step, "total_steps": run.total_steps,
         "continuous": run.total_steps >= CONTINUOUS_STEPS, "progress": run.progress,
         "heartbeat_at": run.heartbeat_at.isoformat() if run.heartbeat_at else None,
         "steps": [step for step, _ in rows],
         "loss": [(values or {}).get("loss") for _, values in rows],
         "online_fraction": [(values or {}).get("online_fraction") for _, values in rows],
         "tasks": tasks, "checkpoints": checkpoints,
-    })
+    }
+    if recap:  # RECAP: the value function's loss (while it trains) and each task's share of positive advantages
+        payload["value_loss"] = [(values or {}).get("value_loss") for _, values in rows]
+        payload["positive_share"] = shares
+    return JsonResponse(payload)
 
 
 @login_required
@@ -206,3 +236,164 @@ def checkpoint_rollback(request, version: int):
 def _safe_next(request) -> str | None:
     target = request.POST.get("next", "")
     return target if target.startswith("/") and not target.startswith("//") else None
+
+
+# -- the episode page's value plot: V(o_t) of the newest value function --------------------------------------------
+
+NO_VALUE_MESSAGE = "no value function yet: start a RECAP run or run manage.py pretrain_value"
+VALUE_CACHE_VERSION = 1
+_value_lock = threading.Lock()
+_loaded_value: dict[str, Any] = {}  # identity -> (ValueFunction, info): the last one loaded, kept for the next request
+
+
+def _safetensors_meta(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON header (key ``sop``) of a safetensors file, reading only the header; None if unreadable."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                return None
+            header = json.loads(f.read(length))
+        return json.loads(header["__metadata__"]["sop"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+def value_source() -> Optional[dict[str, Any]]:
+    """The newest usable value function: a RECAP run's trainer state whose value network is ready
+    (``algorithm.value.*``), or a pretrained ``sop-value`` file under CHECKPOINT_DIR/value/ (``manage.py
+    pretrain_value``), whichever file is newer. None when there is neither. Reads file headers only."""
+    candidates: list[tuple[float, Path, Optional[TrainingRun]]] = []
+    for path in (settings.CHECKPOINT_DIR / "value").glob("*.safetensors"):
+        candidates.append((path.stat().st_mtime, path, None))
+    for run in TrainingRun.objects.filter(algorithm="recap"):
+        path = services.trainer_state_path(run)
+        if path.exists():
+            candidates.append((path.stat().st_mtime, path, run))
+    for _, path, run in sorted(candidates, key=lambda c: c[0], reverse=True):
+        meta = _safetensors_meta(path)
+        if meta is None:
+            continue
+        stat = path.stat()
+        if run is None:
+            if meta.get("format") != "sop-value":
+                continue
+            scales = meta.get("task_max_steps") or {}
+            return {"kind": "pretrained", "path": path, "run": None, "meta": meta,
+                    "identity": f"file:{path.name}:{stat.st_mtime_ns}:{stat.st_size}",
+                    "c_fail": float(meta.get("c_fail", 1.0)), "scales": dict(scales),
+                    "label": f"pretrained {path.name}"}
+        algo = meta.get("algorithm_state") or {}
+        if meta.get("algorithm") != "recap" or not algo.get("value_ready"):
+            continue  # the run is still pretraining its value function: not a value worth plotting yet
+        train = meta.get("train_config") or {}
+        scales = {**dict(algo.get("frozen_scales") or {}),
+                  **{name: m for name, m in (train.get("task_max_steps") or [])}}
+        # A run rewrites its state every round; its value network only changes with value updates.
+        identity = f"run:{run.uid}:{algo.get('value_version')}:{algo.get('value_updates')}"
+        return {"kind": "run", "path": path, "run": run.pk, "meta": meta, "identity": identity,
+                "c_fail": float(train.get("c_fail", 1.0)), "scales": scales,
+                "label": f"run {run.pk} · value v{algo.get('value_version')} · step {meta.get('step')}"}
+    return None
+
+
+def _load_value(source: dict[str, Any]):
+    """The ValueFunction of a source, from safetensors only (never unpickles). Cached for the last identity."""
+    import safetensors
+
+    from learner.config import PolicyConfig, from_dict
+    from learner.value import ValueFunction, load_value
+
+    cached = _loaded_value.get(source["identity"])
+    if cached is not None:
+        return cached
+    if source["kind"] == "pretrained":
+        value, _ = load_value(source["path"])
+    else:
+        with safetensors.safe_open(str(source["path"]), framework="pt") as f:
+            meta = json.loads(f.metadata()["sop"])
+            config = from_dict(PolicyConfig, meta["policy"]["policy_config"])
+            value = ValueFunction(config, int(meta["algorithm_state"]["value_bins"]))
+            prefix = "algorithm.value."
+            value.net.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+            value.prompts.load_arrays(list(meta["policy"]["prompts"]), f.get_tensor("prompts.embeddings").numpy())
+    value.eval()
+    _loaded_value.clear()
+    _loaded_value[source["identity"]] = value
+    return value
+
+
+def _value_cache_path(episode: Episode, source: dict[str, Any]) -> Path:
+    key = hashlib.sha256(f"{VALUE_CACHE_VERSION}:{episode.payload_sha256}:{source['identity']}".encode()).hexdigest()
+    return settings.DATA_DIR / "values" / f"{episode.pk}-{key[:16]}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def episode_values(episode: Episode, source: dict[str, Any]) -> tuple[list[float], bool]:
+    """V(o_t) for every step of a stored episode, and whether it came from the disk cache
+    (DATA_DIR/values/<episode>-<key>.json, keyed by the payload and the value function's identity)."""
+    import torch
+
+    from robots.episode_file import EpisodeReader
+
+    cache = _value_cache_path(episode, source)
+    try:
+        return json.loads(cache.read_text())["values"], True
+    except (OSError, ValueError, KeyError):
+        pass
+    with _value_lock:  # one model in memory and one computation at a time: the web server has few cores
+        torch.set_num_threads(1)
+        value = _load_value(source)
+        with EpisodeReader(settings.PAYLOAD_DIR / episode.payload_path) as reader:
+            images = reader.column("observation/image")
+            states = reader.column("observation/state")
+            prompt = reader.meta["prompt"] or episode.prompt or episode.task.name
+        with torch.no_grad():
+            values = [round(float(v), 5) for v in value.predict(images, states, prompt)]
+    _write_atomic(cache, json.dumps({"values": values, "identity": source["identity"]}))
+    return values, False
+
+
+@login_required
+@require_GET
+def episode_value(request, episode_id):
+    """V(o_t) over the episode's steps from the newest value function (``value_source``), with the episode's
+    normalised return-to-go for comparison. Always 200 for an existing episode: ``available`` is false (with a
+    ``reason`` and a ``message``) when there is no value function yet or the episode has no stored frames."""
+    from learner import recap_math
+
+    episode = Episode.objects.select_related("task").filter(pk=episode_id).first()
+    if episode is None:
+        raise Http404("No such episode.")
+    if episode.status != Episode.Status.VERIFIED or not episode.payload_path:
+        return JsonResponse({"available": False, "reason": "no_frames",
+                             "message": "no stored frames yet: the value is computed from the verified upload"})
+    source = value_source()
+    if source is None:
+        return JsonResponse({"available": False, "reason": "no_value_function", "message": NO_VALUE_MESSAGE})
+    try:
+        values, cached = episode_values(episode, source)
+    except Exception as exc:  # a corrupt value file or payload must not break the episode page
+        log.warning("value of episode %s with %s failed: %s", episode.pk, source["identity"], exc)
+        return JsonResponse({"available": False, "reason": "error",
+                             "message": f"the value function could not be evaluated: {exc}"})
+    scale = int(source["scales"].get(episode.task.name) or episode.task.max_steps or len(values) or 1)
+    returns = recap_math.episode_returns(len(values), episode.outcome or "", scale, source["c_fail"])
+    return JsonResponse({
+        "available": True, "episode": str(episode.pk), "steps": len(values), "values": values,
+        "returns": [None if math.isnan(r) else round(float(r), 5) for r in returns],
+        "outcome": episode.outcome, "max_steps": scale, "c_fail": source["c_fail"], "cached": cached,
+        "source": {"kind": source["kind"], "run": source["run"], "label": source["label"],
+                   "file": source["path"].name},
+    })

@@ -12,6 +12,7 @@ urlpatterns = [
     path("episodes/", pages.episodes, name="episodes"),
     path("episodes/<uuid:episode_id>/", pages.episode, name="episode"),
     path("episodes/<uuid:episode_id>/video.mp4", pages.episode_video, name="episode_video"),
+    path("episodes/<uuid:episode_id>/value.json", learner_pages.episode_value, name="episode_value"),
     path("episodes/<uuid:episode_id>/relabel", pages.episode_relabel, name="episode_relabel"),
     path("training/", learner_pages.training, name="training"),
     path("training/start", learner_pages.training_start, name="training_start"),

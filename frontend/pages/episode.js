@@ -1,5 +1,9 @@
 // Episode page: the timeline under the replay shows the playback position; clicking it (or a segment's
 // "play from here") seeks. Steps map to video time through the episode's control rate (one frame per step).
+// Below it, V(o_t) of the newest value function (/episodes/<id>/value.json) with the intervention segments shaded
+// and the playhead mirrored; clicking the plot seeks too.
+import { getJSON, line, setup } from "./charts.js";
+
 const replay = document.getElementById("replay");
 const video = document.getElementById("video");
 const timeline = document.getElementById("timeline");
@@ -8,10 +12,15 @@ const readout = document.getElementById("step-readout");
 const hz = Number(replay.dataset.hz) || 10;
 const steps = Math.max(1, Number(replay.dataset.steps) || 1);
 
+let valueChart = null;
+let playheadStep = 0;  // read by the value plot's overlay (Chart.js resolves plugin options only on update)
+
 function show(step) {
   const s = Math.min(steps, Math.max(0, step));
   playhead.style.left = `${(100 * s) / steps}%`;
   readout.textContent = `step ${Math.min(steps, Math.floor(s))} / ${steps}`;
+  playheadStep = s;
+  if (valueChart) valueChart.draw();
 }
 
 function seek(step) {
@@ -40,3 +49,83 @@ if (video) {
   timeline.classList.add("static");
 }
 show(0);
+
+// -- value plot ----------------------------------------------------------------------------------------------------
+
+const SHADE = { operator: "rgba(123,75,214,0.18)", sim_operator: "rgba(224,160,48,0.22)" };
+
+// Intervention segments as shaded bands behind the lines, and the playhead as a vertical line on top.
+const episodeOverlay = {
+  id: "episodeOverlay",
+  beforeDatasetsDraw(chart, _args, opts) {
+    const { ctx, chartArea, scales } = chart;
+    ctx.save();
+    for (const seg of opts.segments || []) {
+      const x0 = Math.max(chartArea.left, scales.x.getPixelForValue(seg.start - 0.5));
+      const x1 = Math.min(chartArea.right, scales.x.getPixelForValue(seg.end - 0.5));
+      if (x1 <= x0) continue;
+      ctx.fillStyle = SHADE[seg.source] || SHADE.operator;
+      ctx.fillRect(x0, chartArea.top, Math.max(2, x1 - x0), chartArea.bottom - chartArea.top);
+    }
+    ctx.restore();
+  },
+  afterDatasetsDraw(chart) {
+    if (!video) return;
+    const { ctx, chartArea, scales } = chart;
+    const x = scales.x.getPixelForValue(Math.min(steps - 1, playheadStep));
+    if (x < chartArea.left || x > chartArea.right) return;
+    ctx.save();
+    ctx.strokeStyle = "#141a24";
+    ctx.lineWidth = 1.5;
+    ctx.beginPath(); ctx.moveTo(x, chartArea.top); ctx.lineTo(x, chartArea.bottom); ctx.stroke();
+    ctx.restore();
+  },
+};
+
+async function loadValue() {
+  const plot = document.getElementById("value-plot");
+  const note = document.getElementById("value-note");
+  if (!plot) return;
+  let d;
+  try {
+    d = await getJSON(plot.dataset.url);
+  } catch (err) {
+    note.textContent = `The value could not be loaded: ${err.message}`;
+    return;
+  }
+  if (!d.available) { note.textContent = d.message; return; }
+  note.hidden = true;
+  document.getElementById("value-box").hidden = false;
+  document.getElementById("value-source").textContent = `${d.source.label}${d.returns.some((r) => r !== null) ? "" : " · no return: the episode has no terminal outcome"}`;
+  const Chart = setup();
+  const segments = JSON.parse(document.getElementById("episode-segments").textContent || "[]");
+  const pts = (ys) => ys.map((y, t) => ({ x: t, y }));
+  const datasets = [line("V(o_t)", pts(d.values), "#2f6fed", { pointRadius: 0, cubicInterpolationMode: "default", tension: 0 })];
+  if (d.returns.some((r) => r !== null)) {
+    datasets.push(line(`return-to-go (${d.outcome})`, pts(d.returns), "#6b7585", { pointRadius: 0, borderDash: [5, 4], borderWidth: 1.5 }));
+  }
+  valueChart = new Chart(document.getElementById("chart-value"), {
+    type: "line",
+    data: { datasets },
+    options: {
+      parsing: true,
+      scales: {
+        x: { type: "linear", min: 0, max: Math.max(1, d.steps - 1), title: { display: true, text: "step" }, ticks: { maxTicksLimit: 10 } },
+        y: { min: -1, max: 0, title: { display: true, text: "normalised return" }, ticks: { stepSize: 0.2, callback: (v) => v.toFixed(1) } },
+      },
+      plugins: {
+        episodeOverlay: { segments },
+        tooltip: { callbacks: { title: (items) => `step ${items[0].parsed.x}`,
+          label: (c) => `${c.dataset.label}: ${c.parsed.y === null ? "–" : c.parsed.y.toFixed(3)}` } },
+      },
+      onClick: (ev, _els, chart) => {
+        if (!video) return;
+        const x = chart.scales.x.getValueForPixel(ev.x);
+        if (Number.isFinite(x)) seek(x);
+      },
+    },
+    plugins: [episodeOverlay],
+  });
+}
+
+loadValue();

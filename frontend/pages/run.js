@@ -1,6 +1,6 @@
 // Training run page: progress bar and loss curves, polled every 2 s from /training/runs/<id>/metrics.json while the
-// run is active (once when it is over).
-import { COLORS, getJSON, line, setup } from "./charts.js";
+// run is active (once when it is over). RECAP runs add the value loss and the per-task positive-advantage share.
+import { COLORS, getJSON, line, pct, percentAxis, setup } from "./charts.js";
 
 const Chart = setup();
 const box = document.getElementById("run");
@@ -8,6 +8,8 @@ const POLL_MS = 2000;
 const ACTIVE = new Set(["queued", "running", "stopping", "waiting"]);
 let lossChart = null;
 let taskChart = null;
+let valueChart = null;
+let positiveChart = null;
 let lastStatus = null;
 
 // Vertical dotted lines at the steps where the run published a checkpoint.
@@ -68,9 +70,55 @@ function render(d) {
     taskChart = new Chart(document.getElementById("chart-tasks"), { type: "line", data: taskData, options: taskOptions });
   } else { taskChart.data = taskData; taskChart.options = taskOptions; taskChart.update("none"); }
 
+  if (d.algorithm === "recap") renderRecap(d, xScale, ckSteps);
+
   // A run that just ended has new checkpoints and buttons: reload once to show them.
   if (lastStatus && ACTIVE.has(lastStatus) && !ACTIVE.has(d.status)) window.location.reload();
   lastStatus = d.status;
+}
+
+// Dotted horizontal line at the target share of positive advantages (config positive_share).
+const targetLine = {
+  id: "targetLine",
+  afterDatasetsDraw(chart, _args, opts) {
+    if (opts.value === undefined || opts.value === null) return;
+    const { ctx, chartArea, scales } = chart;
+    const y = scales.y.getPixelForValue(opts.value);
+    ctx.save();
+    ctx.strokeStyle = "rgba(29,36,48,0.45)";
+    ctx.setLineDash([2, 3]);
+    ctx.beginPath(); ctx.moveTo(chartArea.left, y); ctx.lineTo(chartArea.right, y); ctx.stroke();
+    ctx.restore();
+  },
+};
+
+// RECAP runs: the value function's loss and each task's share of positive advantages over learner steps.
+function renderRecap(d, xScale, ckSteps) {
+  const valueLoss = d.value_loss || [];
+  document.getElementById("no-value-loss").hidden = d.steps.length === 0 || valueLoss.some((v) => v !== null);
+  const valueData = { datasets: [
+    line("value loss", xy(d.steps, valueLoss), "#7b4bd6", { pointRadius: 0, tension: 0.15, spanGaps: false }),
+  ] };
+  const valueOptions = { scales: { x: xScale, y: { title: { display: true, text: "cross-entropy" } } },
+    plugins: { checkpointLines: { steps: ckSteps }, legend: { display: false } } };
+  if (!valueChart) {
+    valueChart = new Chart(document.getElementById("chart-value-loss"), { type: "line", data: valueData, options: valueOptions, plugins: [checkpointLines] });
+  } else { valueChart.data = valueData; valueChart.options = valueOptions; valueChart.update("none"); }
+
+  const shares = d.positive_share || {};
+  const names = Object.keys(shares).sort();
+  const taskOrder = Object.keys(d.tasks).sort();  // same colour per task as the per-task loss chart
+  const target = Number(document.getElementById("recap-charts").dataset.target);
+  const posData = { datasets: names.map((name) => {
+    const i = Math.max(0, taskOrder.indexOf(name));
+    return line(name, xy(d.steps, shares[name]), COLORS[i % COLORS.length], { pointRadius: 0, spanGaps: false });
+  }) };
+  const posOptions = { scales: { x: xScale, y: percentAxis("positive share") },
+    plugins: { targetLine: { value: Number.isFinite(target) ? target : null },
+      tooltip: { callbacks: { label: (c) => `${c.dataset.label}: ${pct(c.parsed.y, 1)}` } } } };
+  if (!positiveChart) {
+    positiveChart = new Chart(document.getElementById("chart-positive"), { type: "line", data: posData, options: posOptions, plugins: [targetLine] });
+  } else { positiveChart.data = posData; positiveChart.options = posOptions; positiveChart.update("none"); }
 }
 
 async function poll() {

@@ -92,7 +92,8 @@ class Command(BaseCommand):
             value = ValueFunction.from_policy(policy, config.value_bins)
         groups = build_groups(index.task, index.online, everything, len(index.tasks))
         rng = np.random.default_rng(config.seed)
-        w_on = np.full(len(index.tasks), 0.5)
+        # Half online where a task has both kinds of data, else all of the kind it has (a task with demos only).
+        w_on = np.array([0.5 if len(on) and len(off) else float(len(on) > 0) for off, on in groups])
 
         def next_batch():
             return index.load_batch(sample_frames(rng, groups, w_on, config.batch_size))
