@@ -391,7 +391,11 @@ def make_camera_track(camera: CameraThread):
             self._sent = number
             if self._t0 is None:
                 self._t0 = mono
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            # Convert to the encoders' format here, once: MediaRelay hands this same frame object to every viewer,
+            # and aiortc encodes each viewer's copy on a worker thread; left as rgb24, every encoder would call
+            # frame.reformat() concurrently on one frame, whose cached swscale context is not thread-safe (a
+            # segfault with two viewers, seen in the browser e2e test).
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
             frame.pts = int(round((mono - self._t0) * VIDEO_CLOCK_RATE))
             frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
             self.meter.tick()
