@@ -71,15 +71,7 @@ class SupervisedAlgorithm(Algorithm):
         self, policy: Policy, batch: dict[str, Any], *, generator: Optional[torch.Generator] = None
     ) -> dict[str, Any]:
         assert self.optimizer is not None, "bind(policy) first"
-        policy.train()
-        out = policy.loss(batch, generator=generator, augment_shift=self.config.augment_shift)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = 0.0
-        if self.config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), self.config.grad_clip))
-        self.optimizer.step()
-        return {"loss": out["loss"].item(), "per_sample": out["per_sample"].numpy(), "grad_norm": grad_norm}
+        return supervised_step(policy, self.optimizer, self.config, batch, generator)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         assert self.optimizer is not None, "bind(policy) first"
@@ -89,3 +81,17 @@ class SupervisedAlgorithm(Algorithm):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         assert self.optimizer is not None, "bind(policy) first"
         optimizer_from_tensors(self.optimizer, tensors, meta["optimizer"], "optimizer")
+
+
+def supervised_step(policy: Policy, optimizer: torch.optim.Optimizer, config: TrainConfig, batch: dict[str, Any],
+                    generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """One regression step of the policy's action chunk on ``batch``: loss, backward, clip, optimizer step."""
+    policy.train()
+    out = policy.loss(batch, generator=generator, augment_shift=config.augment_shift)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = 0.0
+    if config.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip))
+    optimizer.step()
+    return {"loss": out["loss"].item(), "per_sample": out["per_sample"].numpy(), "grad_norm": grad_norm}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from learner import recap_math
-from learner.algorithms.base import Algorithm
+from learner.algorithms.base import Algorithm, supervised_step
 from learner.checkpoints import CheckpointError, optimizer_from_tensors, optimizer_to_tensors
 from learner.config import TrainConfig
 from learner.policy import DROPPED, Policy
@@ -111,19 +111,12 @@ class RECAP(Algorithm):
         dropped = torch.rand(len(frame_ids), generator=generator) < self.config.indicator_dropout
         batch = {**batch, "indicator": torch.where(dropped, torch.full_like(indicator, DROPPED), indicator)}
 
-        policy.train()
-        out = policy.loss(batch, generator=generator, augment_shift=self.config.augment_shift)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = 0.0
-        if self.config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), self.config.grad_clip))
-        self.optimizer.step()
+        step = supervised_step(policy, self.optimizer, self.config, batch, generator)
         if self.config.value_mode == "refresh":
             stats["value_loss"] = self._value_step(batch, generator)
             if self.value_updates % self.config.value_refresh_every == 0:
                 self.value_version += 1  # cached values become stale and are recomputed a few episodes per step
-        return {"loss": out["loss"].item(), "per_sample": out["per_sample"].numpy(), "grad_norm": grad_norm,
+        return {**step,
                 "positive_share": dict(self.positive_share), "value_version": self.value_version,
                 "indicator_positive": float((indicator == 1).float().mean()), **stats}
 

@@ -198,9 +198,10 @@ class SimulatedOperatorGate(Agent, Subscriber):
 
 
 class GatedProvider(AgentProvider):
-    """Puts the gate in front of whatever agent ``provider`` chooses for each episode."""
+    """Puts a gate (an agent with an ``inner`` agent: the simulated operator's, or the human operator's
+    ``teleop.OperatorGate``) in front of whatever agent ``provider`` chooses for each episode."""
 
-    def __init__(self, provider: AgentProvider, gate: SimulatedOperatorGate):
+    def __init__(self, provider: AgentProvider, gate: Agent):
         self.provider = provider
         self.gate = gate
 

@@ -28,7 +28,7 @@ from robots.protocol import DEADMAN_S, STALE_COMMAND_S, ControlSource
 
 from .agents import Agent, Decision
 from .environment import Observation
-from .runtime import AgentProvider
+from .operator import GatedProvider
 
 log = logging.getLogger(__name__)
 
@@ -286,20 +286,5 @@ class OperatorGate(Agent):
         return decision
 
 
-class OperatorProvider(AgentProvider):
-    """Puts the operator gate in front of whatever agent ``provider`` chooses for each episode."""
-
-    def __init__(self, provider: AgentProvider, gate: OperatorGate):
-        self.provider = provider
-        self.gate = gate
-
-    def next_agent(self) -> Optional[Agent]:
-        inner = self.provider.next_agent()
-        if inner is None:
-            return None
-        self.gate.inner = inner
-        return self.gate
-
-    @property
-    def current(self) -> Optional[Agent]:
-        return self.provider.current
+# The human operator's gate goes in front of the provider's choice exactly like the simulated operator's.
+OperatorProvider = GatedProvider
