@@ -326,6 +326,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         max_episodes=config.episodes,
         idle_poll_s=config.idle_poll_s,
     )
+    control.on_lease = runtime.wake  # a takeover's deadman may be due before the next control tick
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

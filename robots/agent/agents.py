@@ -51,6 +51,12 @@ class Agent(abc.ABC):
         """Someone outside this agent (a human operator, ``teleop.OperatorGate``) drove the last ``steps`` steps without
         asking it: the next ``act`` starts from a state it did not choose. Stateful agents drop what they planned."""
 
+    def due_in(self) -> Optional[float]:
+        """Seconds until this agent needs a step before the next scheduled tick (the runtime then ticks early and
+        re-anchors its schedule there), None when it does not: a safety reaction such as the teleop deadman must not
+        wait for up to a control period. Called from the control thread between steps; must return at once."""
+        return None
+
 
 class ScriptedExpertAgent(Agent):
     """Meta-World's hand-written expert for the task, plus optional gaussian noise (to make imperfect demos)."""

@@ -231,6 +231,11 @@ class Runtime:
             log.warning("e-stop %s by %s", "ENGAGED" if engaged else "cleared", by or "?")
         self._wake.set()
 
+    def wake(self) -> None:
+        """Re-plan the wait before the next step now (thread-safe): the agent's ``due_in`` may have changed (a lease
+        began, whose deadman can be due before the next tick). Wakes the idle wait too; nothing else happens."""
+        self._wake.set()
+
     @property
     def estopped(self) -> bool:
         return self._estopped
@@ -382,9 +387,7 @@ class Runtime:
         last_tick: Optional[float] = None
         try:
             while steps < assignment.max_steps:
-                delay = deadline - self._clock()
-                while delay > 0 and not self._wake.wait(delay):  # stop, e-stop and labels wake it at once
-                    delay = deadline - self._clock()
+                delay, early = self._wait_for_tick(agent, deadline)
                 self._wake.clear()  # before the checks: a later set() is seen at the next tick
                 if self._stop.is_set() or self._estopped:
                     outcome = Outcome.ABORTED  # an e-stop never executes another action
@@ -394,7 +397,7 @@ class Runtime:
                     outcome, outcome_by = label
                     outcome_source = "operator"
                     break
-                if delay > 0:
+                if delay > 0 and not early:
                     continue  # woken early for nothing that ends the episode (a label for another one)
                 tick = self._clock()
                 decision = agent.act(observation)
@@ -410,7 +413,9 @@ class Runtime:
                 overran = done - tick > self.period
                 self.stats.record(None if last_tick is None else tick - last_tick, overran)
                 last_tick = tick
-                deadline += self.period
+                # An early tick (the agent was due: e.g. the deadman tripped) re-anchors the schedule at itself, so
+                # the steps stay at least a period apart after it.
+                deadline = (tick if early else deadline) + self.period
                 if deadline < done:
                     # Overrun: the recorded timestamps show it and the counter reports it. Re-anchor the schedule
                     # at now instead of bursting through the missed ticks, which would distort the dynamics.
@@ -439,6 +444,19 @@ class Runtime:
         log.info("episode %s %s after %d steps%s", episode.id, outcome.value, steps,
                  f" (labelled by {outcome_by})" if outcome_source == "operator" else "")
         return ended
+
+    def _wait_for_tick(self, agent: Agent, deadline: float) -> tuple[float, bool]:
+        """Wait until ``deadline``, until ``agent.due_in()`` says it needs a step sooner, or until ``_wake`` is set
+        (stop, e-stop, labels). Returns (seconds still to the deadline, True if the agent is due now)."""
+        while True:
+            delay = deadline - self._clock()
+            if delay <= 0:
+                return delay, False
+            due = agent.due_in()
+            if due is not None and due <= 0:
+                return delay, True
+            if self._wake.wait(delay if due is None else min(delay, due)):
+                return delay, False
 
     def _take_label(self, episode_id: str) -> Optional[tuple[Outcome, str]]:
         with self._lock:

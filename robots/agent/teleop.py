@@ -36,6 +36,7 @@ ACCEPTED = "accepted"
 DROP_REASONS = ("stale", "replayed", "not_holder")
 TRACE_LEN = 1024  # accepted commands whose timing a "trace" request can ask for
 DEFAULT_GRIP = -1.0  # before the first step of an episode: Meta-World's gripper starts open
+DEADMAN_MARGIN_S = 0.001  # the deadman trips strictly after DEADMAN_S: wake this much later so the step sees it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,9 @@ class OperatorControl:
         self._estopped_by = ""
         self.dropped = {reason: 0 for reason in DROP_REASONS}  # since start, by reason
         self.accepted = 0
+        # Called after a lease starts (any thread, must return at once): the agent sets it to ``Runtime.wake`` so the
+        # control loop, asleep until its next tick, re-plans its wait around the new lease's deadman.
+        self.on_lease: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ asyncio thread (or any)
 
@@ -102,6 +106,7 @@ class OperatorControl:
             self._moved = float("-inf")
             self._xyz, self._grip, self._seq, self._xyz_seq = None, None, -1, None
         log.info("operator %s takes over (lease %d): %s", operator, lease, reason or "no reason given")
+        self.on_lease()
 
     def release(self, lease: Optional[int] = None, reason: str = "") -> bool:
         """End ``lease`` (None: whatever lease is held). A release of another lease is ignored (False)."""
@@ -181,6 +186,17 @@ class OperatorControl:
                 self._xyz_seq if fresh else None, deadman, self._estopped, silent,
             )
 
+    def deadman_due_in(self) -> Optional[float]:
+        """Under a lease: seconds until the deadman trips (<= 0 once it has), None without a lease. The runtime wakes
+        the control loop then (``OperatorGate.due_in``) instead of at its next tick, so the robot holds still
+        ~DEADMAN_S after the last command at any control rate (at 10 Hz a tick-bound deadman reacts after up to
+        DEADMAN_S + 100 ms)."""
+        now = self._clock()
+        with self._lock:
+            if self._lease is None:
+                return None
+            return self._alive + self.deadman_s - now + DEADMAN_MARGIN_S
+
     @property
     def lease(self) -> Optional[int]:
         return self._lease
@@ -259,9 +275,20 @@ class OperatorGate(Agent):
         self._driven = 0
         self.operated_steps = 0
 
+    def due_in(self) -> Optional[float]:
+        """A step is due when the deadman trips (once per silence: the step that holds still), else whatever the
+        inner agent says."""
+        due = self.control.deadman_due_in()
+        if due is None:
+            return self.inner.due_in() if self.inner is not None else None
+        if due <= 0 and self._was_deadman:
+            return None  # already holding still: the normal schedule goes on
+        return due
+
     def act(self, observation: Observation) -> Decision:
         view = self.control.view()
         if view.lease is None:
+            self._was_deadman = False
             if self._driven:
                 self.inner.skipped(self._driven)
                 self._driven = 0

@@ -241,6 +241,37 @@ def test_the_estop_ends_the_episode_as_aborted_at_once_and_blocks_new_ones_until
     assert not thread.is_alive()
 
 
+def test_the_deadman_wakes_the_control_loop_instead_of_waiting_for_the_next_tick(collector):
+    """At 1 Hz a tick-bound deadman would hold still only at the next tick, 0.75-1 s after the last command; the
+    control loop wakes when the deadman trips (~250 ms), takes that step early and keeps a period between steps."""
+    env = FakeEnvironment()
+    control = OperatorControl()
+    gate = OperatorGate(GripAgent(), control)
+    runtime = Runtime(lambda env_id: env, gate, [collector], control_hz=1.0)
+    control.on_lease = runtime.wake
+    runtime.assign(assignment(max_steps=100))
+    thread = run_in_thread(runtime)
+    try:
+        assert wait_for(lambda: len(collector.steps) >= 1)  # the first step runs at once: the next is due in 1 s
+        control.takeover(1, "alice")  # between ticks
+        last = time.monotonic()
+        assert control.command(1, time.time() * 1000.0, [1.0, 0, 0], session_user="alice") == ACCEPTED
+        assert wait_for(lambda: len(collector.steps) >= 2, timeout=3.0)
+        held = time.monotonic()
+        step = collector.steps[1]
+        assert step.decision.source == ControlSource.OPERATOR
+        np.testing.assert_allclose(step.decision.action[:3], 0.0)  # the deadman's step: holding still
+        assert held - last < 0.75  # woke with the deadman, not at the 1 Hz tick ~0.9 s after the command
+        assert control.deadman_reaction_ms is not None and control.deadman_reaction_ms >= 250.0
+        assert wait_for(lambda: len(collector.steps) >= 3, timeout=3.0)
+        assert collector.steps[2].timestamp - collector.steps[1].timestamp >= 0.99  # re-anchored: no burst after the early tick
+        assert gate.due_in() is None  # already holding still: no more early ticks
+    finally:
+        runtime.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
 def test_a_label_ends_the_episode_with_the_operators_outcome(tmp_path, collector):
     env = FakeEnvironment()
     writer = SpoolWriter(Spool(tmp_path / "spool")).start()
