@@ -68,6 +68,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     gate.add_argument("--sim-late-fraction", type=float, default=0.6,
                       help="from this fraction of max_steps on, 5 steps without progress suffice and the operator "
                            "finishes the episode (0 disables)")
+    gate.add_argument("--sim-divergence", type=float, default=1.6,
+                      help="take over when the policy's hand motion differs from the expert's by this much on average "
+                           "over --sim-patience steps (xyz of actions in [-1, 1]); 0 = off")
     video = p.add_argument_group("operator console video (WebRTC)")
     video.add_argument("--no-video", action="store_true",
                        help="no WebRTC: no camera stream, teleop only over the websocket fallback")
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         sim_takeover_steps=args.sim_takeover_steps,
         sim_handbacks=args.sim_handbacks,
         sim_late_fraction=args.sim_late_fraction,
+        sim_divergence=args.sim_divergence,
         video=not args.no_video,
         video_fps=args.video_fps,
         video_size=args.video_size,
@@ -126,6 +130,7 @@ def takeover_rule(config: AgentConfig) -> TakeoverRule:
         takeover_steps=config.sim_takeover_steps,
         handbacks=config.sim_handbacks,
         late_fraction=config.sim_late_fraction,
+        divergence=config.sim_divergence,
     )
 
 

@@ -12,8 +12,11 @@ the hand having moved ``active_motion`` net over the last ``patience`` steps (th
 everything, e.g. up and behind a drawer handle). ``patience`` steps without progress -> take over for
 ``takeover_steps``, then hand back; after ``handbacks`` hand-backs the next takeover lasts to the end of the episode.
 Late in the episode (``late_fraction`` of ``max_steps``) ``late_patience`` steps without progress are enough, and the
-operator then finishes the episode. The gate never adds steps (the runtime ends the episode at ``max_steps``) and never
-acts over an operator who already drives (a step the inner agent marks as not the policy's passes through).
+operator then finishes the episode. Persistent divergence (``divergence``): the expert is asked every step; when the
+policy's hand motion differs from the expert's by more than ``divergence`` on average over ``patience`` steps the
+operator takes over, and it hands back only once the policy's proposals no longer diverge. The gate never adds steps
+(the runtime ends the episode at ``max_steps``) and never acts over an operator who already drives (a step the inner
+agent marks as not the policy's passes through).
 """
 
 from __future__ import annotations
@@ -46,12 +49,17 @@ class TakeoverRule:
     handbacks: int = 1  # hand-backs per episode; the takeover after the last one lasts to the end of the episode
     late_fraction: float = 0.6  # from this fraction of max_steps on, ``late_patience`` applies; 0 disables
     late_patience: int = 5  # late in the episode: steps without progress before the operator finishes the episode
+    # Persistent divergence: the mean distance between the policy's and the expert's hand motion (xyz of actions in
+    # [-1, 1], so 0..3.46) over the last ``patience`` steps above this -> take over, however busy the robot looks (a
+    # policy heading the wrong way "makes progress" on some distance). 0 disables. 2.0: measured on a BC base
+    # (docs/agent.md), door-open failures sit at 2.8-3.0 from the first steps, successes of every task mostly below 2.
+    divergence: float = 1.6
 
     def __post_init__(self):
         if self.patience < 1 or self.takeover_steps < 1 or self.late_patience < 1 or self.handbacks < 0:
             raise ValueError("patience, takeover_steps and late_patience must be >= 1, handbacks >= 0")
-        if not 0.0 <= self.late_fraction <= 1.0 or self.min_progress < 0 or self.active_motion <= 0:
-            raise ValueError("late_fraction must be in [0, 1], min_progress >= 0, active_motion > 0")
+        if not 0.0 <= self.late_fraction <= 1.0 or self.min_progress < 0 or self.active_motion <= 0 or self.divergence < 0:
+            raise ValueError("late_fraction must be in [0, 1], min_progress >= 0, active_motion > 0, divergence >= 0")
 
 
 def metaworld_distances(env_id: str, state: np.ndarray) -> np.ndarray:
@@ -114,6 +122,7 @@ class SimulatedOperatorGate(Agent, Subscriber):
         self._best: Optional[np.ndarray] = None
         self._last_progress = 0
         self._hands: collections.deque[np.ndarray] = collections.deque(maxlen=self.rule.patience + 1)
+        self._gaps: collections.deque[float] = collections.deque(maxlen=self.rule.patience)  # |policy - expert| xyz
         self._since: Optional[int] = None  # step the current takeover began, None while the policy drives
         self._to_end = False
         self._reason = ""
@@ -138,6 +147,7 @@ class SimulatedOperatorGate(Agent, Subscriber):
         self._since, self._last_progress = None, self._t
         self._best = None
         self._hands.clear()
+        self._gaps.clear()
         self.inner.skipped(steps)
         self.expert.skipped(steps)
 
@@ -150,27 +160,41 @@ class SimulatedOperatorGate(Agent, Subscriber):
         if ControlSource(decision.source) != ControlSource.POLICY:
             self._since, self._last_progress = None, t
             self._hands.clear()
+            self._gaps.clear()
             return decision
         self._observe(t, np.asarray(observation["state"], dtype=np.float64))
         rule = self.rule
+        # What the expert would do here: executed while the operator drives, compared with the policy's otherwise.
+        expert = np.asarray(self.expert.act(observation).action, dtype=np.float32)
+        gap = float(np.linalg.norm(np.clip(np.asarray(decision.action[:3], dtype=np.float32), -1, 1)
+                                   - np.clip(expert[:3], -1, 1)))
+        self._gaps.append(gap)
+        diverging = (rule.divergence > 0 and len(self._gaps) == self._gaps.maxlen
+                     and float(np.mean(self._gaps)) > rule.divergence)
         if self._since is not None:
-            if self._to_end or t - self._since < rule.takeover_steps:
-                return self._operate(observation)
+            # Hand back once recovered: after takeover_steps, and only when the policy would now do about what the
+            # expert does (its proposals are compared all along); a policy that never agrees is driven to the end.
+            if self._to_end or t - self._since < rule.takeover_steps or diverging:
+                return self._operate(expert)
             log.info("%s hands back to %s at step %d", self.operator, self.inner.name, t)
             self._since, self._last_progress = None, t  # the policy gets a fresh window ...
             self._hands.clear()  # ... in which the operator's own motion does not count for it
+            self._gaps.clear()
             self._handbacks += 1
             return decision
         stalled = t - self._last_progress
         late = bool(self._max_steps) and rule.late_fraction > 0 and t >= rule.late_fraction * self._max_steps
+        last = self._handbacks >= rule.handbacks
         if late and stalled >= rule.late_patience:
             self._take_over(t, True, f"no progress for {stalled} steps late in the episode: finishing it")
         elif stalled >= rule.patience:
-            last = self._handbacks >= rule.handbacks
             self._take_over(t, last, f"no progress for {stalled} steps" + (": finishing the episode" if last else ""))
+        elif diverging:
+            self._take_over(t, last, f"heading away from what the expert would do for {len(self._gaps)} steps"
+                                     + (": finishing the episode" if last else ""))
         else:
             return decision
-        return self._operate(observation)
+        return self._operate(expert)
 
     def _observe(self, t: int, state: np.ndarray) -> None:
         d = self.distances(self._env_id, state)
@@ -191,9 +215,8 @@ class SimulatedOperatorGate(Agent, Subscriber):
         self.takeovers += 1
         log.info("%s takes over from %s at step %d: %s", self.operator, self.inner.name, t, reason)
 
-    def _operate(self, observation: Observation) -> Decision:
+    def _operate(self, action: np.ndarray) -> Decision:
         self.operated_steps += 1
-        action = self.expert.act(observation).action
         return Decision(action, ControlSource.SIM_OPERATOR, self.operator, self._reason)
 
 

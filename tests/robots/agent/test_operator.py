@@ -120,6 +120,61 @@ def test_the_gate_leaves_a_policy_that_makes_progress_alone(tmp_path):
     assert set(sources(collector)) == {ControlSource.POLICY} and recorded["segments"] == []
 
 
+class Contrary(Agent):
+    """A busy policy heading the wrong way (the expert's motion reversed) for its first ``for_steps`` acts, then a
+    working one. Its hand keeps moving, so the progress rule alone calls that progress."""
+
+    name = "contrary"
+
+    def __init__(self, for_steps=10_000):
+        self.for_steps = for_steps
+        self.acts = 0
+
+    def reset(self, env_id, prompt):
+        self.acts = 0
+
+    def act(self, observation):
+        self.acts += 1
+        decision = TowardsGoal().act(observation)
+        if self.acts <= self.for_steps:
+            return Decision(np.append(-decision.action[:3], 0.0).astype(np.float32))
+        return decision
+
+
+def test_persistent_divergence_from_the_expert_makes_the_operator_take_over_a_busy_policy(tmp_path):
+    # patience 10: moving 1 cm a step, the hand's net motion over the window (10 cm) counts as progress, so only
+    # divergence can fire; the operator then keeps driving while the policy would still head the wrong way.
+    rule = TakeoverRule(patience=10, takeover_steps=4, handbacks=5, late_fraction=0.0, divergence=1.6)
+    result, collector, recorded, _ = run_gated(Contrary(), rule, tmp_path)
+
+    assert result.outcome == Outcome.SUCCESS
+    driven = sources(collector)
+    assert driven[:9] == [ControlSource.POLICY] * 9  # the window of 10 gaps (2.0 each) is full at step 9
+    assert set(driven[9:]) == {ControlSource.SIM_OPERATOR}  # never handed back: the policy never agreed
+    (segment,) = recorded["segments"]
+    assert (segment.start, segment.end) == (9, result.steps)
+    assert segment.reason == "heading away from what the expert would do for 10 steps"
+
+
+def test_without_the_divergence_rule_a_busy_policy_heading_away_is_never_taken_over(tmp_path):
+    rule = TakeoverRule(patience=10, takeover_steps=4, late_fraction=0.0, divergence=0.0)
+    result, collector, recorded, _ = run_gated(Contrary(), rule, tmp_path, max_steps=60)
+    assert result.outcome == Outcome.TIMEOUT and recorded["segments"] == []
+
+
+def test_the_operator_hands_back_once_the_policy_would_do_what_the_expert_does(tmp_path):
+    rule = TakeoverRule(patience=5, takeover_steps=2, handbacks=5, late_fraction=0.0, divergence=1.6)
+    result, collector, recorded, _ = run_gated(Contrary(for_steps=12), rule, tmp_path)
+
+    assert result.outcome == Outcome.SUCCESS
+    (segment,) = recorded["segments"]
+    assert segment.start == 4  # 5 gaps of 2.0
+    # takeover_steps (2) alone would hand back at step 6; the policy still heads away until its 12th act (step 11)
+    # and the mean over the last 5 gaps has to fall to 1.6 first.
+    assert 12 <= segment.end <= 14
+    assert set(sources(collector)[segment.end:]) == {ControlSource.POLICY}
+
+
 def test_late_in_the_episode_a_short_stall_makes_the_operator_finish_it_within_max_steps(tmp_path):
     rule = TakeoverRule(patience=1000, takeover_steps=4, late_fraction=0.5, late_patience=3)
     result, collector, recorded, _ = run_gated(Stalled(), rule, tmp_path, max_steps=60)
