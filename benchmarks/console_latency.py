@@ -12,7 +12,8 @@ Meta-World robot agent and Debian's Chromium (Playwright), the robot and the bro
   (a "trace" request answered with the robot's accept and first-apply times). keydown -> accepted is the command
   latency (goal p50 <= 20 ms, p99 <= 60 ms); keydown -> applied adds the wait for the next control tick.
 - Deadman: the page stops sending (its teleop timers stop); the robot reports how long after the last accepted
-  command its first hold-still step came (goal <= 300 ms; it is DEADMAN_S = 250 ms plus up to one control period).
+  command its first hold-still step came (goal <= 300 ms; DEADMAN_S = 250 ms, and the control loop wakes when the
+  deadman trips instead of waiting for its next tick).
 
     .venv/bin/python benchmarks/console_latency.py [--fps 30] [--hz 10] [--seconds 20] [--presses 60]
 

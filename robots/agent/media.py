@@ -14,7 +14,7 @@ environment (between episodes, like the environment's own first render).
 (``encode_stamp``; ``decode_stamp`` reads it back; layout in docs/console.md) for a glass-to-glass latency benchmark.
 
 ``CameraTrack`` is an aiortc ``VideoStreamTrack`` on the asyncio loop; ``webrtc.py`` fans it out to every viewer with
-``aiortc.contrib.media.MediaRelay`` (one capture, one source track; aiortc encodes per peer connection).
+``VideoBroadcast``: one capture, one VP8 encode (``SharedVp8Encoder``), the same packet to every peer connection.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ STAMP_BITS = 24
 STAMP_MODULUS = 1 << STAMP_BITS
 STAMP_BLOCK = 8  # px: one block is STAMP_BLOCK x STAMP_BLOCK, the 24 blocks one row at the top left
 VIDEO_CLOCK_RATE = 90_000  # RTP video clock: pts are in 1/90000 s
+VIDEO_BITRATE = 1_000_000  # bit/s of the one VP8 stream every viewer gets (aiortc's per-peer default starts at 0.5M)
+KEYFRAME_EVERY_S = 2.0  # a viewer that lost a packet waits at most this long for a clean picture
+# The operator's video skips the table's mirror reflection: a second pass of the whole scene that doubles the software
+# (llvmpipe) render at 224 px, ~20 -> ~11 ms (docs/console.md), for a barely visible sheen. Only the console's video
+# renderer: the policy's camera images (environment.py) stay as the checkpoints were trained on.
+VIDEO_FLAGS_OFF = ("mjRND_REFLECTION",)
 
 
 # ---------------------------------------------------------------- the timestamp stamp (glass-to-glass benchmark)
@@ -139,6 +145,8 @@ class SimulatorCapture(Capture):
             vis.global_.offheight = max(vis.global_.offheight, self.size)
             started = time.perf_counter()
             self._renderer = mujoco.Renderer(model, height=self.size, width=self.size)
+            for flag in VIDEO_FLAGS_OFF:  # scene flags persist across update_scene
+                self._renderer.scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0
             self._model = model
             log.info("video renderer for %s ready in %.2f s", env.env_id, time.perf_counter() - started)
         return self._renderer
@@ -353,12 +361,84 @@ class FpsMeter:
         return round((len(times) - 1) / max(1e-6, times[-1] - times[0]), 2) if now - times[-1] < 1.0 else 0.0
 
 
-def make_camera_track(camera: CameraThread):
-    """The source track of the relay: one per camera, made on the asyncio loop."""
+class SharedVp8Encoder:
+    """One VP8 encoder for every viewer of a camera: each captured frame is encoded once and the same packet goes to
+    every peer connection (aiortc packetises ``av.Packet`` data without re-encoding it). Settings as aiortc's own
+    ``Vp8Encoder`` (realtime, CBR, no lag) at a fixed bitrate, since one stream serves every viewer.
+
+    Keyframes: on request (a viewer starts, ``request_keyframe``) and at least every ``keyframe_every_s`` (a viewer that
+    lost a packet recovers by then: the shared stream cannot answer one viewer's PLI with a keyframe of its own).
+    ``encode`` runs on a worker thread, one call at a time (the camera track awaits each)."""
+
+    def __init__(self, bitrate: int = VIDEO_BITRATE, keyframe_every_s: float = KEYFRAME_EVERY_S):
+        self.bitrate = bitrate
+        self.keyframe_every_s = keyframe_every_s
+        self._codec = None
+        self._keyframe = True
+        self._last_key_pts: Optional[int] = None
+        self.frames = 0
+        self.keyframes = 0
+
+    def request_keyframe(self) -> None:
+        self._keyframe = True
+
+    def _open(self, width: int, height: int):
+        import multiprocessing
+
+        import av
+
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height = width, height
+        codec.bit_rate = self.bitrate
+        codec.pix_fmt = "yuv420p"
+        codec.gop_size = 3000  # keyframes are ours to decide (above)
+        codec.qmin, codec.qmax = 2, 56
+        codec.options = {
+            "bufsize": str(self.bitrate), "cpu-used": "-6", "deadline": "realtime", "lag-in-frames": "0",
+            "minrate": str(self.bitrate), "maxrate": str(self.bitrate), "noise-sensitivity": "4",
+            "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100",
+        }
+        codec.thread_count = 1 if width * height < 320 * 240 else min(2, multiprocessing.cpu_count())
+        return codec
+
+    def encode(self, frame):
+        """``frame``: a yuv420p ``av.VideoFrame`` with pts and time_base. Returns one ``av.Packet`` (None when the
+        encoder produced nothing for this frame)."""
+        import av
+
+        if self._codec is None or (self._codec.width, self._codec.height) != (frame.width, frame.height):
+            self._codec = self._open(frame.width, frame.height)
+            self._keyframe = True
+        due = (self._last_key_pts is not None
+               and (frame.pts - self._last_key_pts) * frame.time_base >= self.keyframe_every_s)
+        if self._keyframe or due:
+            frame.pict_type = av.video.frame.PictureType.I
+        data = b"".join(bytes(p) for p in self._codec.encode(frame))
+        if not data:
+            return None
+        packet = av.Packet(data)
+        packet.pts, packet.time_base = frame.pts, frame.time_base
+        self.frames += 1
+        if frame.pict_type == av.video.frame.PictureType.I:
+            self._keyframe = False
+            self._last_key_pts = frame.pts
+            self.keyframes += 1
+        return packet
+
+
+def is_keyframe(data: bytes) -> bool:
+    """VP8 frame tag (RFC 6386 9.1): bit 0 of the first byte is 0 for a key frame."""
+    return len(data) >= 3 and not (data[0] & 0x01)
+
+
+def make_camera_track(camera: CameraThread, encoder: Optional[SharedVp8Encoder] = None):
+    """The encoded source of one camera, made on the asyncio loop: ``recv()`` returns one VP8 ``av.Packet`` per
+    captured frame, encoded once for all viewers (``VideoBroadcast`` fans it out)."""
     import av
     from aiortc.mediastreams import MediaStreamError
 
     base = _video_stream_track()
+    shared = encoder or SharedVp8Encoder()
 
     class CameraTrack(base):
         kind = "video"
@@ -370,6 +450,7 @@ def make_camera_track(camera: CameraThread):
             self._sent = 0
             self._t0: Optional[float] = None
             self.meter = FpsMeter()
+            self.encoder = shared
             camera.add_listener(self._notify)
 
         def _notify(self) -> None:  # capture thread
@@ -383,23 +464,23 @@ def make_camera_track(camera: CameraThread):
                 if self.readyState != "live":
                     raise MediaStreamError
                 latest = camera.latest()
-                if latest is not None and latest[3] != self._sent:
-                    break
-                self._event.clear()
-                await self._event.wait()
-            image, mono, _unix, number = latest
-            self._sent = number
-            if self._t0 is None:
-                self._t0 = mono
-            # Convert to the encoders' format here, once: MediaRelay hands this same frame object to every viewer,
-            # and aiortc encodes each viewer's copy on a worker thread; left as rgb24, every encoder would call
-            # frame.reformat() concurrently on one frame, whose cached swscale context is not thread-safe (a
-            # segfault with two viewers, seen in the browser e2e test).
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            frame.pts = int(round((mono - self._t0) * VIDEO_CLOCK_RATE))
-            frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
-            self.meter.tick()
-            return frame
+                if latest is None or latest[3] == self._sent:
+                    self._event.clear()
+                    await self._event.wait()
+                    continue
+                image, mono, _unix, number = latest
+                self._sent = number
+                if self._t0 is None:
+                    self._t0 = mono
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+                frame.pts = int(round((mono - self._t0) * VIDEO_CLOCK_RATE))
+                frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+                # The encode (~2-4 ms at 224 px) runs off the loop, which also serves the teleop data channel.
+                packet = await self._loop.run_in_executor(None, shared.encode, frame)
+                if packet is None:
+                    continue
+                self.meter.tick()
+                return packet
 
         def stop(self) -> None:
             camera.remove_listener(self._notify)
@@ -409,5 +490,108 @@ def make_camera_track(camera: CameraThread):
     return CameraTrack()
 
 
-def percentile_ms(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q) * 1000.0) if len(values) else 0.0
+class VideoBroadcast:
+    """Fans one encoded camera track out to every viewer: one encode, relayed (an SFU's job, in the agent).
+
+    ``subscribe()`` gives a viewer its own track. A viewer starts at a keyframe: its first ``recv`` drops whatever was
+    queued before its connection came up, asks the encoder for a keyframe and skips packets until one arrives (no
+    burst of stale frames, no undecodable start). A viewer whose queue overflows (it stopped reading) starts over the
+    same way. The pump reads the source only while someone is subscribed."""
+
+    def __init__(self, source, queue_size: int = 30):
+        self.source = source
+        self.queue_size = queue_size
+        self._viewers: list = []
+        self._pump: Optional[asyncio.Task] = None
+        self.packets = 0
+
+    @property
+    def viewers(self) -> int:
+        return len(self._viewers)
+
+    def subscribe(self):
+        track = _viewer_track(self)
+        self._viewers.append(track)
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._run(), name="video-broadcast")
+        return track
+
+    def _unsubscribe(self, track) -> None:
+        if track in self._viewers:
+            self._viewers.remove(track)
+
+    def request_keyframe(self) -> None:
+        self.source.encoder.request_keyframe()
+
+    async def _run(self) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        while self._viewers:
+            try:
+                packet = await self.source.recv()
+            except MediaStreamError:
+                break
+            self.packets += 1
+            for viewer in list(self._viewers):
+                viewer._put(packet)
+        for viewer in list(self._viewers):
+            viewer._put(None)  # the source ended
+
+    async def stop(self) -> None:
+        for viewer in list(self._viewers):
+            viewer.stop()
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+            self._pump = None
+
+
+def _viewer_track(broadcast: VideoBroadcast):
+    from aiortc import MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
+
+    class ViewerTrack(MediaStreamTrack):
+        kind = "video"
+
+        def __init__(self):
+            super().__init__()
+            self._queue: asyncio.Queue = asyncio.Queue()
+            self._synced = False  # False: waiting for a keyframe
+            self._started = False
+            self.dropped = 0
+
+        def _put(self, packet) -> None:
+            if self._queue.qsize() >= broadcast.queue_size:
+                self._drain()  # a stalled reader: start over at the next keyframe
+                self._synced = False
+                broadcast.request_keyframe()
+            self._queue.put_nowait(packet)
+
+        def _drain(self) -> None:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+                self.dropped += 1
+
+        async def recv(self):
+            if not self._started:  # the sender starts reading once the connection is up
+                self._started = True
+                self._drain()  # queued before that: stale
+                broadcast.request_keyframe()
+            while True:
+                if self.readyState != "live":
+                    raise MediaStreamError
+                packet = await self._queue.get()
+                if packet is None:
+                    self.stop()
+                    raise MediaStreamError
+                if self._synced or is_keyframe(bytes(packet)):
+                    self._synced = True
+                    return packet
+                self.dropped += 1
+
+        def stop(self) -> None:
+            broadcast._unsubscribe(self)
+            super().stop()
+            self._queue.put_nowait(None)
+
+    return ViewerTrack()

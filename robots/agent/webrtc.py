@@ -2,8 +2,8 @@
 
 The browser's offer (recvonly video + a data channel "teleop", all ICE candidates gathered) arrives over the robot's
 websocket as ``webrtc.offer``; ``WebrtcHub.offer`` answers it with one ``RTCPeerConnection`` per session: the camera
-track (one ``CameraTrack`` per robot, fanned out with ``MediaRelay``, unbuffered: each viewer gets the newest frame)
-and the teleop channel. aiortc gathers all ICE candidates inside ``setLocalDescription``, so the answer goes back as
+track (one ``CameraTrack`` per robot, encoded once to VP8 and fanned out to every viewer by ``VideoBroadcast``; the
+answer accepts VP8 only) and the teleop channel. aiortc gathers all ICE candidates inside ``setLocalDescription``, so the answer goes back as
 one ``webrtc.answer`` (no trickle ICE). At most ``max_viewers`` sessions; one more is answered with an ``error``.
 
 Teleop channel, browser -> robot: ``cmd`` / ``keepalive`` -> ``OperatorControl.command`` with the session's user (it
@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from robots import protocol
 
-from .media import CameraThread, FpsMeter, make_camera_track
+from .media import CameraThread, FpsMeter, VideoBroadcast, make_camera_track
 from .teleop import ACCEPTED, OperatorControl
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Session:
     id: str
     user: str
     pc: Any  # RTCPeerConnection
-    track: Any = None  # the relay's proxy of the camera track
+    track: Any = None  # this viewer's track of the broadcast
     channel: Any = None  # the "teleop" RTCDataChannel, once the browser opened it
     opened_at: float = dataclasses.field(default_factory=time.monotonic)
     closed: bool = False
@@ -84,7 +84,7 @@ class WebrtcHub:
         self.hud_period_s = hud_period_s
         self.sessions: dict[str, Session] = {}
         self.refused = 0
-        self._relay = None
+        self._broadcast: Optional[VideoBroadcast] = None
         self._source = None
         self._hud_task: Optional[asyncio.Task] = None
         self._closing = False
@@ -107,10 +107,8 @@ class WebrtcHub:
 
     async def start(self) -> "WebrtcHub":
         if self.camera is not None and self._source is None:
-            from aiortc.contrib.media import MediaRelay
-
-            self._relay = MediaRelay()
             self._source = make_camera_track(self.camera)
+            self._broadcast = VideoBroadcast(self._source)
         if self._hud_task is None:
             self._hud_task = asyncio.create_task(self._hud_loop(), name="webrtc-hud")
         return self
@@ -122,6 +120,9 @@ class WebrtcHub:
             self._hud_task.cancel()
             await asyncio.gather(self._hud_task, return_exceptions=True)
             self._hud_task = None
+        if self._broadcast is not None:
+            await self._broadcast.stop()
+            self._broadcast = None
         if self._source is not None:
             self._source.stop()
             self._source = None
@@ -180,12 +181,19 @@ class WebrtcHub:
             if pc.connectionState in ("failed", "closed"):
                 await self.close(session.id, pc.connectionState)
 
+        if self._broadcast is not None and "\nm=video " in "\n" + message.sdp.replace("\r\n", "\n"):
+            # Added before the offer is applied, so that the offer's video m-line takes this transceiver and its codec
+            # preference: the broadcast's packets are VP8, so only VP8 may be negotiated (every WebRTC browser offers
+            # it). aiortc fixes a transceiver's codecs in setRemoteDescription.
+            from aiortc import RTCRtpSender
+
+            session.track = self._broadcast.subscribe()
+            sender = pc.addTrack(session.track)
+            vp8 = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() == "video/vp8"]
+            next(t for t in pc.getTransceivers() if t.sender is sender).setCodecPreferences(vp8)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
         if not pc.getTransceivers() and pc.sctp is None:
             raise ValueError("the offer has neither a video transceiver nor a data channel")
-        if self._source is not None and any(t.kind == "video" for t in pc.getTransceivers()):
-            session.track = self._relay.subscribe(self._source, buffered=False)
-            pc.addTrack(session.track)
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)  # gathers every ICE candidate before it returns
         log.info("answered the video session %s of %s (%d viewers)", session.id, session.user, self.viewers)

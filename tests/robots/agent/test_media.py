@@ -127,6 +127,10 @@ def test_the_simulator_camera_has_its_own_renderer_and_barely_holds_the_control_
         assert_wait(lambda: camera.frames >= 3)
         image = camera.latest()[0]
         assert image.shape == (224, 224, 3) and image.dtype == np.uint8 and image.std() > 10  # a real picture
+        import mujoco
+
+        assert capture._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] == 0  # the fast video settings ...
+        assert capture._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SKYBOX] == 1  # ... and only those
         # One short lock per frame (update_scene; the render itself runs outside it). How short is a measurement,
         # not a test on this shared machine: ~0.02 ms typically (docs/agent.md).
         assert len(capture.lock_s) >= camera.frames - 1 and len(waits) == 30

@@ -142,6 +142,54 @@ async def test_a_viewer_gets_video_and_drives_over_the_data_channel(hub):
         await client.pc.close()
 
 
+async def test_two_viewers_decode_one_encode_and_a_late_viewer_starts_at_a_keyframe(hub):
+    first, second = Client(), Client()
+    try:
+        await connect(hub, first)
+        assert "VP8" in hub.sent[-1].sdp and "H264" not in hub.sent[-1].sdp  # the broadcast's packets are VP8
+        track = await asyncio.wait_for(first.track, 10)
+        for _ in range(15):
+            await asyncio.wait_for(track.recv(), 10)
+        await connect(hub, second)  # joins mid-stream: its decoder needs a keyframe first
+        late = await asyncio.wait_for(second.track, 10)
+        encoder = hub._source.encoder
+        encoded_before, keyframes_before = encoder.frames, encoder.keyframes
+        frames = [await asyncio.wait_for(late.recv(), 10) for _ in range(15)]
+        assert all((f.width, f.height) == (224, 224) for f in frames)  # decoded from its first packet on
+        for _ in range(15):
+            await asyncio.wait_for(track.recv(), 10)
+        assert encoder.keyframes > keyframes_before  # the new viewer asked for one
+        # One encode per captured frame for both viewers (each decoded 15+ frames meanwhile), not one per viewer.
+        encoded = encoder.frames - encoded_before
+        assert encoded >= 15 and encoded <= hub.camera.frames
+        assert hub._broadcast.viewers == 2
+    finally:
+        await first.pc.close()
+        await second.pc.close()
+
+
+async def test_the_broadcast_starts_each_viewer_at_a_keyframe_and_drops_what_it_queued_before():
+    from robots.agent.media import SharedVp8Encoder, VideoBroadcast, is_keyframe, make_camera_track
+
+    camera = CameraThread(PatternCapture(64), fps=60.0).start()
+    camera.set_viewers(1)
+    encoder = SharedVp8Encoder(keyframe_every_s=1000.0)
+    broadcast = VideoBroadcast(make_camera_track(camera, encoder))
+    try:
+        viewer = broadcast.subscribe()
+        await asyncio.sleep(0.3)  # packets queue while the connection would come up
+        assert viewer._queue.qsize() > 3
+        packet = await asyncio.wait_for(viewer.recv(), 10)
+        assert is_keyframe(bytes(packet))  # not the stale deltas queued before
+        assert viewer.dropped >= 3
+        following = [bytes(await asyncio.wait_for(viewer.recv(), 10)) for _ in range(5)]
+        assert not any(is_keyframe(p) for p in following)  # then deltas: no keyframe per frame
+    finally:
+        await broadcast.stop()
+        broadcast.source.stop()
+        camera.stop()
+
+
 async def test_only_the_lease_holders_session_drives(hub):
     client = Client()
     try:
