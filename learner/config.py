@@ -56,6 +56,9 @@ class PolicyConfig:
             raise ConfigError("image_size must be divisible by 2 ** len(conv_channels)")
 
 
+ONLINE_EMA_DECAY = 0.999  # ~1000 learner steps (~1 min here) of averaging for the checkpoints of online runs
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     algorithm: str = "hg_dagger"  # registry key = file name in learner/algorithms/ ("bc", "hg_dagger", "recap")
@@ -78,6 +81,10 @@ class TrainConfig:
     prefetch: bool = True  # load the next batch in a background thread while the current one trains
     max_open_episodes: int = 256  # LRU bound on open episode files: ~0.55 MiB each (HDF5 handle + small columns)
     norm_max_episodes: int = 500  # normalisation stats are computed from at most this many episodes' columns
+    # Published checkpoints carry an exponential moving average of the weights when > 0 (decay per learner step, with
+    # the warm-up min(decay, (1 + t) / (10 + t))); the optimizer trains the raw weights. 0 publishes the raw weights.
+    # Online runs default to ONLINE_EMA_DECAY (learner/services.start_run), pretraining to 0 (docs/policy.md).
+    ema_decay: float = 0.0
     # -- RECAP (algorithm "recap"; ignored by the others). docs/policy.md "RECAP" explains each. --
     c_fail: float = 1.0  # failure penalty at the last step, in units of the task's max episode length
     value_bins: int = 201  # B: bins of the distributional value function on [-1, 0]
@@ -108,6 +115,8 @@ class TrainConfig:
             raise ConfigError("guidance betas must be >= 0")
         if self.sampler_a <= 1.0:
             raise ConfigError("sampler_a must be > 1 (the SOP formula favours online data at equal losses)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must lie in [0, 1) (0: publish the raw weights)")
         lo, hi = self.clip
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"clip must satisfy 0 <= lo <= hi <= 1, got {self.clip}")

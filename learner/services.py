@@ -22,7 +22,7 @@ from django.utils import timezone
 from learner import checkpoints as ckpt
 from learner.algorithms import get_algorithm
 from learner.buffer import FrameIndex
-from learner.config import ConfigError, Preset, get_preset, to_dict
+from learner.config import ONLINE_EMA_DECAY, ConfigError, Preset, get_preset, to_dict
 from learner.models import Checkpoint, Deployment, Evaluation, TrainingMetric, TrainingRun
 from learner.policy import build_policy
 from robots import protocol
@@ -67,7 +67,10 @@ def start_run(
         base = get_preset(preset)
         # RECAP normalises returns by each task's episode limit, which episode files do not record: the tasks know it.
         limits = {"task_max_steps": [[t.name, t.max_steps] for t in task_objs]}
-        train = to_dict(base.train) | {"algorithm": algorithm} | limits | dict(overrides or {})
+        # Online runs publish a moving average of their weights (steadier checkpoints for the fleet, docs/policy.md);
+        # pretraining from scratch publishes its raw weights.
+        ema = {} if from_scratch else {"ema_decay": ONLINE_EMA_DECAY}
+        train = to_dict(base.train) | {"algorithm": algorithm} | ema | limits | dict(overrides or {})
         if total_steps is not None:
             train["steps"] = int(total_steps)
         config = Preset.from_dict({"name": base.name, "policy": to_dict(base.policy), "train": train})
@@ -306,11 +309,12 @@ def publish_checkpoint(run: Optional[TrainingRun], trainer, state_path: Optional
             path.unlink()  # an orphan from a worker that died before its row committed
             ckpt.sidecar_path(path).unlink(missing_ok=True)
         try:
-            saved = ckpt.save_checkpoint(
-                directory, trainer.policy, version=version, parent=parent.version if parent else None,
-                algorithm=trainer.algorithm.name, step=trainer.step, metrics=metrics,
-                extra={"run": run.pk if run else None, "train_config": to_dict(trainer.config)},
-            )
+            with trainer.published_weights() as policy:
+                saved = ckpt.save_checkpoint(
+                    directory, policy, version=version, parent=parent.version if parent else None,
+                    algorithm=trainer.algorithm.name, step=trainer.step, metrics=metrics,
+                    extra={"run": run.pk if run else None, "train_config": to_dict(trainer.config)},
+                )
         except ckpt.CheckpointError:
             continue  # another worker took this version between our read and our write
         if state_path is not None:

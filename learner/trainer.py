@@ -7,6 +7,7 @@ a Policy and an Algorithm, wraps them in a Trainer and publishes what ``on_check
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -106,6 +107,11 @@ class Trainer:
         self._checkpoint_step = 0
         self._checkpoint_time = clock()
         algorithm.bind(policy)
+        # The moving average of the policy's parameters that checkpoints publish (config.ema_decay > 0), starting at
+        # the weights the run starts from.
+        self.ema: Optional[dict[str, torch.Tensor]] = None
+        if config.ema_decay > 0:
+            self.ema = {name: p.detach().clone() for name, p in policy.named_parameters()}
 
     # -- data --------------------------------------------------------------------------------------------------
 
@@ -170,6 +176,7 @@ class Trainer:
         batch = self._next_batch()
         t1, cpu = time.perf_counter(), time.thread_time()
         stats = self.algorithm.update(self.policy, batch, generator=self.generator)
+        self._update_ema()
         t2 = time.perf_counter()
         self.timing.update_cpu_s += time.thread_time() - cpu
         self.window.record(batch["task"].numpy(), batch["online"].numpy(), stats["per_sample"])
@@ -193,6 +200,32 @@ class Trainer:
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self.step)
         return self.last_stats
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = min(self.config.ema_decay, (1.0 + self.step) / (10.0 + self.step))  # step: before this one counts
+        with torch.no_grad():
+            for name, p in self.policy.named_parameters():
+                self.ema[name].lerp_(p.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def published_weights(self):
+        """Inside: the policy holds the weights a checkpoint publishes (the moving average when there is one; the raw
+        weights come back afterwards, also on an exception). Use it from the training thread, between steps."""
+        if self.ema is None:
+            yield self.policy
+            return
+        with torch.no_grad():
+            raw = {name: p.detach().clone() for name, p in self.policy.named_parameters()}
+            for name, p in self.policy.named_parameters():
+                p.copy_(self.ema[name])
+        try:
+            yield self.policy
+        finally:
+            with torch.no_grad():
+                for name, p in self.policy.named_parameters():
+                    p.copy_(raw[name])
 
     def run(self, steps: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
         """Train until ``self.step == steps`` (default ``config.steps``) or ``should_stop()`` returns True."""
@@ -250,6 +283,8 @@ class Trainer:
         tensors["window.sums"] = torch.from_numpy(np.ascontiguousarray(window_arrays["sums"]))
         tensors["window.counts"] = torch.from_numpy(np.ascontiguousarray(window_arrays["counts"]))
         tensors["rng.torch"] = self.generator.get_state()
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v.detach().contiguous().clone() for k, v in self.ema.items()})
         pending = None
         if self._pending_ids is not None:
             pending = [self._frame_ref(int(i)) for i in self._pending_ids]
@@ -294,6 +329,10 @@ class Trainer:
         self.rng.bit_generator.state = meta["rng_numpy"]
         self.generator.set_state(tensors["rng.torch"])
         self.timing = Timing(**meta["timing"])
+        if self.ema is not None:
+            saved_ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+            if saved_ema:  # a state written before the run averaged weights starts its average here
+                self.ema = {name: saved_ema[name].clone() for name in self.ema}
         # Loss windows are stored per task name; map them onto this index's task ids.
         saved = LossWindow(int(meta["window"]["window"]))
         saved.load_state({"sums": tensors["window.sums"].numpy(), "counts": tensors["window.counts"].numpy()},

@@ -122,3 +122,16 @@ def test_a_claimed_run_cannot_be_claimed_twice(db):
     run = services.start_run("bc", [task], preset="debug", enqueue=False)
     assert services.claim_run(run.pk, "worker-a") is not None
     assert services.claim_run(run.pk, "worker-b") is None
+
+
+def test_online_runs_publish_a_moving_average_and_pretraining_the_raw_weights(db):
+    from learner.config import ONLINE_EMA_DECAY
+    from robots.models import Task
+
+    Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach"], max_steps=50)
+    online = services.start_run("hg_dagger", ["reach"], enqueue=False)
+    scratch = services.start_run("bc", ["reach"], from_scratch=True, enqueue=False)
+    chosen = services.start_run("hg_dagger", ["reach"], overrides={"ema_decay": 0.0}, enqueue=False)
+    assert online.config["train"]["ema_decay"] == ONLINE_EMA_DECAY
+    assert scratch.config["train"]["ema_decay"] == 0.0
+    assert chosen.config["train"]["ema_decay"] == 0.0

@@ -118,3 +118,65 @@ def test_new_episodes_are_picked_up_between_steps(tmp_path, episodes, tiny_polic
     trainer.run(3)
     assert trainer.metrics()["tasks"]["reach"]["online_frames"] == 4
     assert trainer.metrics()["tasks"]["reach"]["w_on"] > 0
+
+
+def test_the_moving_average_is_what_checkpoints_publish_and_the_raw_weights_keep_training(
+    tmp_path, episodes, tiny_policy_config, tiny_train_config, fake_embedder
+):
+    config = dataclasses.replace(tiny_train_config, ema_decay=0.9)
+    trainer = _trainer(config, tiny_policy_config, episodes, fake_embedder)
+    start = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    trainer.run(6)
+    raw = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    # The average by hand: from the starting weights, decay min(0.9, (1 + t) / (10 + t)) at step t.
+    # (Reproduced from the raw weights after each step: run a twin step by step.)
+    twin = _trainer(config, tiny_policy_config, episodes, fake_embedder)
+    expected = dict(start)
+    for t in range(6):
+        twin.train_step()
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected = {n: decay * expected[n] + (1 - decay) * p.detach() for n, p in twin.policy.named_parameters()}
+    for n in raw:
+        torch.testing.assert_close(trainer.ema[n], expected[n])
+        assert not torch.equal(trainer.ema[n], raw[n]) or torch.equal(raw[n], start[n])
+
+    with trainer.published_weights() as policy:
+        saved = save_checkpoint(tmp_path / "ckpt", policy, version=1)
+    for n, p in trainer.policy.named_parameters():
+        assert torch.equal(p, raw[n]), n  # the raw weights are back
+    loaded = load_checkpoint(saved.path, expected_sha256=saved.sha256).policy
+    for n, p in loaded.named_parameters():
+        assert torch.equal(p, trainer.ema[n]), n
+
+    with pytest.raises(RuntimeError), trainer.published_weights():
+        raise RuntimeError("a failed write")
+    for n, p in trainer.policy.named_parameters():
+        assert torch.equal(p, raw[n]), n  # also after an exception
+    trainer.close(), twin.close()
+
+
+def test_the_moving_average_survives_a_resume(tmp_path, episodes, tiny_policy_config, tiny_train_config,
+                                              fake_embedder):
+    config = dataclasses.replace(tiny_train_config, ema_decay=0.99)
+    straight = _trainer(config, tiny_policy_config, episodes, fake_embedder)
+    straight.run(4)
+    first = _trainer(config, tiny_policy_config, episodes, fake_embedder)
+    first.run(2)
+    first.save_state(tmp_path / "trainer.safetensors")
+    first.close()
+    resumed = Trainer.resume(tmp_path / "trainer.safetensors", _index(episodes), embedder=fake_embedder)
+    resumed.run(4)
+    for n in straight.ema:
+        assert torch.equal(straight.ema[n], resumed.ema[n]), n
+    straight.close(), resumed.close()
+
+
+def test_without_a_moving_average_checkpoints_publish_the_raw_weights(episodes, tiny_policy_config,
+                                                                      tiny_train_config, fake_embedder):
+    trainer = _trainer(dataclasses.replace(tiny_train_config, ema_decay=0.0), tiny_policy_config, episodes,
+                       fake_embedder)
+    trainer.run(2)
+    assert trainer.ema is None
+    with trainer.published_weights() as policy:
+        assert policy is trainer.policy
+    trainer.close()
