@@ -52,6 +52,8 @@ def main() -> int:
     p.add_argument("--data-dir", help="keep everything here (default: a temp dir, removed at the end)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="checkpoints publish a moving average of the weights with this decay (0: the raw weights)")
     p.add_argument("--sim-operator-args", default="", help="extra agent flags, e.g. '--sim-patience 10'")
     args = p.parse_args()
 
@@ -118,7 +120,8 @@ def main() -> int:
             spawn(name, [PY, "-m", "robots.agent", "--server", url, "--spool", str(data / "spool" / name),
                          "--policy", "learned", "--fallback", "idle", "--sim-operator", *args.sim_operator_args.split(),
                          "--hz", str(args.hz), "--seed", str(args.seed * 100 + i)], {"SOP_ROBOT_TOKEN": token})
-        out = manage("shell", "-c", _START.format(algorithm=args.algorithm, tasks=tasks, every=args.checkpoint_every))
+        out = manage("shell", "-c", _START.format(algorithm=args.algorithm, tasks=tasks, every=args.checkpoint_every,
+                                                  ema=args.ema_decay))
         run_id = int(out.strip().splitlines()[-1])
         log(f"online phase: run {run_id} ({args.algorithm}), {args.robots} robots, {args.budget_min} min")
         t_online = time.time()
@@ -206,7 +209,8 @@ for t in Task.objects.filter(name__in={tasks!r}):
 _START = """
 from learner import services
 run = services.start_run({algorithm!r}, {tasks!r}, total_steps=10_000_000,
-                         overrides={{"checkpoint_every_steps": {every}, "checkpoint_every_s": 1e9}})
+                         overrides={{"checkpoint_every_steps": {every}, "checkpoint_every_s": 1e9,
+                                     "ema_decay": {ema}}})
 print(run.pk)
 """
 

@@ -56,9 +56,6 @@ class PolicyConfig:
             raise ConfigError("image_size must be divisible by 2 ** len(conv_channels)")
 
 
-ONLINE_EMA_DECAY = 0.999  # ~1000 learner steps (~1 min here) of averaging for the checkpoints of online runs
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     algorithm: str = "hg_dagger"  # registry key = file name in learner/algorithms/ ("bc", "hg_dagger", "recap")
@@ -83,7 +80,7 @@ class TrainConfig:
     norm_max_episodes: int = 500  # normalisation stats are computed from at most this many episodes' columns
     # Published checkpoints carry an exponential moving average of the weights when > 0 (decay per learner step, with
     # the warm-up min(decay, (1 + t) / (10 + t))); the optimizer trains the raw weights. 0 publishes the raw weights.
-    # Online runs default to ONLINE_EMA_DECAY (learner/services.start_run), pretraining to 0 (docs/policy.md).
+    # Off by default: measured in the SOP experiment, 0.999 did not change the final success (docs/policy.md).
     ema_decay: float = 0.0
     # -- RECAP (algorithm "recap"; ignored by the others). docs/policy.md "RECAP" explains each. --
     c_fail: float = 1.0  # failure penalty at the last step, in units of the task's max episode length

@@ -22,7 +22,7 @@ from django.utils import timezone
 from learner import checkpoints as ckpt
 from learner.algorithms import get_algorithm
 from learner.buffer import FrameIndex
-from learner.config import ONLINE_EMA_DECAY, ConfigError, Preset, get_preset, to_dict
+from learner.config import ConfigError, Preset, get_preset, to_dict
 from learner.models import Checkpoint, Deployment, Evaluation, TrainingMetric, TrainingRun
 from learner.policy import build_policy
 from robots import protocol
@@ -67,10 +67,7 @@ def start_run(
         base = get_preset(preset)
         # RECAP normalises returns by each task's episode limit, which episode files do not record: the tasks know it.
         limits = {"task_max_steps": [[t.name, t.max_steps] for t in task_objs]}
-        # Online runs publish a moving average of their weights (steadier checkpoints for the fleet, docs/policy.md);
-        # pretraining from scratch publishes its raw weights.
-        ema = {} if from_scratch else {"ema_decay": ONLINE_EMA_DECAY}
-        train = to_dict(base.train) | {"algorithm": algorithm} | ema | limits | dict(overrides or {})
+        train = to_dict(base.train) | {"algorithm": algorithm} | limits | dict(overrides or {})
         if total_steps is not None:
             train["steps"] = int(total_steps)
         config = Preset.from_dict({"name": base.name, "policy": to_dict(base.policy), "train": train})

@@ -124,14 +124,14 @@ def test_a_claimed_run_cannot_be_claimed_twice(db):
     assert services.claim_run(run.pk, "worker-b") is None
 
 
-def test_online_runs_publish_a_moving_average_and_pretraining_the_raw_weights(db):
-    from learner.config import ONLINE_EMA_DECAY
+
+def test_a_run_can_ask_for_a_moving_average_of_its_weights(db):
     from robots.models import Task
 
     Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach"], max_steps=50)
-    online = services.start_run("hg_dagger", ["reach"], enqueue=False)
-    scratch = services.start_run("bc", ["reach"], from_scratch=True, enqueue=False)
-    chosen = services.start_run("hg_dagger", ["reach"], overrides={"ema_decay": 0.0}, enqueue=False)
-    assert online.config["train"]["ema_decay"] == ONLINE_EMA_DECAY
-    assert scratch.config["train"]["ema_decay"] == 0.0
-    assert chosen.config["train"]["ema_decay"] == 0.0
+    plain = services.start_run("hg_dagger", ["reach"], enqueue=False)
+    averaged = services.start_run("hg_dagger", ["reach"], overrides={"ema_decay": 0.999}, enqueue=False)
+    assert plain.config["train"]["ema_decay"] == 0.0
+    assert averaged.config["train"]["ema_decay"] == 0.999
+    with pytest.raises(services.LearnerError, match="ema_decay"):
+        services.start_run("hg_dagger", ["reach"], overrides={"ema_decay": 1.0}, enqueue=False)
