@@ -41,7 +41,7 @@ class AgentConfig:
     sim_takeover_steps: int = 20  # gate: minimum length of a takeover before it hands back
     sim_handbacks: int = 1  # gate: hand-backs per episode; the takeover after the last one finishes the episode
     sim_late_fraction: float = 0.6  # gate: from this fraction of max_steps on, 5 stalled steps suffice; 0 = off
-    sim_divergence: float = 1.6  # gate: mean |policy - expert| hand motion over sim_patience steps to take over; 0 = off
+    sim_divergence: float = 1.6  # gate: mean |policy - expert| hand motion over sim_patience steps to take over; 0 off
     video: bool = True  # serve the camera and the teleop data channel over WebRTC (docs/console.md)
     video_fps: float = 15.0  # camera frames per second while someone watches (independent of control_hz)
     video_size: int = 224  # the video frames are video_size x video_size

@@ -26,7 +26,7 @@ import fractions
 import logging
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -503,7 +503,6 @@ class VideoBroadcast:
         self.queue_size = queue_size
         self._viewers: list = []
         self._pump: Optional[asyncio.Task] = None
-        self.packets = 0
 
     @property
     def viewers(self) -> int:
@@ -531,7 +530,6 @@ class VideoBroadcast:
                 packet = await self.source.recv()
             except MediaStreamError:
                 break
-            self.packets += 1
             for viewer in list(self._viewers):
                 viewer._put(packet)
         for viewer in list(self._viewers):

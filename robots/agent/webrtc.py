@@ -3,8 +3,9 @@
 The browser's offer (recvonly video + a data channel "teleop", all ICE candidates gathered) arrives over the robot's
 websocket as ``webrtc.offer``; ``WebrtcHub.offer`` answers it with one ``RTCPeerConnection`` per session: the camera
 track (one ``CameraTrack`` per robot, encoded once to VP8 and fanned out to every viewer by ``VideoBroadcast``; the
-answer accepts VP8 only) and the teleop channel. aiortc gathers all ICE candidates inside ``setLocalDescription``, so the answer goes back as
-one ``webrtc.answer`` (no trickle ICE). At most ``max_viewers`` sessions; one more is answered with an ``error``.
+answer accepts VP8 only) and the teleop channel. aiortc gathers all ICE candidates inside ``setLocalDescription``, so
+the answer goes back as one ``webrtc.answer`` (no trickle ICE). At most ``max_viewers`` sessions; one more is
+answered with an ``error``.
 
 Teleop channel, browser -> robot: ``cmd`` / ``keepalive`` -> ``OperatorControl.command`` with the session's user (it
 counts only while that user holds the lease), ``ping`` -> ``pong`` with ``robot_t``, ``estop`` -> the e-stop latch
