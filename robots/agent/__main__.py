@@ -26,7 +26,7 @@ from robots import protocol
 
 from .agents import Agent, ScriptedExpertAgent, make_agent
 from .backoff import Backoff
-from .config import FALLBACKS, POLICY_NAMES, AgentConfig
+from .config import FALLBACKS, POLICY_NAMES, SIM_EXPERTS, AgentConfig
 from .connection import Connection, EventReporter
 from .environment import Environment, MetaWorldEnvironment
 from .operator import GatedProvider, SimulatedOperatorGate, TakeoverRule
@@ -71,6 +71,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     gate.add_argument("--sim-divergence", type=float, default=1.6,
                       help="take over when the policy's hand motion differs from the expert's by this much on average "
                            "over --sim-patience steps (xyz of actions in [-1, 1]); 0 = off")
+    gate.add_argument("--sim-expert", choices=SIM_EXPERTS, default="recovering",
+                      help="who the operator drives with: recovering (default: Meta-World's experts, with a supervisor "
+                           "that recovers where one exists, robots/agent/supervisors.py) or metaworld (the experts only)")
     video = p.add_argument_group("operator console video (WebRTC)")
     video.add_argument("--no-video", action="store_true",
                        help="no WebRTC: no camera stream, teleop only over the websocket fallback")
@@ -116,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         sim_handbacks=args.sim_handbacks,
         sim_late_fraction=args.sim_late_fraction,
         sim_divergence=args.sim_divergence,
+        sim_expert=args.sim_expert,
         video=not args.no_video,
         video_fps=args.video_fps,
         video_size=args.video_size,
@@ -203,7 +207,8 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
     gate: Optional[SimulatedOperatorGate] = None
     if config.sim_operator:
         inner = provider.current or ScriptedExpertAgent()  # replaced by the provider's choice before each episode
-        gate = SimulatedOperatorGate(inner, ScriptedExpertAgent(seed=config.seed), rule or TakeoverRule())
+        expert = ScriptedExpertAgent(seed=config.seed, recover=config.sim_expert == "recovering")
+        gate = SimulatedOperatorGate(inner, expert, rule or TakeoverRule())
         provider = GatedProvider(provider, gate)
     # A human in the console: the outermost agent, over the simulated operator and any policy (docs/console.md).
     control = OperatorControl()

@@ -59,18 +59,27 @@ class Agent(abc.ABC):
 
 
 class ScriptedExpertAgent(Agent):
-    """Meta-World's hand-written expert for the task, plus optional gaussian noise (to make imperfect demos)."""
+    """Meta-World's hand-written expert for the task, plus optional gaussian noise (to make imperfect demos).
+
+    ``recover=True`` (the simulated operator's expert) drives with a supervisor from ``supervisors.RECOVERING`` where
+    the task has one: Meta-World's experts assume a reset state, a supervisor must also get out of the policy's.
+    """
 
     name = "scripted-expert"
 
-    def __init__(self, noise: float = 0.0, seed: Optional[int] = None):
+    def __init__(self, noise: float = 0.0, seed: Optional[int] = None, recover: bool = False):
         os.environ.setdefault("MUJOCO_GL", "egl")  # importing metaworld imports mujoco
         from metaworld.policies import ENV_POLICY_MAP
 
-        self._policy_map = ENV_POLICY_MAP
+        from .supervisors import RECOVERING
+
+        self._policy_map = dict(ENV_POLICY_MAP)
+        if recover:
+            self._policy_map.update(RECOVERING)
         self._policy = None
         self._env_id = ""
         self.noise = noise
+        self.recover = recover
         self._rng = np.random.default_rng(seed)
 
     def reset(self, env_id: str, prompt: str) -> None:
@@ -79,6 +88,8 @@ class ScriptedExpertAgent(Agent):
                 raise ValueError(f"no scripted expert for {env_id!r}")
             self._policy = self._policy_map[env_id]()
             self._env_id = env_id
+        if hasattr(self._policy, "reset"):  # a stateful supervisor starts each episode afresh
+            self._policy.reset()
 
     def act(self, observation: Observation) -> Decision:
         if self._policy is None:

@@ -12,6 +12,7 @@ AGENT_VERSION = "0.1.0"
 # --policy value -> name reported to the server ("learned" reports the running checkpoint as "v<N>")
 POLICY_NAMES = {"expert": "scripted-expert", "random": "random", "learned": "learned"}
 FALLBACKS = ("idle", "expert")  # what --policy learned does until its first checkpoint arrives
+SIM_EXPERTS = ("recovering", "metaworld")  # what the simulated operator drives with (supervisors.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class AgentConfig:
     sim_handbacks: int = 1  # gate: hand-backs per episode; the takeover after the last one finishes the episode
     sim_late_fraction: float = 0.6  # gate: from this fraction of max_steps on, 5 stalled steps suffice; 0 = off
     sim_divergence: float = 1.6  # gate: mean |policy - expert| hand motion over sim_patience steps to take over; 0 off
+    sim_expert: str = "recovering"  # gate: "recovering" (supervisors.py where a task has one) or "metaworld"
     video: bool = True  # serve the camera and the teleop data channel over WebRTC (docs/console.md)
     video_fps: float = 15.0  # camera frames per second while someone watches (independent of control_hz)
     video_size: int = 224  # the video frames are video_size x video_size
@@ -62,6 +64,8 @@ class AgentConfig:
             raise ValueError("episodes must be positive")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {list(FALLBACKS)}")
+        if self.sim_expert not in SIM_EXPERTS:
+            raise ValueError(f"sim_expert must be one of {list(SIM_EXPERTS)}")
         if self.video_fps <= 0 or self.video_fps > 60 or not 16 <= self.video_size <= 1024 or self.max_viewers < 1:
             raise ValueError("video_fps must be in (0, 60], video_size in [16, 1024], max_viewers >= 1")
         if self.policy_download_attempts < 1:
