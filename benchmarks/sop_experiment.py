@@ -54,6 +54,11 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="checkpoints publish a moving average of the weights with this decay (0: the raw weights)")
+    p.add_argument("--demo-expert", choices=("metaworld", "recovering"), default="metaworld",
+                   help="who records the demonstrations: Meta-World's experts, or with the supervisors of "
+                        "robots/agent/supervisors.py where a task has one")
+    p.add_argument("--sim-expert", choices=("recovering", "metaworld"), default="recovering",
+                   help="who the simulated operator drives with (same choices)")
     p.add_argument("--sim-operator-args", default="", help="extra agent flags, e.g. '--sim-patience 10'")
     args = p.parse_args()
 
@@ -84,6 +89,7 @@ def main() -> int:
     t0 = time.time()
     for count, group in demo_groups(args.demos, tasks).items():
         manage("collect_demos", "--tasks", ",".join(group), "--episodes", str(count), "--noise", str(args.noise),
+               "--expert", args.demo_expert,
                "--seed", str(args.seed))
     result["collect_demos_s"] = round(time.time() - t0, 1)
     t0 = time.time()
@@ -118,7 +124,8 @@ def main() -> int:
         manage("shell", "-c", _ASSIGN.format(tasks=tasks))
         for i, (name, token) in enumerate(tokens.items(), start=1):
             spawn(name, [PY, "-m", "robots.agent", "--server", url, "--spool", str(data / "spool" / name),
-                         "--policy", "learned", "--fallback", "idle", "--sim-operator", *args.sim_operator_args.split(),
+                         "--policy", "learned", "--fallback", "idle", "--sim-operator", "--sim-expert", args.sim_expert,
+                         *args.sim_operator_args.split(),
                          "--hz", str(args.hz), "--seed", str(args.seed * 100 + i)], {"SOP_ROBOT_TOKEN": token})
         out = manage("shell", "-c", _START.format(algorithm=args.algorithm, tasks=tasks, every=args.checkpoint_every,
                                                   ema=args.ema_decay))

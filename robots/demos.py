@@ -22,14 +22,17 @@ AS_FAST_AS_POSSIBLE_HZ = 1000.0
 
 
 def record(spool_dir: str, task: str, env_id: str, prompts: list[str], max_steps: int, episodes: int, *,
-           noise: float, seed: int, image_size: int, camera: str, robot: str) -> int:
-    """Run ``episodes`` expert episodes of one task; each lands in ``spool_dir`` as a complete spool entry."""
+           noise: float, seed: int, image_size: int, camera: str, robot: str, recover: bool = False) -> int:
+    """Run ``episodes`` expert episodes of one task; each lands in ``spool_dir`` as a complete spool entry.
+
+    ``recover``: the scripted expert uses the supervisors of ``robots.agent.supervisors`` where a task has one, as the
+    simulated operator does (``collect_demos --expert recovering``)."""
     logging.getLogger("robots.agent").setLevel(logging.WARNING)
     rng = random.Random(seed)
     writer = SpoolWriter(Spool(Path(spool_dir))).start()
     runtime = Runtime(
         lambda env: MetaWorldEnvironment(env, camera=camera, image_size=image_size, seed=seed),
-        ScriptedExpertAgent(noise=noise, seed=seed),
+        ScriptedExpertAgent(noise=noise, seed=seed, recover=recover),
         [EpisodeRecorder(writer)],
         control_hz=AS_FAST_AS_POSSIBLE_HZ,
         camera=camera,

@@ -72,8 +72,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help="take over when the policy's hand motion differs from the expert's by this much on average "
                            "over --sim-patience steps (xyz of actions in [-1, 1]); 0 = off")
     gate.add_argument("--sim-expert", choices=SIM_EXPERTS, default="recovering",
-                      help="who the operator drives with: recovering (default: Meta-World's experts, with a supervisor "
-                           "that recovers where one exists, robots/agent/supervisors.py) or metaworld (the experts only)")
+                      help="who the operator drives with: recovering (default: Meta-World's experts, with a "
+                           "supervisor that recovers where one exists, robots/agent/supervisors.py) or metaworld "
+                           "(the experts only)")
     video = p.add_argument_group("operator console video (WebRTC)")
     video.add_argument("--no-video", action="store_true",
                        help="no WebRTC: no camera stream, teleop only over the websocket fallback")

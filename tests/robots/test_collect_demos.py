@@ -28,3 +28,22 @@ def test_it_stores_verified_offline_demonstrations(payload_dir):
 def test_it_refuses_unknown_tasks():
     with pytest.raises(CommandError, match="unknown task"):
         call_command("collect_demos", "--tasks", "no-such-task", "--episodes", "1")
+
+
+def test_expert_recovering_records_door_open_with_the_supervisor(payload_dir):
+    """The supervisor descends onto the handle only once over it, so its demonstration differs from Meta-World's."""
+    import numpy as np
+
+    from robots.agent.supervisors import DoorOpenSupervisor
+
+    Task.objects.create(name="door-open", env_id="door-open-v3", prompts=["open the door"], max_steps=150)
+    call_command("collect_demos", "--tasks", "door-open", "--episodes", "1", "--workers", "1", "--image-size", "16",
+                 "--expert", "recovering")
+    episode = Episode.objects.get(task__name="door-open")
+    assert episode.split == "offline" and episode.success
+    supervisor = DoorOpenSupervisor()
+    with EpisodeReader(settings.PAYLOAD_DIR / episode.payload_path) as reader:
+        for i in range(reader.steps):
+            frame = reader.frame(i)
+            expected = np.clip(supervisor.get_action(frame["state"].astype(np.float64)), -1, 1)
+            np.testing.assert_allclose(frame["action"], expected, atol=1e-5)

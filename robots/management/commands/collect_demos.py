@@ -32,6 +32,9 @@ class Command(BaseCommand):
         parser.add_argument("--tasks", required=True, help="comma-separated task names (see add_tasks)")
         parser.add_argument("--episodes", type=int, default=10, help="demonstrations per task (default 10)")
         parser.add_argument("--noise", type=float, default=0.0, help="gaussian action noise of the expert")
+        parser.add_argument("--expert", choices=("metaworld", "recovering"), default="metaworld",
+                            help="metaworld (default): Meta-World's scripted experts; recovering: the supervisor of "
+                                 "robots/agent/supervisors.py where a task has one (the simulated operator's expert)")
         parser.add_argument("--image-size", type=int, default=96)
         parser.add_argument("--camera", default="corner3")
         parser.add_argument("--workers", type=int, default=2, help="simulator processes (default 2)")
@@ -66,7 +69,8 @@ class Command(BaseCommand):
                         futures.append(pool.submit(
                             demos.record, tmp, task.name, task.env_id, list(task.prompts) or [task.name],
                             task.max_steps, n, noise=opts["noise"], seed=opts["seed"] * 10_000 + t_i * 100 + j,
-                            image_size=opts["image_size"], camera=opts["camera"], robot=robot.name))
+                            image_size=opts["image_size"], camera=opts["camera"], robot=robot.name,
+                            recover=opts["expert"] == "recovering"))
                 with tqdm(total=total, desc="demonstrations", unit="ep") as bar:
                     while True:
                         for episode_id in spool.complete_entries():
