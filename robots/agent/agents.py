@@ -79,7 +79,6 @@ class ScriptedExpertAgent(Agent):
         self._policy = None
         self._env_id = ""
         self.noise = noise
-        self.recover = recover
         self._rng = np.random.default_rng(seed)
 
     def reset(self, env_id: str, prompt: str) -> None:

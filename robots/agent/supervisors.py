@@ -8,8 +8,8 @@ Meta-World expert opened the door in 11, ``DoorOpenSupervisor`` in 40, in 49-111
 supervisor in 86-99 steps, the Meta-World expert in 71-100). A human operator would do what it does: lift the hand
 over the handle, come down on its front edge, then pull.
 
-Each supervisor is a Meta-World-style policy (``get_action(state) -> action``) with ``reset()``, built fresh per
-episode by ``ScriptedExpertAgent(recover=True)``. Tasks without one here use Meta-World's expert.
+Each supervisor is a Meta-World-style policy (``get_action(state) -> action``) with ``reset()``, which
+``ScriptedExpertAgent(recover=True)`` calls before every episode. Tasks without one here use Meta-World's expert.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from robots import demos, services
+from robots.agent.config import SIM_EXPERTS
 from robots.agent.spool import Spool
 from robots.models import Robot, Task
 
@@ -32,7 +33,7 @@ class Command(BaseCommand):
         parser.add_argument("--tasks", required=True, help="comma-separated task names (see add_tasks)")
         parser.add_argument("--episodes", type=int, default=10, help="demonstrations per task (default 10)")
         parser.add_argument("--noise", type=float, default=0.0, help="gaussian action noise of the expert")
-        parser.add_argument("--expert", choices=("metaworld", "recovering"), default="metaworld",
+        parser.add_argument("--expert", choices=SIM_EXPERTS, default="metaworld",
                             help="metaworld (default): Meta-World's scripted experts; recovering: the supervisor of "
                                  "robots/agent/supervisors.py where a task has one (the simulated operator's expert)")
         parser.add_argument("--image-size", type=int, default=96)
