@@ -2,7 +2,7 @@
 
 - ``BenchServer``: a private SOP installation for one benchmark run: its own SOP_DATA_DIR (SQLite by default, or a
   fresh PostgreSQL database that is created and dropped), ``manage.py migrate`` + ``add_tasks``, robots registered
-  through ``robots.services.register_robot`` in a Django subprocess, and one real daphne process on a free loopback
+  through ``robots.fleet.register_robot`` in a Django subprocess, and one real daphne process on a free loopback
   port. ``stop()`` ends everything it started (by pid / process group, nothing else).
 - ``make_template_episodes``: real Meta-World renders (MetaWorldEnvironment + ScriptedExpertAgent) written with the
   product's ``write_episode``, so the LZF compression ratio is the real one.
@@ -237,8 +237,8 @@ class BenchServer:
         subprocess.run([PYTHON, "manage.py", "add_tasks", *tasks], **run)
         snippet = (
             "import json, sys, django; django.setup()\n"
-            "from robots import services\n"
-            "print(json.dumps({n: services.register_robot(n)[1] for n in sys.argv[1:]}))\n"
+            "from robots import fleet\n"
+            "print(json.dumps({n: fleet.register_robot(n)[1] for n in sys.argv[1:]}))\n"
         )
         out = subprocess.run([PYTHON, "-c", snippet, *robots],
                              **{**run, "env": self.env(DJANGO_SETTINGS_MODULE="sop_web.settings")})
@@ -501,7 +501,7 @@ def py_spy_record(pid: int, seconds: float, out_path: Path, rate: int = 100, gil
 
 
 def _frame_name(frame: str) -> str:
-    """'append_upload (robots/services.py:380)' -> 'append_upload (robots/services.py)'; site-packages shortened."""
+    """'append_upload (robots/ingest.py:380)' -> 'append_upload (robots/ingest.py)'; site-packages shortened."""
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
     path = where.rsplit(":", 1)[0]

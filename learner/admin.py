@@ -17,9 +17,7 @@ class TrainingRunAdmin(admin.ModelAdmin):
         in the same transaction, before the on-commit enqueue fires)."""
         if change:
             return super().save_model(request, obj, form, change)
-        from django.db import transaction
-
-        from learner import tasks as celery_tasks
+        from learner import queue
         from learner.config import Preset, get_preset, to_dict
 
         preset = get_preset(obj.preset)
@@ -30,7 +28,7 @@ class TrainingRunAdmin(admin.ModelAdmin):
         obj.total_steps = obj.config["train"]["steps"]
         obj.created_by, obj.message = request.user, "queued"
         super().save_model(request, obj, form, change)
-        transaction.on_commit(lambda: celery_tasks.run_training.delay(obj.pk))
+        queue.enqueue_round(obj.pk)
 
     @admin.action(description="Stop the selected runs")
     def stop(self, request, queryset):

@@ -8,6 +8,6 @@ class LearnerConfig(AppConfig):
     def ready(self):
         # Robots that connect (or reconnect) are told which checkpoint the fleet runs.
         from learner import services
-        from robots import services as fleet
+        from robots import fleet
 
         fleet.set_policy_source(services.current_policy_message)

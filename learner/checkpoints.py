@@ -60,8 +60,10 @@ class Checkpoint:
         return int(self.meta["version"])
 
 
-def checkpoint_path(directory: str | os.PathLike, version: int) -> Path:
-    return Path(directory) / f"policy-v{version}.safetensors"
+def checkpoint_path(directory: str | os.PathLike, version: int, tag: str = "") -> Path:
+    """``policy-v<version>[-<tag>].safetensors``. The server tags every write attempt, so two workers racing for one
+    version write two files and the loser deletes only its own (learner/services.py ``publish_checkpoint``)."""
+    return Path(directory) / f"policy-v{version}{'-' + tag if tag else ''}.safetensors"
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -112,13 +114,14 @@ def save_checkpoint(
     step: int = 0,
     metrics: Optional[dict[str, Any]] = None,
     extra: Optional[dict[str, Any]] = None,
+    tag: str = "",
 ) -> SavedCheckpoint:
-    """Write ``policy-v<version>.safetensors`` + its sidecar atomically. Versions are immutable: an existing file is
-    an error (the caller allocates versions monotonically). ``extra`` holds JSON the caller wants recorded (run id,
+    """Write ``policy-v<version>[-<tag>].safetensors`` + its sidecar atomically. Files are immutable: an existing file
+    is an error (the caller allocates versions monotonically). ``extra`` holds JSON the caller wants recorded (run id,
     training config)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, version)
+    path = checkpoint_path(directory, version, tag)
     if path.exists() or sidecar_path(path).exists():
         raise CheckpointError(f"checkpoint version {version} already exists at {path}")
     tensors, meta = policy_to_tensors(policy)
@@ -234,7 +237,7 @@ def optimizer_from_tensors(
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Temp file beside ``path``, fsync, rename, fsync the directory: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # unique even across hosts
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

@@ -38,8 +38,11 @@ class TrainingRun(models.Model):
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0, help_text="0 = run until stopped")
     attempts = models.PositiveIntegerField(default=0, help_text="Times a worker claimed this run (restarts)")
-    worker = models.CharField(max_length=200, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="The claim: worker name + a token unique per claim")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    next_round_at = models.DateTimeField(null=True, blank=True,
+                                         help_text="When the queued round is due; overdue and unclaimed = lost, resumed")
+    failures = models.PositiveIntegerField(default=0, help_text="Transient errors in a row (database, broker, disk)")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -29,7 +29,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from learner import services
+from learner import queue, services
 from learner.algorithms import NAMES as ALGORITHMS
 from learner.config import PRESETS
 from learner.models import Checkpoint, Evaluation, TrainingMetric, TrainingRun
@@ -202,8 +202,6 @@ def checkpoint_evaluate(request, version: int):
     if not tasks:
         messages.error(request, "There is no task to evaluate on.")
         return redirect(_safe_next(request) or "training")
-    from learner import tasks as celery_tasks
-
     names = [t.name for t in tasks]
     with transaction.atomic():
         for task in tasks:
@@ -211,7 +209,7 @@ def checkpoint_evaluate(request, version: int):
                 "status": Evaluation.Status.QUEUED, "message": f"requested by {request.user.get_username()}"})
         AuditEvent.objects.create(actor=request.user, actor_name=request.user.get_username(),
                                   action="evaluation.requested", detail={"version": version, "tasks": names})
-        transaction.on_commit(lambda: celery_tasks.evaluate_checkpoint.delay(checkpoint.pk, names))
+        queue.enqueue_evaluation(checkpoint.pk, names)
     messages.success(request, f"Evaluation of v{version} queued on {', '.join(names)}.")
     return redirect(_safe_next(request) or "training")
 

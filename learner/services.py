@@ -10,23 +10,27 @@ import logging
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.db.models import Max, Q
 from django.urls import reverse
 from django.utils import timezone
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 from learner import checkpoints as ckpt
+from learner import queue
 from learner.algorithms import get_algorithm
 from learner.buffer import FrameIndex
 from learner.config import ConfigError, Preset, get_preset, to_dict
 from learner.models import Checkpoint, Deployment, Evaluation, TrainingMetric, TrainingRun
 from learner.policy import build_policy
 from robots import protocol
-from robots import services as fleet
+from robots import fleet
 from robots.models import AuditEvent, Episode, Task
 
 log = logging.getLogger(__name__)
@@ -83,9 +87,7 @@ def start_run(
         run.tasks.set(task_objs)
         _audit(user, "training.started", run=run.pk, algorithm=algorithm, tasks=[t.name for t in task_objs])
         if enqueue:
-            from learner import tasks as celery_tasks
-
-            transaction.on_commit(lambda: celery_tasks.run_training.delay(run.pk))
+            queue.enqueue_round(run.pk)
     return run
 
 
@@ -114,8 +116,9 @@ def claim_run(run_id: int, worker: str) -> Optional[TrainingRun]:
     TrainingRun.objects.filter(orphan, pk=run_id, status=TrainingRun.Status.STOPPING).update(
         status=TrainingRun.Status.STOPPED, heartbeat_at=None, finished_at=now, message="stopped (its worker was lost)")
     claimable = Q(status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.WAITING, TrainingRun.Status.RUNNING]) & orphan
+    token = f"{worker[:180]}/{uuid.uuid4().hex[:12]}"  # unique per claim: the fence of every later write
     won = TrainingRun.objects.filter(claimable, pk=run_id).update(
-        status=TrainingRun.Status.RUNNING, heartbeat_at=now, worker=worker[:200]
+        status=TrainingRun.Status.RUNNING, heartbeat_at=now, worker=token
     )
     if not won:
         return None
@@ -126,16 +129,27 @@ def claim_run(run_id: int, worker: str) -> Optional[TrainingRun]:
 
 
 def stalled_runs() -> list[int]:
-    """Runs claimed by a worker that stopped heartbeating (killed, machine lost). The broker would redeliver their
-    task only after its visibility timeout (an hour); the watchdog re-enqueues them now and the claim does the rest."""
+    """Active runs nobody is working on and nobody will: claimed by a worker that stopped heartbeating (killed,
+    machine lost; the broker would redeliver its task only after the visibility timeout, an hour), or unclaimed with
+    their next round overdue by STALE_S (the broker lost the message, or the enqueue never happened). The watchdog
+    re-enqueues them; the claim makes a duplicate harmless."""
     stale = timezone.now() - timezone.timedelta(seconds=STALE_S)
-    return list(TrainingRun.objects.filter(status__in=[TrainingRun.Status.RUNNING, TrainingRun.Status.STOPPING],
-                                           heartbeat_at__lt=stale).values_list("pk", flat=True))
+    dead_worker = Q(status__in=[TrainingRun.Status.RUNNING, TrainingRun.Status.STOPPING], heartbeat_at__lt=stale)
+    lost_round = Q(status__in=TrainingRun.ACTIVE, heartbeat_at__isnull=True) & (
+        Q(next_round_at__lt=stale) | Q(next_round_at__isnull=True, created_at__lt=stale))
+    return list(TrainingRun.objects.filter(dead_worker | lost_round).order_by("pk").values_list("pk", flat=True))
+
+
+def retry_delay(run_id: int) -> float:
+    """Seconds before retrying a run after its ``failures``-th transient error in a row: 2, 4, 8 ... at most 60."""
+    failures = TrainingRun.objects.filter(pk=run_id).values_list("failures", flat=True).first() or 1
+    return float(min(60, 2 ** failures))
 
 
 def _release(run: TrainingRun, **fields) -> None:
-    """End a round: drop the claim so the next round (or another worker) can take the run."""
-    TrainingRun.objects.filter(pk=run.pk).update(heartbeat_at=None, **fields)
+    """End a round: drop the claim so the next round (or another worker) can take the run. A no-op for a worker whose
+    claim was taken over: the row is the new holder's."""
+    TrainingRun.objects.filter(pk=run.pk, worker=run.worker).update(heartbeat_at=None, **fields)
 
 
 def worker_name() -> str:
@@ -177,10 +191,43 @@ def trainer_state_path(run: TrainingRun) -> Path:
     return settings.CHECKPOINT_DIR / "runs" / str(run.uid) / "trainer.safetensors"
 
 
+class ClaimLost(Exception):
+    """Another worker claimed this run (ours stopped heartbeating for longer than STALE_S): stop at once, write
+    nothing. The new holder resumes from the last saved state."""
+
+
+# Errors that say "try again later", not "this run is broken": the database or broker went away, a disk filled up.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, OSError, KombuOperationalError, RedisError)
+MAX_TRANSIENT_FAILURES = 5  # in a row; then the run is marked failed
+
+
 def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], float] = time.monotonic,
               progress: Optional[Callable[[int, dict[str, Any]], None]] = None) -> str:
     """Train a claimed run for up to ``round_s`` seconds. Returns what should happen next: "continue" (enqueue another
-    round), "wait" (no data yet; retry later) or "done" (finished, stopped or failed)."""
+    round), "wait" (no data yet; retry later), "retry" (a transient error; retry after ``retry_delay``) or "done"
+    (finished, stopped, failed, or claimed by another worker)."""
+    try:
+        return _train_round(run, round_s, clock, progress)
+    except ClaimLost:
+        log.warning("training run %s was claimed by another worker; this one stops without writing", run.pk)
+        return "done"
+    except TRANSIENT_ERRORS as exc:
+        log.warning("training run %s hit a transient error: %s", run.pk, exc, exc_info=True)
+        failures = (TrainingRun.objects.filter(pk=run.pk).values_list("failures", flat=True).first() or 0) + 1
+        if failures >= MAX_TRANSIENT_FAILURES:
+            _release(run, status=TrainingRun.Status.FAILED, finished_at=timezone.now(), failures=failures,
+                     message=f"failed after {failures} transient errors in a row: {exc}"[:500])
+            return "done"
+        _release(run, failures=failures, message=f"retrying after a transient error ({failures}): {exc}"[:500])
+        return "retry"
+    except Exception as exc:
+        log.exception("training run %s failed", run.pk)
+        _release(run, status=TrainingRun.Status.FAILED, finished_at=timezone.now(), message=f"failed: {exc}"[:500])
+        return "done"
+
+
+def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
+                 progress: Optional[Callable[[int, dict[str, Any]], None]]) -> str:
     from learner.trainer import Trainer
 
     preset = Preset.from_dict(run.config)
@@ -189,17 +236,15 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
     trainable = algorithm_cls(preset.train).trainable_mask(index)
     if not len(index) or not trainable.any():
         task_names = ", ".join(run.tasks.values_list("name", flat=True))
-        _release(run, status=TrainingRun.Status.WAITING,
+        _release(run, status=TrainingRun.Status.WAITING, failures=0,
                  message=f"waiting for data: no trainable frames yet for {task_names} "
                          f"({len(index.episodes)} episodes indexed; record demonstrations with collect_demos)")
         return "wait"
 
     state_path = trainer_state_path(run)
-    published: dict[str, int] = {}
 
     def on_checkpoint(step: int) -> None:
-        cp = publish_checkpoint(run, trainer, state_path)
-        published["version"] = cp.version
+        publish_checkpoint(run, trainer, state_path)
 
     if state_path.exists():
         trainer = Trainer.resume(state_path, index, on_checkpoint=on_checkpoint)
@@ -212,8 +257,7 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
         return ("training" + (f" (no online labels yet for {', '.join(no_online)}: offline data only)"
                               if no_online else ""))[:500]
 
-    message = status_message()
-    TrainingRun.objects.filter(pk=run.pk).update(message=message)
+    _claimed(run).update(message=status_message())
     deadline = clock() + round_s
     last_beat = clock()
     stop_requested = False
@@ -222,40 +266,47 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
         nonlocal last_beat, stop_requested
         if clock() - last_beat >= HEARTBEAT_S:
             last_beat = clock()
-            TrainingRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now(), step=trainer.step,
-                                                         message=status_message())
+            # Fenced by the claim: a worker that lost it (another one took the run over) learns it here and stops.
+            if not _claimed(run).update(heartbeat_at=timezone.now(), step=trainer.step, message=status_message()):
+                raise ClaimLost()
             stop_requested = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.STOPPING).exists()
             # Episodes verified since the round started join the index between steps.
             _index_for(run, preset.policy.horizon, preset.train.max_open_episodes)
         return stop_requested or clock() >= deadline
 
-    try:
-        with trainer:
-            while trainer.step < run.total_steps and not should_stop():
-                stats = trainer.train_step()
-                if trainer.step % METRIC_EVERY_STEPS == 0:
-                    _record_metric(run, trainer, stats)
-                if progress is not None:
-                    progress(trainer.step, stats)
-            finished = trainer.step >= run.total_steps
-            if finished or stop_requested:
-                last = run.checkpoints.aggregate(step=Max("step"))["step"]
-                if last is None or last < trainer.step:
-                    publish_checkpoint(run, trainer, state_path)
-            else:
-                trainer.save_state(state_path)  # the next round continues exactly here
-    except Exception as exc:
-        log.exception("training run %s failed", run.pk)
-        _release(run, status=TrainingRun.Status.FAILED, finished_at=timezone.now(), message=f"failed: {exc}"[:500])
-        return "done"
+    with trainer:
+        while trainer.step < run.total_steps and not should_stop():
+            stats = trainer.train_step()
+            if trainer.step % METRIC_EVERY_STEPS == 0:
+                _record_metric(run, trainer, stats)
+            if progress is not None:
+                progress(trainer.step, stats)
+        finished = trainer.step >= run.total_steps
+        if finished or stop_requested:
+            last = run.checkpoints.aggregate(step=Max("step"))["step"]
+            if last is None or last < trainer.step:
+                publish_checkpoint(run, trainer, state_path)
+        else:
+            _require_claim(run)
+            trainer.save_state(state_path)  # the next round continues exactly here
     if finished or stop_requested:
         _RunCache.indexes.pop(run.pk, None)
         status = TrainingRun.Status.FINISHED if finished else TrainingRun.Status.STOPPED
-        _release(run, status=status, step=trainer.step, finished_at=timezone.now(),
+        _release(run, status=status, step=trainer.step, finished_at=timezone.now(), failures=0,
                  message=f"{status.label.lower()} at step {trainer.step}")
         return "done"
-    _release(run, step=trainer.step, message=status_message())
+    _release(run, step=trainer.step, failures=0, message=status_message())
     return "continue"
+
+
+def _claimed(run: TrainingRun):
+    """The run's row, as long as ``run``'s claim holds (``worker`` is unique per claim)."""
+    return TrainingRun.objects.filter(pk=run.pk, worker=run.worker, heartbeat_at__isnull=False)
+
+
+def _require_claim(run: TrainingRun) -> None:
+    if not _claimed(run).exists():
+        raise ClaimLost()
 
 
 def _task_frames(trainer, index: FrameIndex) -> dict[str, int]:
@@ -291,33 +342,32 @@ def publish_checkpoint(run: Optional[TrainingRun], trainer, state_path: Optional
                        deploy: bool = True) -> Checkpoint:
     """Write the trainer's policy as the next checkpoint version and (by default) roll the fleet onto it.
 
-    Order matters for crash safety: weights file, then trainer state, then the database row. A worker killed before
-    the row commits leaves an orphan file (overwritten on retry) and a trainer state that resumes at that step; the
-    version number is only taken when the row commits, so no version is ever skipped or published twice.
+    Order matters for crash safety: weights file, then trainer state, then the database row. The version number is
+    taken only when the row commits (a unique constraint), so no version is ever skipped or published twice. Every
+    attempt writes a file of its own (``policy-v<version>-<tag>``): two publishers racing for one version never touch
+    each other's file, and the loser deletes only its own. A worker killed before its row commits leaves an orphan
+    file, which ``cleanup_orphan_checkpoints`` removes later; a worker that lost its run's claim publishes nothing.
     """
     directory = settings.CHECKPOINT_DIR
     parent = run.checkpoints.order_by("-version").first() if run else None
     parent = parent or (run.base_checkpoint if run else None)
     metrics = {k: v for k, v in trainer.metrics().items() if k in ("loss", "step", "tasks")}
     for _ in range(5):
+        if run is not None and run.worker:
+            _require_claim(run)
         version = (Checkpoint.objects.aggregate(v=Max("version"))["v"] or 0) + 1
-        path = ckpt.checkpoint_path(directory, version)
-        if path.exists() and not Checkpoint.objects.filter(version=version).exists():
-            path.unlink()  # an orphan from a worker that died before its row committed
-            ckpt.sidecar_path(path).unlink(missing_ok=True)
+        with trainer.published_weights() as policy:
+            saved = ckpt.save_checkpoint(
+                directory, policy, version=version, parent=parent.version if parent else None,
+                algorithm=trainer.algorithm.name, step=trainer.step, metrics=metrics, tag=uuid.uuid4().hex[:12],
+                extra={"run": run.pk if run else None, "train_config": to_dict(trainer.config)},
+            )
         try:
-            with trainer.published_weights() as policy:
-                saved = ckpt.save_checkpoint(
-                    directory, policy, version=version, parent=parent.version if parent else None,
-                    algorithm=trainer.algorithm.name, step=trainer.step, metrics=metrics,
-                    extra={"run": run.pk if run else None, "train_config": to_dict(trainer.config)},
-                )
-        except ckpt.CheckpointError:
-            continue  # another worker took this version between our read and our write
-        if state_path is not None:
-            trainer.save_state(state_path)
-        try:
+            if state_path is not None:
+                trainer.save_state(state_path)
             with transaction.atomic():
+                if run is not None and run.worker and not _claimed(run).select_for_update().exists():
+                    raise ClaimLost()  # checked under the row lock: the new holder cannot publish meanwhile
                 checkpoint = Checkpoint.objects.create(
                     version=version, run=run, parent=parent, algorithm=trainer.algorithm.name, step=trainer.step,
                     path=saved.path.name, size=saved.size, sha256=saved.sha256,
@@ -328,16 +378,46 @@ def publish_checkpoint(run: Optional[TrainingRun], trainer, state_path: Optional
                 if deploy:
                     deploy_checkpoint(checkpoint, reason=f"published by run {run.pk}" if run else "published")
                 if run and settings.SOP_AUTO_EVALUATE:
-                    from learner import tasks as celery_tasks
-
-                    transaction.on_commit(lambda: celery_tasks.evaluate_checkpoint.delay(checkpoint.pk))
+                    queue.enqueue_evaluation(checkpoint.pk)
         except IntegrityError:
-            saved.path.unlink(missing_ok=True)
-            saved.sidecar.unlink(missing_ok=True)
-            continue
+            _discard(saved)
+            continue  # another publisher took this version between our read and our commit
+        except BaseException:
+            _discard(saved)
+            raise
         log.info("published checkpoint v%d (run %s, step %d)", version, run.pk if run else "-", trainer.step)
         return checkpoint
     raise LearnerError("could not allocate a checkpoint version (too much contention)")
+
+
+def _discard(saved: ckpt.SavedCheckpoint) -> None:
+    saved.path.unlink(missing_ok=True)
+    saved.sidecar.unlink(missing_ok=True)
+
+
+def cleanup_orphan_checkpoints(min_age_s: float = 3600.0) -> int:
+    """Delete checkpoint files no Checkpoint row points at, older than ``min_age_s`` (left by a publisher killed
+    between writing the file and committing the row). Returns how many weight files were removed."""
+    directory = Path(settings.CHECKPOINT_DIR)
+    if not directory.is_dir():
+        return 0
+    known = set(Checkpoint.objects.values_list("path", flat=True))
+    cutoff = time.time() - min_age_s
+    removed = 0
+    for path in directory.glob("policy-v*.safetensors"):
+        try:
+            if path.name in known or path.stat().st_mtime > cutoff:
+                continue
+        except FileNotFoundError:
+            continue
+        if path.name in set(Checkpoint.objects.filter(path=path.name).values_list("path", flat=True)):
+            continue  # committed meanwhile
+        path.unlink(missing_ok=True)
+        ckpt.sidecar_path(path).unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d orphan checkpoint file(s)", removed)
+    return removed
 
 
 def current_checkpoint() -> Optional[Checkpoint]:

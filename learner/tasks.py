@@ -11,7 +11,7 @@ import logging
 
 from celery import shared_task
 
-from learner import services
+from learner import queue, services
 from learner.models import Checkpoint, TrainingRun
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,15 @@ def run_training(self, run_id: int, claim_attempt: int = 0) -> str:
             return "not active"
         if claim_attempt < CLAIM_RETRIES:
             # Held by someone: alive (then its own chain goes on) or a killed worker whose claim goes stale soon.
-            run_training.apply_async((run_id, claim_attempt + 1), countdown=services.STALE_S + 1)
+            queue.enqueue_round(run_id, countdown=services.STALE_S + 1, claim_attempt=claim_attempt + 1)
         return "held"
     outcome = services.run_round(run)
     if outcome == "continue":
-        run_training.apply_async((run_id,))
+        queue.enqueue_round(run_id)
     elif outcome == "wait":
-        run_training.apply_async((run_id,), countdown=services.WAIT_RETRY_S)
+        queue.enqueue_round(run_id, countdown=services.WAIT_RETRY_S)
+    elif outcome == "retry":  # a transient error (database, broker, disk): the run resumes from its last state
+        queue.enqueue_round(run_id, countdown=services.retry_delay(run_id))
     return outcome
 
 
@@ -54,6 +56,12 @@ def resume_stalled_runs() -> list[int]:
     """Beat, every SOP_WATCHDOG_S: hand runs whose worker died to a live worker."""
     stalled = services.stalled_runs()
     for run_id in stalled:
-        log.warning("training run %s lost its worker; re-enqueueing it", run_id)
-        run_training.apply_async((run_id,))
+        log.warning("training run %s lost its worker or its queued round; re-enqueueing it", run_id)
+        queue.enqueue_round(run_id)
     return stalled
+
+
+@shared_task(name="learner.cleanup_orphan_checkpoints", ignore_result=True)
+def cleanup_orphan_checkpoints() -> int:
+    """Beat, hourly: weight files a publisher wrote but never committed (it was killed in between)."""
+    return services.cleanup_orphan_checkpoints()

@@ -3,7 +3,7 @@ episodes and the audit log come from robots and services, so they are read-only.
 
 from django.contrib import admin, messages
 
-from . import services
+from . import fleet, tasking
 from .models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task, TaskAssignment
 
 LIVE_FIELDS = (
@@ -53,13 +53,13 @@ class RobotAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke token (closes live connections)")
     def revoke_token(self, request, queryset):
         for robot in queryset:
-            services.revoke_robot(robot, actor=request.user)
+            fleet.revoke_robot(robot, actor=request.user)
         self.message_user(request, f"Revoked {queryset.count()} token(s).", messages.SUCCESS)
 
     @admin.action(description="Send a new task assignment now")
     def reassign_task(self, request, queryset):
         for robot in queryset:
-            assignment = services.reassign_robot(robot)
+            assignment = tasking.reassign_robot(robot)
             self.message_user(request, f"{robot.name}: {assignment.task or 'no task'} {assignment.prompt!r}")
 
 

@@ -14,7 +14,7 @@ from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import selectors, services
+from . import ingest, selectors
 from .auth import IsOperator, IsRobot, RobotTokenAuthentication
 from .exceptions import SopError
 from .models import Episode
@@ -54,7 +54,7 @@ class RobotEpisodesView(RobotAPIView):
         """Announce a payload: 201 (new) or 200 (known) with the offset to upload from."""
         announcement = EpisodeAnnouncementSerializer(data=request.data)
         announcement.is_valid(raise_exception=True)
-        episode, created = services.open_upload(request.auth, announcement.validated_data)
+        episode, created = ingest.open_upload(request.auth, announcement.validated_data)
         return Response(_upload_state(episode), status=201 if created else 200)
 
 
@@ -71,7 +71,7 @@ class RobotEpisodePayloadView(RobotAPIView):
         raw = request.headers.get("Upload-Offset", "")
         if not raw.isascii() or not raw.isdigit():
             raise SopError("Upload-Offset header must be a non-negative integer.")
-        episode = services.append_upload(request.auth, episode_id, int(raw), request.body)
+        episode = ingest.append_upload(request.auth, episode_id, int(raw), request.body)
         return Response(_upload_state(episode))
 
 

@@ -21,7 +21,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import control, protocol, roles
+from . import control, events, protocol, roles, selectors
 from .exceptions import SopError
 from .models import Robot
 from .protocol import CloseCode
@@ -58,15 +58,15 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         self.leases: dict[str, tuple[int, str]] = {}  # robot name -> (lease id, robot group): leases held here
         self.sessions: dict[str, tuple[str, str]] = {}  # WebRTC session -> (robot name, robot group)
         # Join before reading the fleet: a change made meanwhile arrives as an event (maybe twice, never lost).
-        await self.channel_layer.group_add(control.CONSOLE_GROUP, self.channel_name)
+        await self.channel_layer.group_add(events.CONSOLE_GROUP, self.channel_name)
         await self.accept()
-        await self.send_json(await database_sync_to_async(control.console_hello)(user))
+        await self.send_json(await database_sync_to_async(selectors.console_hello)(user))
         log.info("console %s (%s) connected from %s", user.get_username(), self.role, _client(self.scope))
 
     async def disconnect(self, code):
         if self.user is None:
             return
-        await self.channel_layer.group_discard(control.CONSOLE_GROUP, self.channel_name)
+        await self.channel_layer.group_discard(events.CONSOLE_GROUP, self.channel_name)
         for session, (_, group) in list(self.sessions.items()):  # free the robots' viewer slots at once
             await self._to_robot(group, protocol.WebrtcClose(session=session))
         self.sessions.clear()

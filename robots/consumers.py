@@ -22,7 +22,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import control, protocol, services
+from . import control, events, fleet, ingest, protocol, selectors
 from .auth import authenticate_token, hash_token, token_from_scope
 from .exceptions import SopError
 from .protocol import CloseCode, ErrorCode, ProtocolError
@@ -56,9 +56,9 @@ class RobotConsumer(AsyncWebsocketConsumer):
         # Join the groups before robot_connected re-checks the token: a revocation committed after that check
         # reaches this socket as an event, one committed before it makes the check fail. Nothing slips between.
         await self.channel_layer.group_add(robot.group_name, self.channel_name)
-        await self.channel_layer.group_add(services.FLEET_GROUP, self.channel_name)
+        await self.channel_layer.group_add(events.FLEET_GROUP, self.channel_name)
         self.robot, self.token_hash = robot, hash_token(raw)
-        self.connected_at = await database_sync_to_async(services.robot_connected)(robot, self.token_hash)
+        self.connected_at = await database_sync_to_async(fleet.robot_connected)(robot, self.token_hash)
         if self.connected_at is None:
             log.warning("robot %s refused: token revoked during the handshake", robot.name)
             await self._leave_groups()
@@ -75,7 +75,7 @@ class RobotConsumer(AsyncWebsocketConsumer):
         await self._leave_groups()
         if self.pending_state is not None:
             self.pending_state.cancel()
-        await database_sync_to_async(services.robot_disconnected)(self.robot, self.connected_at)
+        await database_sync_to_async(fleet.robot_disconnected)(self.robot, self.connected_at)
         for session, console in self.offers.items():  # consoles still waiting for an answer learn it will not come
             await self._answer_console(console, session, error="robot disconnected")
         await self._broadcast_state(force=True)
@@ -103,7 +103,7 @@ class RobotConsumer(AsyncWebsocketConsumer):
     # ------------------------------------------------------------ robot -> server
 
     async def on_hello(self, msg: protocol.Hello):
-        for reply in await database_sync_to_async(services.robot_hello)(self.robot, msg):
+        for reply in await database_sync_to_async(fleet.robot_hello)(self.robot, msg):
             await self._send(reply)
         await self._broadcast_state()
 
@@ -119,17 +119,17 @@ class RobotConsumer(AsyncWebsocketConsumer):
             self.last_state_key = key  # a change skipped by the rate limit is still a change at the next heartbeat
 
     def _store_status(self, msg: protocol.Status):
-        if not services.robot_status(self.robot, msg, self.token_hash):
+        if not fleet.robot_status(self.robot, msg, self.token_hash):
             return False, None
         control.expire_leases(self.robot)  # every heartbeat checks its robot's lease: no worker needed for that
         return True, control.stale_release(self.robot, msg.lease)
 
     async def on_episode_started(self, msg: protocol.EpisodeStarted):
-        await database_sync_to_async(services.episode_started)(self.robot, msg)
+        await database_sync_to_async(ingest.episode_started)(self.robot, msg)
         await self._broadcast_state(changed=True)
 
     async def on_episode_ended(self, msg: protocol.EpisodeEnded):
-        await self._send(await database_sync_to_async(services.episode_ended)(self.robot, msg))
+        await self._send(await database_sync_to_async(ingest.episode_ended)(self.robot, msg))
         await self._broadcast_state(changed=True)  # today's counters moved
 
     async def on_webrtc_answer(self, msg: protocol.WebrtcAnswer):
@@ -147,7 +147,7 @@ class RobotConsumer(AsyncWebsocketConsumer):
         protocol.WebrtcAnswer: on_webrtc_answer,
     }
 
-    # ------------------------------------------------------------ channel-layer events (services.py sends them)
+    # ------------------------------------------------------------ channel-layer events (robots/events.py sends them)
 
     async def robot_revoked(self, event):
         await self._close_revoked()
@@ -217,9 +217,9 @@ class RobotConsumer(AsyncWebsocketConsumer):
                 self.pending_state = asyncio.ensure_future(self._broadcast_later(interval - (now - self.last_state_at)))
             return changed
         self.last_state_at = now
-        state = await database_sync_to_async(control.robot_state)(self.robot.pk)
+        state = await database_sync_to_async(selectors.robot_state)(self.robot.pk)
         if state is not None:
-            await self.channel_layer.group_send(control.CONSOLE_GROUP, {"type": "robot.state", "robot": state})
+            await self.channel_layer.group_send(events.CONSOLE_GROUP, {"type": "robot.state", "robot": state})
         return True
 
     async def _reject(self, exc: ProtocolError):
@@ -250,7 +250,7 @@ class RobotConsumer(AsyncWebsocketConsumer):
 
     async def _leave_groups(self):
         await self.channel_layer.group_discard(self.robot.group_name, self.channel_name)
-        await self.channel_layer.group_discard(services.FLEET_GROUP, self.channel_name)
+        await self.channel_layer.group_discard(events.FLEET_GROUP, self.channel_name)
 
 
 def _client(scope) -> str:

@@ -13,23 +13,18 @@ racing for one robot get one lease and one ``held`` error, whatever the interlea
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-from typing import Iterable, Optional
+from typing import Optional
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Q, Sum
 from django.utils import timezone
 from rest_framework import status
 
-from . import protocol, roles, selectors
+from . import events, protocol, roles
 from .exceptions import SopError
 from .models import ControlLease, Episode, Robot
-from .services import CONSOLE_GROUP, _audit, _group_send_on_commit
+from .protocol import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +155,10 @@ def acquire_lease(robot: Robot, user, reason: str = "", channel: str = "", force
         detail = {"lease": lease.pk, "reason": reason}
         if previous is not None:
             detail.update(previous_lease=previous.pk, previous_operator=previous.operator_name)
-        _audit("forced_takeover" if previous else "takeover", robot=robot, actor=user, detail=detail)
-        _send_to_robot(robot.pk, protocol.ControlTakeover(lease=lease.pk, operator=name, reason=reason))
-        _lease_event_on_commit(robot, lease)
-        broadcast_state_on_commit(robot.pk)
+        events.audit("forced_takeover" if previous else "takeover", robot=robot, actor=user, detail=detail)
+        events.to_robot_on_commit(robot.pk, protocol.ControlTakeover(lease=lease.pk, operator=name, reason=reason))
+        events.lease_event_on_commit(robot, lease)
+        events.broadcast_state_on_commit(robot.pk)
     log.info("robot %s: %s by %s (lease %s)", robot.name, "forced takeover" if previous else "takeover", name,
              lease.pk)
     return lease
@@ -257,16 +252,16 @@ def _end(lease: ControlLease, reason: str, actor=None) -> bool:
             return False
         lease.ended_at, lease.end_reason = now, reason
         robot = Robot.objects.filter(pk=lease.robot_id).first()
-        _audit(
+        events.audit(
             "lease_expired" if reason == EndReason.TIMEOUT else "release",
             robot=robot,
             actor=actor,
             detail={"lease": lease.pk, "operator": lease.operator_name, "reason": reason},
         )
-        _send_to_robot(lease.robot_id, protocol.ControlRelease(lease=lease.pk, reason=reason))
+        events.to_robot_on_commit(lease.robot_id, protocol.ControlRelease(lease=lease.pk, reason=reason))
         if robot is not None:
-            _lease_event_on_commit(robot, lease)
-        broadcast_state_on_commit(lease.robot_id)
+            events.lease_event_on_commit(robot, lease)
+        events.broadcast_state_on_commit(lease.robot_id)
     log.info("lease %s of %s on robot %s ended: %s", lease.pk, lease.operator_name, lease.robot_id, reason)
     return True
 
@@ -283,9 +278,9 @@ def set_estop(robot: Robot, engaged: bool, user) -> None:
         Robot.objects.filter(pk=robot.pk).update(
             estopped=bool(engaged), estopped_by=name if engaged else "", estopped_at=timezone.now() if engaged else None
         )
-        _audit("estop" if engaged else "estop_cleared", robot=robot, actor=user, detail={"engaged": bool(engaged)})
-        _send_to_robot(robot.pk, protocol.ControlEstop(engaged=bool(engaged), by=name))
-        broadcast_state_on_commit(robot.pk)
+        events.audit("estop" if engaged else "estop_cleared", robot=robot, actor=user, detail={"engaged": bool(engaged)})
+        events.to_robot_on_commit(robot.pk, protocol.ControlEstop(engaged=bool(engaged), by=name))
+        events.broadcast_state_on_commit(robot.pk)
     log.warning("robot %s: e-stop %s by %s", robot.name, "ENGAGED" if engaged else "cleared", name)
 
 
@@ -301,101 +296,20 @@ def label_episode(robot: Robot, user, outcome: str, episode_id: Optional[str] = 
     if not Robot.objects.filter(pk=robot.pk, connected=True).exists():
         raise RobotOffline(f"robot {robot.name} is offline")
     with transaction.atomic():
-        _audit("label", robot=robot, actor=user, detail={"outcome": outcome, "episode_id": episode_id})
-        _send_to_robot(robot.pk, message)
+        events.audit("label", robot=robot, actor=user, detail={"outcome": outcome, "episode_id": episode_id})
+        events.to_robot_on_commit(robot.pk, message)
 
 
-# ---------------------------------------------------------------- what consoles see
-
-
-def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
-    """Robot states as docs/console.md defines them (RobotSerializer + lease, e-stop, deadman, operator, video and
-    today's counters), JSON-ready. Revoked robots are left out. Two queries whatever the number of robots."""
-    from .serializers import RobotSerializer  # serializers import models only; kept local to stay cheap to import
-
-    start = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
-    today = Q(episodes__ended_at__gte=start)
-    robots = selectors.list_robots().filter(revoked_at__isnull=True, token_hash__isnull=False).annotate(
-        episodes_today=Count("episodes", filter=today),
-        successes_today=Count("episodes", filter=today & Q(episodes__success=True)),
-        interventions_today=Sum("episodes__intervention_count", filter=today),
-    )
-    if robot_ids is not None:
-        robots = robots.filter(pk__in=list(robot_ids))
-    robots = list(robots)
-    leases = {
-        lease.robot_id: lease
-        for lease in ControlLease.objects.filter(ended_at__isnull=True, robot_id__in=[r.pk for r in robots])
-    }
-    states = []
-    for robot, row in zip(robots, RobotSerializer(robots, many=True).data):
-        lease = leases.get(robot.pk)
-        n = robot.episodes_today
-        states.append({
-            **row,
-            "lease": {"id": lease.pk, "operator": lease.operator_name, "since": lease.started_at} if lease else None,
-            # the server's latch, or the robot's own (latched over the data channel while the websocket was down)
-            "estopped": robot.estopped or robot.state == protocol.RobotState.ESTOPPED.value,
-            "estopped_by": robot.estopped_by,
-            "deadman": robot.deadman,
-            "operator": robot.operator_name,
-            "video_fps": robot.video_fps,
-            "viewers": robot.viewers,
-            "episodes_today": n,
-            "success_rate_today": round(robot.successes_today / n, 3) if n else None,
-            "interventions_today": robot.interventions_today or 0,
-        })
-    return json.loads(json.dumps(states, cls=DjangoJSONEncoder))  # plain types for the channel layer (msgpack)
-
-
-def robot_state(robot_id: int) -> Optional[dict]:
-    states = robot_states([robot_id])
-    return states[0] if states else None
-
-
-def console_hello(user) -> dict:
-    """The first frame of a console socket."""
-    return {
-        "type": "hello",
-        "user": user.get_username(),
-        "role": roles.role_of(user),
-        "ice_servers": settings.SOP_ICE_SERVERS,
-        "lease_timeout_s": settings.SOP_LEASE_TIMEOUT_S,
-        "deadman_ms": int(protocol.DEADMAN_S * 1000),
-        "robots": robot_states(),
-    }
-
-
-def broadcast_state(robot_id: int) -> None:
-    """Send the robot's state to every console now (from sync code outside an event loop)."""
-    state = robot_state(robot_id)
-    if state is not None:
-        async_to_sync(get_channel_layer().group_send)(CONSOLE_GROUP, {"type": "robot.state", "robot": state})
-
-
-def broadcast_state_on_commit(robot_id: int) -> None:
-    """Send the robot's state to the consoles once the surrounding transaction commits (computed then)."""
-    transaction.on_commit(lambda: broadcast_state(robot_id), robust=True)
-
-
-def broadcast_removed_on_commit(robot: Robot) -> None:
-    _group_send_on_commit(CONSOLE_GROUP, "robot.removed", robot=robot.name)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _send_to_robot(robot_id: int, message: protocol.Message) -> None:
-    _group_send_on_commit(Robot(pk=robot_id).group_name, message.TYPE.value, message=message.to_dict())
-
-
-def _lease_event_on_commit(robot: Robot, lease: ControlLease) -> None:
-    _group_send_on_commit(
-        CONSOLE_GROUP,
-        "lease",
-        robot=robot.name,
-        lease=lease.pk,
-        operator=lease.operator_name,
-        active=lease.ended_at is None,
-        reason=lease.end_reason or "",
-    )
+def relabel_episode(episode: Episode, outcome: str, *, actor, reason: str) -> Episode:
+    """An operator's verdict on a stored episode: sets outcome and success, records who, audits old and new."""
+    if outcome not in {o.value for o in Outcome}:
+        raise SopError(f"unknown outcome {outcome!r}")
+    with transaction.atomic():
+        episode = Episode.objects.select_for_update().get(pk=episode.pk)
+        old = episode.outcome
+        episode.outcome, episode.success = outcome, outcome == Outcome.SUCCESS.value
+        episode.outcome_source, episode.outcome_by = "operator", actor
+        episode.save(update_fields=["outcome", "success", "outcome_source", "outcome_by"])
+        events.audit("relabel", robot=episode.robot, actor=actor,
+               detail={"episode": str(episode.pk), "old": old, "new": outcome, "reason": reason[:500]})
+    return episode

@@ -1,7 +1,7 @@
 """The fleet's metadata: robots, tasks, assignments, episodes and their intervention segments, the audit log.
 
 Frames never live here: an Episode points at its payload file (robots/episode_file.py). State changes go through
-robots/services.py.
+robots/fleet.py, ingest.py, tasking.py and control.py.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Robot(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
-    # live state, written by the robot socket (robots/consumers.py via services)
+    # live state, written by the robot socket (robots/consumers.py via fleet.py)
     connected = models.BooleanField(default=False)
     state = models.CharField(max_length=16, choices=_choices(RobotState), default=RobotState.OFFLINE.value)
     last_seen = models.DateTimeField(null=True, blank=True)

@@ -1,7 +1,7 @@
 """Console pages of the fleet beyond the live view: tasks and task mixes, episodes (replay, relabel), metrics, audit.
 
 Server-rendered; every page needs a login, every change a role (403 otherwise) and a CSRF token. State changes go
-through robots/services.py.
+through robots/tasking.py, ingest.py and control.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from . import catalog, services
+from . import catalog, control, tasking
 from .episode_file import EpisodeFileError, EpisodeReader
 from .models import AuditEvent, Episode, Robot, Task, TaskAssignment
 from .protocol import ControlSource, Outcome, Split
@@ -167,7 +167,7 @@ def tasks(request):
                 errors[row["key"]] = str(exc)
         if not errors:
             for row in rows:
-                services.set_assignments(row["robot"], parsed[row["key"]], actor=request.user)
+                tasking.set_assignments(row["robot"], parsed[row["key"]], actor=request.user)
             messages.success(request, "Task mixes saved. Robots run them from their next episode.")
             return redirect("tasks")
     rows = _mix_rows(tasks, robots, data)
@@ -185,7 +185,7 @@ def _task_form_page(request, task: Task | None):
         require_admin(request)
         form = TaskForm(request.POST, instance=task or Task())
         if form.is_valid():
-            saved = services.save_task(form.save(commit=False), actor=request.user, created=creating)
+            saved = tasking.save_task(form.save(commit=False), actor=request.user, created=creating)
             messages.success(request, f"Task {saved.name} {'created' if creating else 'saved'}.")
             return redirect("task_edit", name=saved.name)
         status = 400
@@ -321,7 +321,7 @@ def episode_relabel(request, episode_id):
     elif outcome == episode.outcome:
         messages.info(request, f"The episode is already labelled {outcome}.")
     else:
-        services.relabel_episode(episode, outcome, actor=request.user, reason=reason)
+        control.relabel_episode(episode, outcome, actor=request.user, reason=reason)
         messages.success(request, f"Relabelled as {outcome}.")
     return redirect("episode", episode_id=episode.pk)
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Optional
+from typing import Iterable, Optional
 
-from django.db.models import Count, Q, QuerySet
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db.models import Count, Q, QuerySet, Sum
+from django.utils import timezone
 
+from . import protocol, roles
 from .exceptions import EpisodeNotFound, ForbiddenEpisode
-from .models import Episode, Robot, Task
+from .models import ControlLease, Episode, Robot, Task
+from .serializers import RobotSerializer
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +75,62 @@ def robot_episode(robot: Robot, episode_id) -> Episode:
                     episode.robot_id)
         raise ForbiddenEpisode()
     return episode
+
+
+# ---------------------------------------------------------------- what consoles see (docs/console.md)
+
+
+def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
+    """Robot states as docs/console.md defines them (RobotSerializer + lease, e-stop, deadman, operator, video and
+    today's counters), JSON-ready. Revoked robots are left out. Two queries whatever the number of robots."""
+    start = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
+    today = Q(episodes__ended_at__gte=start)
+    robots = list_robots().filter(revoked_at__isnull=True, token_hash__isnull=False).annotate(
+        episodes_today=Count("episodes", filter=today),
+        successes_today=Count("episodes", filter=today & Q(episodes__success=True)),
+        interventions_today=Sum("episodes__intervention_count", filter=today),
+    )
+    if robot_ids is not None:
+        robots = robots.filter(pk__in=list(robot_ids))
+    robots = list(robots)
+    leases = {
+        lease.robot_id: lease
+        for lease in ControlLease.objects.filter(ended_at__isnull=True, robot_id__in=[r.pk for r in robots])
+    }
+    states = []
+    for robot, row in zip(robots, RobotSerializer(robots, many=True).data):
+        lease = leases.get(robot.pk)
+        n = robot.episodes_today
+        states.append({
+            **row,
+            "lease": {"id": lease.pk, "operator": lease.operator_name, "since": lease.started_at} if lease else None,
+            # the server's latch, or the robot's own (latched over the data channel while the websocket was down)
+            "estopped": robot.estopped or robot.state == protocol.RobotState.ESTOPPED.value,
+            "estopped_by": robot.estopped_by,
+            "deadman": robot.deadman,
+            "operator": robot.operator_name,
+            "video_fps": robot.video_fps,
+            "viewers": robot.viewers,
+            "episodes_today": n,
+            "success_rate_today": round(robot.successes_today / n, 3) if n else None,
+            "interventions_today": robot.interventions_today or 0,
+        })
+    return json.loads(json.dumps(states, cls=DjangoJSONEncoder))  # plain types for the channel layer (msgpack)
+
+
+def robot_state(robot_id: int) -> Optional[dict]:
+    states = robot_states([robot_id])
+    return states[0] if states else None
+
+
+def console_hello(user) -> dict:
+    """The first frame of a console socket."""
+    return {
+        "type": "hello",
+        "user": user.get_username(),
+        "role": roles.role_of(user),
+        "ice_servers": settings.SOP_ICE_SERVERS,
+        "lease_timeout_s": settings.SOP_LEASE_TIMEOUT_S,
+        "deadman_ms": int(protocol.DEADMAN_S * 1000),
+        "robots": robot_states(),
+    }

@@ -172,6 +172,7 @@ CELERY_BEAT_SCHEDULE = {
     "expire-control-leases": {"task": "robots.expire_leases", "schedule": 2.0, "options": {"expires": 2.0}},
     "resume-stalled-training-runs": {"task": "learner.resume_stalled_runs",
                                      "schedule": float(env_str("SOP_WATCHDOG_S", "30"))},
+    "cleanup-orphan-checkpoints": {"task": "learner.cleanup_orphan_checkpoints", "schedule": 3600.0},
 }
 
 # ---- SOP settings

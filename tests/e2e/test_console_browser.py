@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from django.conf import settings
 
-from robots import roles, services
+from robots import fleet, ingest, roles
 from robots.episode_file import EpisodeReader
 from robots.models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task, TaskAssignment
 from robots.protocol import CONTROL_SOURCE_CODES, ControlSource
@@ -63,7 +63,7 @@ def console(launcher, namespace, django_user_model, tmp_path):
     """daphne + worker on the host side of the veth pair, one simulated robot inside the namespace."""
     task = Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the red goal"], max_steps=600)
     TaskAssignment.objects.create(robot=None, task=task)
-    robot, token = services.register_robot("arm-1")
+    robot, token = fleet.register_robot("arm-1")
     users = {"op1": _user(django_user_model, "op1", "operator"), "op2": _user(django_user_model, "op2", "operator"),
              "watcher": _user(django_user_model, "watcher", "viewer")}
     host = namespace.outer
@@ -190,7 +190,7 @@ def test_operator_takes_over_drives_releases_estops_and_labels(console, browser)
     segments = InterventionSegment.objects.filter(episode_id=episode_under_takeover, operator_name="op1")
     assert segments.exists()
     assert segments.first().operator.username == "op1"
-    with EpisodeReader(Path(settings.PAYLOAD_DIR) / services.stored_path(episode_under_takeover)) as reader:
+    with EpisodeReader(Path(settings.PAYLOAD_DIR) / ingest.stored_path(episode_under_takeover)) as reader:
         data = reader.load()
     source, actions, states = data.control_source, data.actions, data.states
     driven = np.flatnonzero((source == CONTROL_SOURCE_CODES[ControlSource.OPERATOR]) & (actions[:, 0] > 0.5))

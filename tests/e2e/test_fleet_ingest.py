@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from django.conf import settings
 
-from robots import services
+from robots import fleet
 from robots.episode_file import EpisodeReader
 from robots.models import Episode, Robot, Task, TaskAssignment
 
@@ -38,7 +38,7 @@ def spooled_ids(spool: Path) -> set[str]:
 
 
 def test_agent_episodes_are_stored_verified_and_round_trip(launcher, short_task, tmp_path):
-    robot, token = services.register_robot("arm-1")
+    robot, token = fleet.register_robot("arm-1")
     _, url = launcher.server()
     agent = launcher.agent("agent", url, token, tmp_path / "spool", "--episodes", "2", *FAST)
 
@@ -66,7 +66,7 @@ def test_agent_episodes_are_stored_verified_and_round_trip(launcher, short_task,
 
 
 def test_an_agent_killed_with_a_full_spool_uploads_everything_after_restart(launcher, short_task, tmp_path):
-    robot, token = services.register_robot("arm-2")
+    robot, token = fleet.register_robot("arm-2")
     spool = tmp_path / "spool"
     server, url = launcher.server()
     port = int(url.rsplit(":", 1)[1])
@@ -95,7 +95,7 @@ def test_an_agent_killed_with_a_full_spool_uploads_everything_after_restart(laun
 
 
 def test_agent_reconnects_and_carries_on_after_a_server_restart(launcher, short_task, tmp_path):
-    robot, token = services.register_robot("arm-3")
+    robot, token = fleet.register_robot("arm-3")
     server, url = launcher.server()
     port = int(url.rsplit(":", 1)[1])
     agent = launcher.agent("agent", url, token, tmp_path / "spool", *FAST)
@@ -114,12 +114,12 @@ def test_agent_reconnects_and_carries_on_after_a_server_restart(launcher, short_
 
 
 def test_a_revoked_robot_is_disconnected_and_cannot_upload(launcher, short_task, tmp_path):
-    robot, token = services.register_robot("arm-4")
+    robot, token = fleet.register_robot("arm-4")
     _, url = launcher.server()
     agent = launcher.agent("agent", url, token, tmp_path / "spool", *FAST)
     wait_for(lambda: Robot.objects.get(pk=robot.pk).connected, 60, "robot connected", procs=(agent,))
 
-    services.revoke_robot(Robot.objects.get(pk=robot.pk))
+    fleet.revoke_robot(Robot.objects.get(pk=robot.pk))
     wait_for(lambda: not Robot.objects.get(pk=robot.pk).connected, 20, "revoked robot disconnected", procs=(agent,))
     count = Episode.objects.filter(robot=robot, status=Episode.Status.VERIFIED).count()
     # The agent keeps recording into its spool; nothing more is accepted from it.
@@ -131,7 +131,7 @@ def test_a_revoked_robot_is_disconnected_and_cannot_upload(launcher, short_task,
 
 def test_an_idle_robot_socket_stays_open(launcher, short_task, tmp_path):
     """Regression: a channel-layer read timing out closed every robot socket with 1011 every ~5 s."""
-    robot, token = services.register_robot("arm-5")
+    robot, token = fleet.register_robot("arm-5")
     Task.objects.filter(pk=short_task.pk).update(enabled=False)  # nothing to do: the socket only idles
     TaskAssignment.objects.all().delete()
     _, url = launcher.server()

@@ -88,7 +88,7 @@ def test_a_run_without_data_waits_with_a_clear_status(launcher):
 
 
 def test_a_connected_robot_swaps_to_published_checkpoints_only_between_episodes(launcher, demos, tmp_path):
-    from robots import services as fleet
+    from robots import fleet
     from robots.episode_file import EpisodeReader
     from robots.models import Episode, Robot, TaskAssignment
 

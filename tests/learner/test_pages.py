@@ -8,7 +8,7 @@ from django.urls import reverse
 from learner import services
 from learner.models import Checkpoint, Deployment, Evaluation, TrainingMetric, TrainingRun
 from learner.pages import CONTINUOUS_STEPS
-from robots import services as fleet
+from robots import fleet
 from robots.models import AuditEvent, Robot, Task
 from robots.roles import set_role
 

@@ -16,7 +16,7 @@ from learner.models import Checkpoint, Deployment
 from learner.policy import build_policy
 from learner.trainer import Trainer
 from robots import protocol
-from robots import services as fleet
+from robots import fleet
 
 from .conftest import FakeEmbedder, make_episode
 

@@ -347,7 +347,7 @@ def test_pretrain_value_writes_a_value_file_a_run_can_load(tmp_path, settings, f
     settings.PAYLOAD_DIR.mkdir()
     monkeypatch.setattr("learner.prompts.default_embedder", lambda: fake_embedder)
     task = Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the target"], max_steps=8)
-    from robots import services as fleet
+    from robots import fleet
 
     robot = fleet.register_robot("sim-01")
     robot = robot[0] if isinstance(robot, tuple) else robot

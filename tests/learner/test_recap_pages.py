@@ -25,7 +25,7 @@ from learner.pages import NO_VALUE_MESSAGE
 from learner.policy import build_policy
 from learner.trainer import Trainer
 from learner.value import ValueFunction, save_value
-from robots import services as fleet
+from robots import fleet
 from robots.episode_file import EpisodeReader
 from robots.models import Episode, InterventionSegment, Robot, Task
 

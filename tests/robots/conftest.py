@@ -2,7 +2,7 @@
 
 import pytest
 
-from robots import services
+from robots import fleet
 from robots.models import Task
 
 
@@ -15,10 +15,10 @@ def task(db):
 @pytest.fixture
 def robot(db):
     """sim-01 and its raw token: the robot under test."""
-    return services.register_robot("sim-01")
+    return fleet.register_robot("sim-01")
 
 
 @pytest.fixture
 def other_robot(db):
     """sim-02 and its raw token: a second robot that must never act as, or read the data of, sim-01."""
-    return services.register_robot("sim-02")
+    return fleet.register_robot("sim-02")

@@ -15,7 +15,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from robots import control, protocol, roles, services
+from robots import control, fleet, protocol, roles
 from robots.models import AuditEvent, ControlLease, Robot
 from sop_web.asgi import application
 
@@ -145,7 +145,7 @@ async def test_a_console_socket_from_another_origin_is_refused(robot, cast):
 
 async def test_hello_tells_the_user_role_ice_servers_and_the_fleet(robot, other_robot, cast, settings):
     settings.SOP_ICE_SERVERS = [{"urls": "stun:stun.example:3478"}]
-    await database_sync_to_async(services.revoke_robot)(other_robot[0])
+    await database_sync_to_async(fleet.revoke_robot)(other_robot[0])
     comm, hello = await console(cast[3])
     assert (hello["user"], hello["role"], hello["ice_servers"]) == ("dave", "viewer", settings.SOP_ICE_SERVERS)
     assert (hello["lease_timeout_s"], hello["deadman_ms"]) == (settings.SOP_LEASE_TIMEOUT_S, 250)
@@ -393,7 +393,7 @@ async def test_signalling_for_unknown_revoked_or_offline_robots_is_refused(robot
     offer = dict(type="webrtc.offer", session=str(uuid.uuid4()), sdp="v=0")
     assert (await error_for(viewer, robot="sim-99", **offer))["code"] == "unknown_robot"
     assert (await error_for(viewer, robot="sim-02", **offer))["code"] == "robot_offline"
-    await database_sync_to_async(services.revoke_robot)(other_robot[0])
+    await database_sync_to_async(fleet.revoke_robot)(other_robot[0])
     assert (await next_of(viewer, "robot.removed"))["robot"] == "sim-02"
     assert (await error_for(viewer, robot="sim-02", **offer))["code"] == "unknown_robot"
     await close(viewer)

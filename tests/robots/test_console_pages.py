@@ -6,7 +6,7 @@ import re
 import pytest
 from django.urls import reverse
 
-from robots import services
+from robots import fleet
 from robots.models import Robot
 from robots.roles import set_role
 
@@ -42,7 +42,7 @@ def test_pages_need_a_login(client, robot):
 def test_fleet_renders_a_tile_per_robot_with_the_users_role(client, operator_user, robot, other_robot, task):
     robot, _ = robot
     Robot.objects.filter(pk=robot.pk).update(connected=True, state="running", current_task=task)
-    revoked = services.register_robot("sim-09")[0]
+    revoked = fleet.register_robot("sim-09")[0]
     Robot.objects.filter(pk=revoked.pk).update(token_hash=None)
     client.force_login(operator_user)
     response = client.get(reverse("fleet"))

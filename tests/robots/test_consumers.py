@@ -8,7 +8,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from robots import protocol, services
+from robots import fleet, protocol, tasking
 from robots.models import Episode, Robot
 from sop_web.asgi import application
 
@@ -71,7 +71,7 @@ async def test_it_refuses_an_unknown_token(robot):
 
 
 async def test_it_refuses_a_revoked_token(robot):
-    await database_sync_to_async(services.revoke_robot)(robot[0])
+    await database_sync_to_async(fleet.revoke_robot)(robot[0])
     ok, _ = await socket(robot[1]).connect(timeout=TIMEOUT)
     assert not ok
 
@@ -172,7 +172,7 @@ async def test_bad_messages_touch_nothing_stored(robot, other_robot, task):
 async def test_revoking_the_token_closes_a_live_socket_at_once(robot, task):
     comm = await connected(robot[1])
     await say_hello(comm)
-    await database_sync_to_async(services.revoke_robot)(robot[0])
+    await database_sync_to_async(fleet.revoke_robot)(robot[0])
     error = await receive(comm)
     assert (error["type"], error["code"]) == ("error", "revoked")
     assert await closed_with(comm) == protocol.CloseCode.REVOKED == 4003
@@ -189,7 +189,7 @@ async def test_a_heartbeat_notices_a_revocation_whose_broadcast_was_lost(robot, 
 
 async def test_rotating_the_token_closes_sockets_opened_with_the_old_one(robot, task):
     comm = await connected(robot[1])
-    await database_sync_to_async(services.register_robot)("sim-01")
+    await database_sync_to_async(fleet.register_robot)("sim-01")
     assert (await receive(comm))["code"] == "revoked"
     assert await closed_with(comm) == 4003
 
@@ -232,10 +232,10 @@ async def test_an_ended_episode_is_recorded_and_followed_by_the_next_task(robot,
 async def test_new_policies_and_assignments_are_relayed_to_live_robots(robot, other_robot, task):
     one, two = await connected(robot[1]), await connected(other_robot[1])
     policy = protocol.PolicyUpdated(version=5, url="/api/checkpoints/5/file", size=99, sha256="f" * 64)
-    await database_sync_to_async(services.announce_policy)(policy)
+    await database_sync_to_async(fleet.announce_policy)(policy)
     for comm in (one, two):
         assert protocol.decode(json.dumps(await receive(comm))) == policy
-    await database_sync_to_async(services.reassign_robot)(robot[0])
+    await database_sync_to_async(tasking.reassign_robot)(robot[0])
     assert (await receive(one))["type"] == "task.assigned"
     assert await two.receive_nothing(timeout=0.3)
     await one.disconnect()

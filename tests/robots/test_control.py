@@ -9,7 +9,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 import robots.tasks
-from robots import control, protocol, roles, services
+from robots import control, fleet, protocol, roles, selectors
 from robots.models import AuditEvent, ControlLease, Episode, Robot
 
 pytestmark = pytest.mark.django_db
@@ -189,7 +189,7 @@ def test_a_console_disconnect_ends_its_leases_only(live, other_robot, cast):
 
 def test_a_robot_going_offline_ends_its_lease(live, cast):
     lease = control.acquire_lease(live, cast[0], "", "chan-a")
-    assert services.robot_disconnected(live, live.connected_at)
+    assert fleet.robot_disconnected(live, live.connected_at)
     lease.refresh_from_db()
     assert lease.end_reason == "robot_offline"
 
@@ -197,7 +197,7 @@ def test_a_robot_going_offline_ends_its_lease(live, cast):
 def test_a_silent_robot_marked_offline_loses_its_lease(live, cast):
     lease = control.acquire_lease(live, cast[0], "", "chan-a")
     Robot.objects.filter(pk=live.pk).update(last_seen=timezone.now() - dt.timedelta(hours=1))
-    assert services.mark_silent_robots_offline() == 1
+    assert fleet.mark_silent_robots_offline() == 1
     lease.refresh_from_db()
     assert lease.end_reason == "robot_offline"
 
@@ -208,18 +208,18 @@ def test_estop_latches_is_audited_and_is_sent_again_at_hello(live, cast, task):
     live.refresh_from_db()
     assert (live.estopped, live.estopped_by) == (True, "alice")
     assert AuditEvent.objects.get(action="estop").actor == alice
-    replies = services.robot_hello(live, protocol.Hello(agent_version="0.1"))
+    replies = fleet.robot_hello(live, protocol.Hello(agent_version="0.1"))
     assert protocol.ControlEstop(engaged=True, by="alice") in replies
     control.set_estop(live, False, alice)
     live.refresh_from_db()
     assert not live.estopped and AuditEvent.objects.filter(action="estop_cleared").exists()
-    assert not [r for r in services.robot_hello(live, protocol.Hello(agent_version="0.1"))
+    assert not [r for r in fleet.robot_hello(live, protocol.Hello(agent_version="0.1"))
                 if isinstance(r, protocol.ControlEstop)]
 
 
 def test_an_active_lease_is_sent_again_at_hello(live, cast, task):
     lease = control.acquire_lease(live, cast[0], "why", "chan-a")
-    replies = services.robot_hello(live, protocol.Hello(agent_version="0.1"))
+    replies = fleet.robot_hello(live, protocol.Hello(agent_version="0.1"))
     assert protocol.ControlTakeover(lease=lease.pk, operator="alice", reason="why") in replies
 
 
@@ -251,9 +251,9 @@ def test_robot_states_carry_the_console_fields_and_todays_counters(live, cast, t
     Episode.objects.create(id=uuid.uuid4(), robot=live, task=task, started_at=now - dt.timedelta(days=2),
                            ended_at=now - dt.timedelta(days=2), outcome="success", success=True)
     lease = control.acquire_lease(live, cast[0], "", "chan-a")
-    (state,) = control.robot_states()
+    (state,) = selectors.robot_states()
     assert (state["episodes_today"], state["success_rate_today"], state["interventions_today"]) == (3, 0.667, 3)
     assert state["lease"]["id"] == lease.pk and state["lease"]["operator"] == "alice"
     assert state["episode_count"] == 4 and state["name"] == "sim-01"
-    services.revoke_robot(live)
-    assert control.robot_states() == [] and control.robot_state(live.pk) is None
+    fleet.revoke_robot(live)
+    assert selectors.robot_states() == [] and selectors.robot_state(live.pk) is None

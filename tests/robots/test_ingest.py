@@ -9,7 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import Client
 
-from robots import services
+from robots import fleet, ingest
 from robots.episode_file import EpisodeReader, Segment
 from robots.models import Episode, InterventionSegment
 from sop_web.asgi import application
@@ -79,7 +79,7 @@ async def test_an_upload_cut_halfway_resumes_and_stores_identical_bytes(http, ro
     stored = payload_dir / episode.payload_path
     assert episode.payload_path == f"episodes/{body['id'][:2]}/{body['id']}.h5"
     assert stored.read_bytes() == payload
-    assert not services.partial_path(body["id"]).exists()
+    assert not ingest.partial_path(body["id"]).exists()
     assert (episode.status, episode.steps, episode.outcome, episode.success) == ("verified", 5, "success", True)
     assert (episode.image_shape, episode.control_hz, episode.policy_version) == ([8, 8, 3], 10.0, 3)
     assert episode.verified_at is not None and episode.payload_sha256 == hashlib.sha256(payload).hexdigest()
@@ -149,7 +149,7 @@ async def test_a_checksum_mismatch_is_rejected_and_a_correct_reupload_verifies(h
     assert (bad.status_code, bad.json()["code"], bad.json()["offset"]) == (422, "checksum_mismatch", 0)
     episode = await get_episode(body["id"])
     assert (episode.status, episode.received_bytes, episode.verified_at) == ("rejected", 0, None)
-    assert not services.partial_path(body["id"]).exists()
+    assert not ingest.partial_path(body["id"]).exists()
     good = await upload_all(http, token, body, payload)
     assert (good.status_code, good.json()["status"]) == (200, "verified")
 
@@ -267,7 +267,7 @@ async def test_robot_endpoints_need_a_valid_token(http, robot, task, upload, hea
 
 
 async def test_a_revoked_token_cannot_upload(http, robot, task, upload):
-    await database_sync_to_async(services.revoke_robot)(robot[0])
+    await database_sync_to_async(fleet.revoke_robot)(robot[0])
     _, _, body = upload()
     assert (await http.post(EPISODES, json=body, headers=bearer(robot[1]))).status_code == 401
 

@@ -14,7 +14,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from robots import episode_file, services
+from robots import episode_file, fleet, tasking
 from robots.episode_file import Segment
 from robots.models import AuditEvent, Episode, InterventionSegment, Robot, Task, TaskAssignment
 from robots.roles import set_role
@@ -62,7 +62,7 @@ def tasks(db):
 
 @pytest.fixture
 def robots(db):
-    return [services.register_robot("sim-01")[0], services.register_robot("sim-02")[0]]
+    return [fleet.register_robot("sim-01")[0], fleet.register_robot("sim-02")[0]]
 
 
 # ---------------------------------------------------------------- access
@@ -200,7 +200,7 @@ def test_admin_saves_the_task_mixes(client, admin_user, tasks, robots):
     fleet = events.get(detail__scope="fleet")
     assert fleet.detail["before"] == {"drawer-open": [1.0, "online"]} and fleet.actor == admin_user
     # the next assignment follows the new mix
-    assert services.next_assignment(robots[0]).task == "reach" and services.next_assignment(robots[0]).split == "eval"
+    assert tasking.next_assignment(robots[0]).task == "reach" and tasking.next_assignment(robots[0]).split == "eval"
 
 
 def test_bad_weights_are_refused_with_a_message(client, admin_user, tasks, robots):

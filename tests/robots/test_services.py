@@ -10,7 +10,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from robots import auth, protocol, services
+from robots import auth, fleet, ingest, protocol, tasking
 from robots.exceptions import ForbiddenEpisode, UnknownTask
 from robots.models import AuditEvent, Episode, Robot, Task, TaskAssignment
 
@@ -22,7 +22,7 @@ def make_task(name, enabled=True, prompts=("do it",)):
 
 
 def assigned_tasks(robot, n=60) -> Counter:
-    return Counter(services.next_assignment(robot).task for _ in range(n))
+    return Counter(tasking.next_assignment(robot).task for _ in range(n))
 
 
 # ---------------------------------------------------------------- tokens
@@ -42,7 +42,7 @@ def test_a_new_robot_gets_a_token_that_is_stored_only_as_a_hash(robot):
 def test_rotating_a_token_invalidates_the_old_one(robot, django_capture_on_commit_callbacks):
     robot, old = robot
     with django_capture_on_commit_callbacks() as callbacks:
-        same, new = services.register_robot("sim-01")
+        same, new = fleet.register_robot("sim-01")
     assert same.pk == robot.pk and new != old
     assert auth.authenticate_token(old) is None and auth.authenticate_token(new) == robot
     assert len(callbacks) == 1  # sockets opened with the old token are told to close
@@ -51,7 +51,7 @@ def test_rotating_a_token_invalidates_the_old_one(robot, django_capture_on_commi
 def test_it_rejects_a_revoked_token(robot, operator, django_capture_on_commit_callbacks):
     robot, token = robot
     with django_capture_on_commit_callbacks() as callbacks:
-        services.revoke_robot(robot, actor=operator)
+        fleet.revoke_robot(robot, actor=operator)
     assert auth.authenticate_token(token) is None
     assert robot.token_hash is None and robot.revoked_at is not None
     event = AuditEvent.objects.get(action="robot.token_revoked")
@@ -61,8 +61,8 @@ def test_it_rejects_a_revoked_token(robot, operator, django_capture_on_commit_ca
 
 def test_a_revoked_robot_can_be_given_a_new_token(robot):
     robot, _ = robot
-    services.revoke_robot(robot)
-    _, token = services.register_robot("sim-01")
+    fleet.revoke_robot(robot)
+    _, token = fleet.register_robot("sim-01")
     assert auth.authenticate_token(token) == robot
 
 
@@ -73,7 +73,7 @@ def test_unknown_or_malformed_tokens_authenticate_nobody(robot, raw):
 
 def test_robot_names_must_be_lowercase_identifiers(db):
     with pytest.raises(ValidationError):
-        services.register_robot("Robot 1")
+        fleet.register_robot("Robot 1")
 
 
 def test_the_token_is_read_from_the_authorization_header_only():
@@ -100,7 +100,7 @@ def test_the_fleet_mix_is_weighted(robot):
     TaskAssignment.objects.create(task=make_task("push"), weight=1.0, split="eval")
     counts = assigned_tasks(robot, 400)
     assert set(counts) == {"reach", "push"} and counts["reach"] > 2 * counts["push"]
-    splits = {a.task: a.split for a in (services.next_assignment(robot) for _ in range(50))}
+    splits = {a.task: a.split for a in (tasking.next_assignment(robot) for _ in range(300))}
     assert splits == {"reach": "online", "push": "eval"}
 
 
@@ -116,13 +116,13 @@ def test_disabled_tasks_are_never_assigned(robot):
 
 def test_no_enabled_task_means_wait(robot):
     make_task("reach", enabled=False)
-    assert services.next_assignment(robot[0]) == protocol.TaskAssigned(task=None)
+    assert tasking.next_assignment(robot[0]) == protocol.TaskAssigned(task=None)
 
 
 def test_an_assignment_carries_env_prompt_and_max_steps(robot):
     make_task("drawer-open", prompts=["open the drawer", "pull the drawer out"])
-    prompts = {services.next_assignment(robot[0]).prompt for _ in range(40)}
-    assignment = services.next_assignment(robot[0])
+    prompts = {tasking.next_assignment(robot[0]).prompt for _ in range(40)}
+    assignment = tasking.next_assignment(robot[0])
     assert prompts == {"open the drawer", "pull the drawer out"}
     assert (assignment.task, assignment.env_id, assignment.max_steps) == ("drawer-open", "drawer-open-v3", 150)
 
@@ -132,7 +132,7 @@ def test_an_assignment_carries_env_prompt_and_max_steps(robot):
 
 def test_hello_records_the_agent_and_answers_welcome_and_a_task(robot, task):
     robot, _ = robot
-    replies = services.robot_hello(robot, protocol.Hello(agent_version="0.3", capabilities=["metaworld"],
+    replies = fleet.robot_hello(robot, protocol.Hello(agent_version="0.3", capabilities=["metaworld"],
                                                          policy_version=2, policy="v2", spool_pending=4))
     assert [r.TYPE.value for r in replies] == ["welcome", "task.assigned"]
     assert replies[0].robot == "sim-01" and replies[1].task == "drawer-open"
@@ -144,12 +144,12 @@ def test_hello_records_the_agent_and_answers_welcome_and_a_task(robot, task):
 
 def test_hello_sends_the_published_policy_to_a_robot_running_another(robot, task):
     published = protocol.PolicyUpdated(version=7, url="/api/checkpoints/7/file", size=10, sha256="0" * 64)
-    services.set_policy_source(lambda: published)
+    fleet.set_policy_source(lambda: published)
     try:
-        stale = services.robot_hello(robot[0], protocol.Hello(agent_version="1", policy_version=6))
-        current = services.robot_hello(robot[0], protocol.Hello(agent_version="1", policy_version=7))
+        stale = fleet.robot_hello(robot[0], protocol.Hello(agent_version="1", policy_version=6))
+        current = fleet.robot_hello(robot[0], protocol.Hello(agent_version="1", policy_version=7))
     finally:
-        services.set_policy_source(None)
+        fleet.set_policy_source(None)
     assert stale[-1] == published and published not in current
 
 
@@ -157,42 +157,42 @@ def test_a_heartbeat_updates_live_fields_and_checks_the_token(robot, task):
     robot, token = robot
     status = protocol.Status(state="running", task="drawer-open", episode_id=str(uuid.uuid4()), step=7,
                              control_source="operator", loop_hz=9.8, loop_p99_ms=120.0, policy_version=3, policy="v3")
-    assert services.robot_status(robot, status, auth.hash_token(token)) is True
+    assert fleet.robot_status(robot, status, auth.hash_token(token)) is True
     robot.refresh_from_db()
     live = (robot.state, robot.current_task, robot.current_step, robot.control_source, robot.loop_hz, robot.connected)
     assert live == ("running", task, 7, "operator", 9.8, True)
-    services.revoke_robot(robot)
-    assert services.robot_status(robot, status, auth.hash_token(token)) is False
+    fleet.revoke_robot(robot)
+    assert fleet.robot_status(robot, status, auth.hash_token(token)) is False
 
 
 def test_a_rejected_checkpoint_reported_by_the_robot_is_shown_until_it_clears(robot, task):
     robot, token = robot
     bad = protocol.Status(state="running", policy_version=3, policy="v3", policy_error="v4: sha256 mismatch")
-    services.robot_status(robot, bad, auth.hash_token(token))
+    fleet.robot_status(robot, bad, auth.hash_token(token))
     robot.refresh_from_db()
     assert (robot.policy_version, robot.policy_error) == (3, "v4: sha256 mismatch"), "old policy kept, error shown"
-    services.robot_status(robot, protocol.Status(state="running", policy_version=5, policy="v5"), auth.hash_token(token))
+    fleet.robot_status(robot, protocol.Status(state="running", policy_version=5, policy="v5"), auth.hash_token(token))
     robot.refresh_from_db()
     assert (robot.policy_version, robot.policy_error) == (5, "")
 
 
 def test_an_old_socket_closing_does_not_take_a_reconnected_robot_offline(robot):
     robot, token = robot
-    first = services.robot_connected(robot, auth.hash_token(token))
+    first = fleet.robot_connected(robot, auth.hash_token(token))
     time.sleep(0.001)
-    second = services.robot_connected(robot, auth.hash_token(token))
-    services.robot_disconnected(robot, first)
+    second = fleet.robot_connected(robot, auth.hash_token(token))
+    fleet.robot_disconnected(robot, first)
     robot.refresh_from_db()
     assert robot.connected and robot.state == "idle"
-    services.robot_disconnected(robot, second)
+    fleet.robot_disconnected(robot, second)
     robot.refresh_from_db()
     assert not robot.connected and robot.state == "offline"
 
 
 def test_a_revoked_token_cannot_connect(robot):
     robot, token = robot
-    services.revoke_robot(robot)
-    assert services.robot_connected(robot, auth.hash_token(token)) is None
+    fleet.revoke_robot(robot)
+    assert fleet.robot_connected(robot, auth.hash_token(token)) is None
 
 
 def test_silent_robots_are_marked_offline(robot, other_robot, settings):
@@ -201,7 +201,7 @@ def test_silent_robots_are_marked_offline(robot, other_robot, settings):
     silent_since = now - dt.timedelta(seconds=30)
     Robot.objects.filter(pk=robot[0].pk).update(connected=True, state="running", last_seen=silent_since)
     Robot.objects.filter(pk=other_robot[0].pk).update(connected=True, state="idle", last_seen=now)
-    assert services.mark_silent_robots_offline() == 1
+    assert fleet.mark_silent_robots_offline() == 1
     assert list(Robot.objects.values_list("name", "connected", "state")) == [
         ("sim-01", False, "offline"), ("sim-02", True, "idle")]
 
@@ -217,11 +217,11 @@ def started(episode_id, task="drawer-open"):
 def test_an_episode_is_recorded_from_start_to_end(robot, task):
     robot, _ = robot
     eid = str(uuid.uuid4())
-    services.episode_started(robot, started(eid))
-    services.episode_started(robot, started(eid))  # a re-sent announcement is harmless
+    ingest.episode_started(robot, started(eid))
+    ingest.episode_started(robot, started(eid))  # a re-sent announcement is harmless
     ended = protocol.EpisodeEnded(episode_id=eid, steps=40, outcome="success", ended_at=time.time(), interventions=1,
                                   intervention_steps=5)
-    nxt = services.episode_ended(robot, ended)
+    nxt = ingest.episode_ended(robot, ended)
     episode = Episode.objects.get()
     assert (episode.status, episode.steps, episode.success, episode.intervention_count) == ("recording", 40, True, 1)
     assert nxt.task == "drawer-open"
@@ -229,25 +229,25 @@ def test_an_episode_is_recorded_from_start_to_end(robot, task):
 
 def test_an_episode_id_of_another_robot_is_forbidden(robot, other_robot, task):
     eid = str(uuid.uuid4())
-    services.episode_started(robot[0], started(eid))
+    ingest.episode_started(robot[0], started(eid))
     with pytest.raises(ForbiddenEpisode):
-        services.episode_started(other_robot[0], started(eid))
+        ingest.episode_started(other_robot[0], started(eid))
     with pytest.raises(ForbiddenEpisode):
         ended = protocol.EpisodeEnded(episode_id=eid, steps=1, outcome="failure", ended_at=1e9)
-        services.episode_ended(other_robot[0], ended)
+        ingest.episode_ended(other_robot[0], ended)
     assert Episode.objects.get().robot == robot[0] and Episode.objects.get().outcome == ""
 
 
 def test_an_episode_of_an_unknown_task_is_refused(robot):
     with pytest.raises(UnknownTask):
-        services.episode_started(robot[0], started(str(uuid.uuid4()), task="juggle"))
+        ingest.episode_started(robot[0], started(str(uuid.uuid4()), task="juggle"))
 
 
 def test_episode_end_does_not_overwrite_an_uploaded_episode(robot, task):
     eid = str(uuid.uuid4())
-    services.episode_started(robot[0], started(eid))
+    ingest.episode_started(robot[0], started(eid))
     Episode.objects.filter(pk=eid).update(status="verified", steps=80, outcome="success", success=True)
-    services.episode_ended(robot[0], protocol.EpisodeEnded(episode_id=eid, steps=3, outcome="aborted", ended_at=1e9))
+    ingest.episode_ended(robot[0], protocol.EpisodeEnded(episode_id=eid, steps=3, outcome="aborted", ended_at=1e9))
     assert Episode.objects.filter(pk=eid, steps=80, outcome="success").exists()
 
 
@@ -260,15 +260,15 @@ def test_stale_partial_uploads_are_cleaned_up(robot, task, payload_dir, settings
     for eid in (stale, fresh):
         Episode.objects.create(id=eid, robot=robot[0], task=task, started_at=timezone.now(), status="uploading",
                                payload_size=100, received_bytes=10)
-        services.partial_path(eid).parent.mkdir(parents=True, exist_ok=True)
-        services.partial_path(eid).write_bytes(b"x" * 10)
-    orphan = services.partial_path("not-a-uuid")
+        ingest.partial_path(eid).parent.mkdir(parents=True, exist_ok=True)
+        ingest.partial_path(eid).write_bytes(b"x" * 10)
+    orphan = ingest.partial_path("not-a-uuid")
     orphan.write_bytes(b"junk")
     two_hours_ago = time.time() - 7200
-    for path in (services.partial_path(stale), orphan):
+    for path in (ingest.partial_path(stale), orphan):
         os.utime(path, (two_hours_ago, two_hours_ago))
-    assert services.cleanup_stale_uploads() == 2
-    assert not services.partial_path(stale).exists() and not orphan.exists() and services.partial_path(fresh).exists()
+    assert ingest.cleanup_stale_uploads() == 2
+    assert not ingest.partial_path(stale).exists() and not orphan.exists() and ingest.partial_path(fresh).exists()
     assert Episode.objects.get(pk=stale).received_bytes == 0
     assert Episode.objects.get(pk=fresh).received_bytes == 10
 
@@ -300,7 +300,7 @@ def test_chunks_racing_for_one_offset_from_threads_are_appended_once(robot, task
     def put():
         try:
             barrier.wait()
-            services.append_upload(robot[0], eid, 0, b"y" * 100)
+            ingest.append_upload(robot[0], eid, 0, b"y" * 100)
             outcomes.append("ok")
         except OffsetMismatch:
             outcomes.append("mismatch")
@@ -314,4 +314,4 @@ def test_chunks_racing_for_one_offset_from_threads_are_appended_once(robot, task
         t.join()
     assert sorted(outcomes) == ["mismatch"] * 3 + ["ok"]
     assert Episode.objects.get(pk=eid).received_bytes == 100
-    assert services.partial_path(eid).read_bytes() == b"y" * 100
+    assert ingest.partial_path(eid).read_bytes() == b"y" * 100

@@ -3,7 +3,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from robots import services
+from robots import fleet
 from robots.models import Robot
 
 
@@ -19,7 +19,7 @@ class Command(BaseCommand):
         if Robot.objects.filter(name=name).exists() and not rotate:
             raise CommandError(f"robot {name!r} exists; use --rotate to issue a new token (the old one stops working)")
         try:
-            robot, token = services.register_robot(name)
+            robot, token = fleet.register_robot(name)
         except ValidationError as exc:
             raise CommandError(f"invalid robot name {name!r}: {' '.join(exc.messages)}") from None
         self.stdout.write(f"robot {robot.name}: {'token rotated' if rotate else 'created'}")

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from robots import catalog, services
+from robots import catalog, tasking
 
 
 class Command(BaseCommand):
@@ -19,5 +19,5 @@ class Command(BaseCommand):
             specs = list(catalog.MT10) if all else catalog.lookup(names)
         except KeyError as exc:
             raise CommandError(exc.args[0]) from None
-        for task, created in services.add_catalog_tasks(specs):
+        for task, created in tasking.add_catalog_tasks(specs):
             self.stdout.write(f"{'created' if created else 'updated'} {task.name} ({task.env_id})")

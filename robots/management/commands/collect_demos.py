@@ -18,7 +18,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from robots import demos, services
+from robots import demos, fleet, ingest
 from robots.agent.config import SIM_EXPERTS
 from robots.agent.spool import Spool
 from robots.models import Robot, Task
@@ -51,8 +51,8 @@ class Command(BaseCommand):
             raise CommandError(f"unknown task(s) {missing}; create them first: python manage.py add_tasks {' '.join(missing)}")
         if opts["episodes"] < 1:
             raise CommandError("--episodes must be >= 1")
-        logging.getLogger("robots.services").setLevel(logging.WARNING)  # the progress bar says it
-        robot = Robot.objects.filter(name=opts["robot"]).first() or services.register_robot(opts["robot"])[0]
+        logging.getLogger("robots.ingest").setLevel(logging.WARNING)  # the progress bar says it
+        robot = Robot.objects.filter(name=opts["robot"]).first() or fleet.register_robot(opts["robot"])[0]
 
         with tempfile.TemporaryDirectory(prefix="sop-demos-") as tmp:
             spool = Spool(Path(tmp))
@@ -96,10 +96,10 @@ class Command(BaseCommand):
             spool.remove(episode_id)
             return False
         data = spool.payload(episode_id).read_bytes()
-        episode, _ = services.open_upload(robot, meta)
+        episode, _ = ingest.open_upload(robot, meta)
         offset = episode.received_bytes
         while offset < len(data):
-            episode = services.append_upload(robot, episode.id, offset, data[offset:offset + CHUNK])
+            episode = ingest.append_upload(robot, episode.id, offset, data[offset:offset + CHUNK])
             offset = episode.received_bytes if episode.status != "verified" else len(data)
         spool.remove(episode_id)
         return True

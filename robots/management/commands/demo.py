@@ -23,7 +23,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, Q
 
-from robots import catalog, services
+from robots import catalog, fleet
 from robots.models import Episode, Robot, Task, TaskAssignment
 from sop_web import embedded
 
@@ -100,7 +100,7 @@ class Command(BaseCommand):
 
         for i in range(1, opts["robots"] + 1):
             name = f"sim-{i}"
-            _, token = services.register_robot(name)  # a fresh token per demo start; the old one stops working
+            _, token = fleet.register_robot(name)  # a fresh token per demo start; the old one stops working
             agent_env = {**env, "SOP_ROBOT_TOKEN": token}
             policy = (["--policy", "learned", "--fallback", "expert", "--sim-operator"] if learning
                       else ["--policy", opts["policy"], "--noise", str(opts["noise"])])

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from robots import services
+from robots import fleet
 from robots.models import Robot
 
 
@@ -16,5 +16,5 @@ class Command(BaseCommand):
         robot = Robot.objects.filter(name=name).first()
         if robot is None:
             raise CommandError(f"no robot named {name!r}")
-        services.revoke_robot(robot)
+        fleet.revoke_robot(robot)
         self.stdout.write(f"robot {name}: token revoked (issue a new one with add_robot {name} --rotate)")

@@ -1,5 +1,5 @@
 """The agent's side of the console messages: the connection routes each one to its callback, and the server stores
-an operator's label from the payload (robots/services.py ``_payload_fields``)."""
+an operator's label from the payload (robots/ingest.py ``_payload_fields``)."""
 
 import types
 import uuid
@@ -55,7 +55,7 @@ def test_a_failing_console_callback_does_not_end_the_session(tmp_path):
 
 @pytest.mark.django_db
 def test_the_server_stores_who_labelled_an_episode(tmp_path, django_user_model):
-    from robots.services import _payload_fields
+    from robots.ingest import _payload_fields
 
     alice = django_user_model.objects.create_user("alice")
     data = episode_data()

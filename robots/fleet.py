@@ -1,0 +1,193 @@
+"""The fleet's live state: robot tokens, and what each robot's socket reports (connect, hello, heartbeats,
+disconnect). Every door (robot socket, admin, management commands, Celery) calls these.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any, Callable, Optional
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q, Subquery
+from django.utils import timezone
+
+from . import auth, control, events, protocol, tasking
+from .exceptions import SopError
+from .models import ControlLease, Robot, Task, validate_name
+from .protocol import RobotState
+from .values import db_count, db_version
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def register_robot(name: str) -> tuple[Robot, str]:
+    """Create a robot, or rotate the token of an existing one (which also lifts a revocation).
+
+    Returns the robot and its new raw token: the only time the token exists outside the robot. Sockets opened with
+    a previous token are closed.
+    """
+    validate_name(name)
+    token = auth.generate_token()
+    with transaction.atomic():
+        robot = Robot.objects.select_for_update().filter(name=name).first()
+        rotated = robot is not None and robot.token_hash is not None
+        robot = robot or Robot(name=name)
+        robot.token_hash = auth.hash_token(token)
+        robot.token_prefix = auth.shown_prefix(token)
+        robot.token_created_at = timezone.now()
+        robot.revoked_at = None
+        robot.save()
+        events.audit("robot.token_issued", robot=robot, detail={"token_prefix": robot.token_prefix, "rotated": rotated})
+        if rotated:
+            events.send_on_commit(robot.group_name, events.ROBOT_REVOKED)
+    return robot, token
+
+
+def revoke_robot(robot: Robot, actor=None) -> Robot:
+    """Invalidate the robot's token and close every live socket of it at once.
+
+    The socket close rides on one channel-layer message; each heartbeat re-checks the token as well (robot_status),
+    so a lost message delays the close by one heartbeat at most.
+    """
+    with transaction.atomic():
+        prefix = Robot.objects.filter(pk=robot.pk).values_list("token_prefix", flat=True).first()
+        Robot.objects.filter(pk=robot.pk).update(token_hash=None, revoked_at=timezone.now())
+        events.audit("robot.token_revoked", robot=robot, actor=actor, detail={"token_prefix": prefix or ""})
+        # one commit hook: the robot's sockets close, and the consoles drop its tile
+        events.sends_on_commit([(robot.group_name, {"type": events.ROBOT_REVOKED}),
+                                (events.CONSOLE_GROUP, {"type": "robot.removed", "robot": robot.name})])
+    robot.refresh_from_db()
+    return robot
+
+
+
+# ---------------------------------------------------------------- live state (the robot socket)
+
+
+def robot_connected(robot: Robot, token_hash: str) -> Optional[dt.datetime]:
+    """Mark the robot connected. Returns the connection's ``connected_at`` (its key for robot_disconnected), or
+    None when the token was revoked since the handshake authenticated it (the socket must then be refused).
+
+    The socket joins the robot's group before calling this, so a revocation is either seen here or delivered
+    to the socket as an event: there is no window where it is missed.
+    """
+    now = timezone.now()
+    updated = Robot.objects.filter(pk=robot.pk, token_hash=token_hash, revoked_at__isnull=True).update(
+        connected=True, connected_at=now, last_seen=now, state=RobotState.IDLE.value
+    )
+    return now if updated else None
+
+
+def robot_hello(robot: Robot, msg: protocol.Hello) -> list[protocol.Message]:
+    """Record what the agent reports about itself; answer ``welcome``, a ``task.assigned`` and, when the robot
+    runs another policy than the published one, the current ``policy.updated``."""
+    Robot.objects.filter(pk=robot.pk).update(
+        connected=True,
+        last_seen=timezone.now(),
+        agent_version=msg.agent_version[:50],
+        capabilities=msg.capabilities,
+        policy_version=db_version(msg.policy_version),
+        policy_name=msg.policy[:100],
+        spool_pending=db_count(msg.spool_pending),
+    )
+    replies: list[protocol.Message] = [
+        protocol.Welcome(robot=robot.name, heartbeat_s=settings.SOP_HEARTBEAT_S, server_time=time.time()),
+        tasking.assign(robot),
+    ]
+    policy = _policy_source() if _policy_source else None
+    if policy is not None and policy.version != msg.policy_version:
+        replies.append(policy)
+    replies.extend(_control_state(robot))
+    return replies
+
+
+def _control_state(robot: Robot) -> list[protocol.Message]:
+    """What a (re)connecting robot must obey at once: the e-stop latch and a takeover lease that is still active."""
+    replies: list[protocol.Message] = []
+    latch = Robot.objects.filter(pk=robot.pk).values("estopped", "estopped_by").first()
+    if latch and latch["estopped"]:
+        replies.append(protocol.ControlEstop(engaged=True, by=latch["estopped_by"]))
+    lease = ControlLease.objects.filter(robot_id=robot.pk, ended_at__isnull=True).first()
+    if lease is not None:
+        replies.append(protocol.ControlTakeover(lease=lease.pk, operator=lease.operator_name, reason=lease.reason))
+    return replies
+
+
+def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
+    """Store a heartbeat. Returns False when the socket's token is no longer valid (revoked or rotated)."""
+    if msg.state == RobotState.OFFLINE.value:
+        raise SopError("state 'offline' is set by the server, not reported by robots")
+    fields: dict[str, Any] = dict(
+        connected=True,
+        last_seen=timezone.now(),
+        state=msg.state,
+        current_episode=msg.episode_id,
+        current_step=db_count(msg.step),
+        control_source=msg.control_source,
+        loop_hz=msg.loop_hz,
+        loop_p99_ms=msg.loop_p99_ms,
+        policy_version=db_version(msg.policy_version),
+        policy_name=msg.policy[:100],
+        spool_pending=db_count(msg.spool_pending),
+        policy_error=msg.policy_error[:300],
+        deadman=msg.deadman,
+        operator_name=msg.operator[:150],
+        video_fps=msg.video_fps,
+        viewers=db_count(msg.viewers),
+    )
+    if msg.task is not None:
+        fields["current_task"] = Subquery(Task.objects.filter(name=msg.task).values("pk")[:1])
+    # Filtering on the token makes every heartbeat a revocation check for free: no row updated = token gone.
+    return Robot.objects.filter(pk=robot.pk, token_hash=token_hash, revoked_at__isnull=True).update(**fields) == 1
+
+
+def robot_disconnected(robot: Robot, connected_at: dt.datetime) -> bool:
+    """Mark the robot offline; its takeover lease ends (robot_offline). Returns whether it went offline."""
+    # A robot that reconnects before its old socket notices the drop has two sockets for a moment: only the
+    # connection that is still the latest one (same connected_at) may mark the robot offline.
+    offline = Robot.objects.filter(pk=robot.pk, connected_at=connected_at).update(
+        connected=False, state=RobotState.OFFLINE.value, deadman=False, video_fps=0.0, viewers=0
+    ) == 1
+    if offline:
+        control.end_leases_for_robot(robot.pk)
+    return offline
+
+
+def mark_silent_robots_offline() -> int:
+    """Robots whose last heartbeat is older than SOP_ROBOT_SILENT_S are shown offline (e.g. after a web node died);
+    their takeover leases end."""
+    cutoff = timezone.now() - dt.timedelta(seconds=settings.SOP_ROBOT_SILENT_S)
+    silent = Robot.objects.filter(connected=True).filter(Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True))
+    ids = list(silent.values_list("pk", flat=True))
+    count = Robot.objects.filter(pk__in=ids).filter(Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True)).update(
+        connected=False, state=RobotState.OFFLINE.value, deadman=False, video_fps=0.0, viewers=0
+    )
+    for robot_id in ids:
+        control.end_leases_for_robot(robot_id)
+        events.broadcast_state_on_commit(robot_id)
+    return count
+
+
+# ---------------------------------------------------------------- checkpoints -> fleet
+
+_policy_source: Optional[Callable[[], Optional[protocol.PolicyUpdated]]] = None
+
+
+def set_policy_source(source: Optional[Callable[[], Optional[protocol.PolicyUpdated]]]) -> None:
+    """Register the function that returns the currently published policy (the learner app does, in ready()).
+
+    A robot that says hello with another policy version is sent it, so robots started after a publication catch up.
+    """
+    global _policy_source
+    _policy_source = source
+
+
+def announce_policy(message: protocol.PolicyUpdated) -> None:
+    """Tell every connected robot about a new checkpoint (after the surrounding transaction commits)."""
+    events.send_on_commit(events.FLEET_GROUP, message.TYPE.value, message=message.to_dict())
