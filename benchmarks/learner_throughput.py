@@ -58,7 +58,8 @@ def synthetic_episode(path: Path, task_id: int, seed: int, steps: int, size: int
         actions[t, :2] = delta
         actions[t, 3] = -1.0
     control = np.zeros(steps, np.uint8) if online else np.full(steps, 2, np.uint8)
-    segments = []
+    # the episode file requires control codes and segments to agree (robots/episode_file.py check_control_source)
+    segments = [] if online else [Segment(0, steps, "sim_operator")]
     if online:
         start = int(rng.integers(10, steps // 2))
         control[start: start + 20] = 2

@@ -38,6 +38,19 @@ class FakeEmbedder:
         return v / np.linalg.norm(v)
 
 
+def _segments_of(control: np.ndarray) -> list[Segment]:
+    """The intervention segments a recorder writes for these control codes: each run of non-policy steps."""
+    found, start = [], None
+    for t in range(len(control) + 1):
+        code = int(control[t]) if t < len(control) else POLICY
+        if start is not None and (code != int(control[start])):
+            found.append(Segment(start, t, "operator" if int(control[start]) == OPERATOR else "sim_operator"))
+            start = None
+        if start is None and code != POLICY:
+            start = t
+    return found
+
+
 def make_episode(
     path: Path,
     *,
@@ -82,9 +95,7 @@ def make_episode(
         rewards=np.zeros(steps, np.float32),
         successes=np.zeros(steps, bool),
         timestamps=np.arange(steps) / 30.0,
-        segments=[
-            Segment(s, e, "operator" if c == OPERATOR else "sim_operator") for s, e, c in segments
-        ],
+        segments=_segments_of(control),
     )
     write_episode(path, data)
     return path

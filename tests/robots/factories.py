@@ -18,6 +18,9 @@ def episode_data(episode_id: str | None = None, *, steps: int = 5, task: str = "
                  policy_version: int = 3) -> EpisodeData:
     rng = np.random.default_rng(0)
     now = time.time()
+    control_source = np.zeros(steps, dtype=np.uint8)  # consistent with the segments, as the agent's recorder writes
+    for segment in segments or []:
+        control_source[segment.start:segment.end] = episode_file.SEGMENT_SOURCES[segment.source]
     return EpisodeData(
         meta={
             "episode_id": episode_id or str(uuid.uuid4()), "robot": robot, "task": task, "env_id": f"{task}-v3",
@@ -28,7 +31,7 @@ def episode_data(episode_id: str | None = None, *, steps: int = 5, task: str = "
         images=rng.integers(0, 255, size=(steps, 8, 8, 3), dtype=np.uint8),
         states=rng.standard_normal((steps, 4)).astype(np.float32),
         actions=rng.standard_normal((steps, 4)).astype(np.float32),
-        control_source=np.zeros(steps, dtype=np.uint8),
+        control_source=control_source,
         rewards=np.linspace(0, 1, steps, dtype=np.float32),
         successes=np.arange(steps) == steps - 1,
         timestamps=np.arange(steps, dtype=np.float64) / 10.0,

@@ -12,7 +12,8 @@ from .factories import episode_data
 
 
 def test_an_episode_survives_a_write_read_round_trip(tmp_path):
-    data = episode_data(segments=[Segment(1, 3, "operator", "alice", "about to miss the handle")])
+    data = episode_data(segments=[Segment(1, 3, "operator", "alice", "about to miss the handle", lease=7)])
+    data.control_source[1:3] = 1  # the operator drove steps 1 and 2
     write_episode(tmp_path / "e.h5", data)
     with EpisodeReader(tmp_path / "e.h5") as reader:
         loaded = reader.load()
