@@ -87,7 +87,8 @@ def test_an_error_message_with_an_unknown_code_cannot_be_built():
 
 def test_the_pure_core_imports_without_django():
     code = (
-        "import sys; import robots.protocol, robots.episode_file, robots.catalog; "
+        "import sys; import robots.protocol, robots.wire, robots.console_protocol, robots.payload_check, robots.schema, "
+        "robots.episode_file, robots.catalog; "
         "assert 'django' not in sys.modules, sorted(m for m in sys.modules if m.startswith('django'))"
     )
     env = {"PATH": "/usr/bin:/bin"}  # no DJANGO_SETTINGS_MODULE
