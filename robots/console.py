@@ -1,37 +1,39 @@
 """The operator console socket (/ws/console/, docs/console.md): browsers, authenticated by their session cookie and
-origin-checked (sop_web/asgi.py wraps this consumer in AllowedHostsOriginValidator + AuthMiddlewareStack).
+origin-checked (sop_web/asgi.py wraps this consumer in robots/origin.py's check + AuthMiddlewareStack).
 
-Every frame is a JSON object with ``type``, checked here field by field; a bad or refused frame gets
-``{"type": "error", "code", "detail", "ref"}`` (``ref``: the type of the frame that caused it) and the socket stays
-open, up to SOP_MAX_BAD_MESSAGES malformed or invalid frames a minute. State changes go through robots/control.py;
-WebRTC signalling and teleop commands are relayed to the robot's channel-layer group, and a robot's answer comes back
-to this socket only (robots/consumers.py routes it by session).
+Every frame is decoded by the typed layer (robots/console_protocol.py: bytes, depth, fields); a bad or refused frame
+gets ``{"type": "error", "code", "detail", "ref"}`` (``ref``: the type of the frame that caused it) and the socket
+stays open, up to SOP_MAX_BAD_MESSAGES malformed or invalid frames a minute. Frames are rate-limited per socket, video
+offers more tightly (each one costs the robot a negotiation), so that a viewer cannot disturb a robot it only
+watches. State changes go through robots/control.py; WebRTC signalling and teleop commands are re-encoded as robot
+protocol messages (whose byte limit is checked before they are relayed) and sent to the robot's channel-layer group;
+a robot's answer comes back to this socket only (robots/consumers.py routes it by session).
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import math
 import time
 from typing import Any, Optional
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from . import console_protocol as cp
 from . import control, events, protocol, roles, selectors
 from .exceptions import SopError
 from .models import Robot
-from .protocol import CloseCode
+from .protocol import CloseCode, ProtocolError
+from .sockets import BadFrameBudget, GuardedConsumer, TokenBucket
 
 log = logging.getLogger(__name__)
 
-BAD_MESSAGE_WINDOW_S = 60.0
-MAX_FRAME_BYTES = protocol.MAX_MESSAGE_BYTES  # 64 KB; an offer's SDP (up to protocol.MAX_SDP) fits
-MAX_SESSIONS = 32  # open WebRTC sessions per console socket
-ERROR_CODES = ("malformed", "unknown_robot", "forbidden", "held", "not_holder", "robot_offline", "invalid")
+MAX_SESSIONS = 32  # open WebRTC sessions per console socket (a fleet page shows a tile per robot)
+MAX_SESSIONS_PER_ROBOT = 2  # per console socket: a tab watches a robot once (plus one renegotiation in flight)
+FRAME_RATE, FRAME_BURST = 100.0, 200.0  # frames per second per socket (teleop is 20 Hz)
+OFFER_RATE, OFFER_BURST = 0.5, 8.0  # video offers per second per socket, after a burst that fills a fleet page
+ERROR_CODES = cp.ERROR_CODES
 COUNTED_ERRORS = ("malformed", "invalid", "unknown_robot")  # a flood of these closes the socket; races do not count
 
 
@@ -41,7 +43,7 @@ class ConsoleError(Exception):
         self.code, self.detail = code, detail
 
 
-class ConsoleConsumer(AsyncWebsocketConsumer):
+class ConsoleConsumer(GuardedConsumer):
     user = None
     role: Optional[str] = None
     closing = False
@@ -54,11 +56,14 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             return
         self.user = user
         self.role = await database_sync_to_async(roles.role_of)(user)
-        self.bad_frames: collections.deque[float] = collections.deque()
+        self.budget = BadFrameBudget(settings.SOP_MAX_BAD_MESSAGES)
+        self.frames = TokenBucket(FRAME_RATE, FRAME_BURST)
+        self.offer_bucket = TokenBucket(OFFER_RATE, OFFER_BURST)
         self.leases: dict[str, tuple[int, str]] = {}  # robot name -> (lease id, robot group): leases held here
         self.sessions: dict[str, tuple[str, str]] = {}  # WebRTC session -> (robot name, robot group)
         # Join before reading the fleet: a change made meanwhile arrives as an event (maybe twice, never lost).
         await self.channel_layer.group_add(events.CONSOLE_GROUP, self.channel_name)
+        await self.channel_layer.group_add(events.user_group(user.pk), self.channel_name)
         await self.accept()
         await self.send_json(await database_sync_to_async(selectors.console_hello)(user))
         log.info("console %s (%s) connected from %s", user.get_username(), self.role, _client(self.scope))
@@ -66,10 +71,12 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code):
         if self.user is None:
             return
-        await self.channel_layer.group_discard(events.CONSOLE_GROUP, self.channel_name)
-        for session, (_, group) in list(self.sessions.items()):  # free the robots' viewer slots at once
-            await self._to_robot(group, protocol.WebrtcClose(session=session))
-        self.sessions.clear()
+        # Each step on its own: a channel layer that is down must not keep the leases from ending.
+        for step in (self._leave_groups, self._close_sessions):
+            try:
+                await step()
+            except Exception:
+                log.exception("console %s: disconnect step %s failed", self.user.get_username(), step.__name__)
         ended = await database_sync_to_async(control.end_leases_for_channel)(self.channel_name)
         log.info("console %s disconnected (code %s)%s", self.user.get_username(), code,
                  f", {ended} lease(s) ended" if ended else "")
@@ -77,113 +84,102 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None):
         if self.closing:
             return
-        kind = None
+        message = None
         try:
             if text_data is None:
                 raise ConsoleError("malformed", "binary frames are not part of the console protocol")
-            if len(text_data) > MAX_FRAME_BYTES:
-                raise ConsoleError("invalid", f"frame of {len(text_data)} characters exceeds {MAX_FRAME_BYTES}")
             try:
-                body = json.loads(text_data, parse_constant=_reject_constant)
-            except ValueError as exc:
-                raise ConsoleError("malformed", f"not valid JSON: {exc}") from None
-            if not isinstance(body, dict) or not isinstance(body.get("type"), str):
-                raise ConsoleError("malformed", "a frame must be a JSON object with a string 'type'")
-            kind = body["type"][:50]
-            handler = self.HANDLERS.get(kind)
-            if handler is None:
-                raise ConsoleError("invalid", f"unknown frame type {kind!r}")
-            await handler(self, body)
+                message = cp.CONSOLE.decode(text_data, accept=cp.BROWSER_MESSAGES)
+            except ProtocolError as exc:
+                raise _console_error(exc, text_data) from None
+            if not self.frames.take():
+                raise ConsoleError("rate_limited", f"more than {FRAME_RATE:g} frames a second")
+            await self.HANDLERS[type(message)](self, message)
         except ConsoleError as exc:
-            await self._error(exc.code, exc.detail, kind)
+            await self._error(exc.code, exc.detail, message.type_name() if message else _ref(exc))
         except SopError as exc:  # refused by a service: control.py's errors carry the console code
             code = exc.default_code if exc.default_code in ERROR_CODES else "invalid"
-            await self._error(code, str(exc.detail), kind)
+            await self._error(code, str(exc.detail), message.type_name() if message else None)
+
+    async def server_error(self, kind: str) -> None:
+        if kind == "websocket.receive":
+            await self._error("server_error", "the server failed to handle this frame; try again", None)
 
     # ------------------------------------------------------------ browser -> server
 
-    async def on_ping(self, body):
-        t = _number(body, "t", required=False)
-        await self.send_json({"type": "pong", "t": t, "server_t": int(time.time() * 1000)})
+    async def on_ping(self, msg: cp.Ping):
+        await self.send_json({"type": "pong", "t": msg.t, "server_t": int(time.time() * 1000)})
 
-    async def on_webrtc_offer(self, body):
-        name, session = _robot_name(body), _session(body)
-        sdp = _string(body, "sdp", max_len=protocol.MAX_SDP)
-        if session not in self.sessions and len(self.sessions) >= MAX_SESSIONS:
-            raise ConsoleError("invalid", f"at most {MAX_SESSIONS} video sessions per console")
-        robot = await database_sync_to_async(control.online_robot)(name)  # any role may watch
-        offer = _message(protocol.WebrtcOffer, session=session, sdp=sdp, user=self.user.get_username(),
-                         ice_servers=list(settings.SOP_ICE_SERVERS))
-        self.sessions[session] = (robot.name, robot.group_name)
+    async def on_webrtc_offer(self, msg: cp.OfferVideo):
+        if msg.session not in self.sessions:
+            if len(self.sessions) >= MAX_SESSIONS:
+                raise ConsoleError("invalid", f"at most {MAX_SESSIONS} video sessions per console")
+            if sum(1 for name, _ in self.sessions.values() if name == msg.robot) >= MAX_SESSIONS_PER_ROBOT:
+                raise ConsoleError("invalid", f"at most {MAX_SESSIONS_PER_ROBOT} video sessions per robot and console;"
+                                              " close one first")
+        if not self.offer_bucket.take():
+            raise ConsoleError("rate_limited", "too many video offers; wait a moment")
+
+        def lookup():
+            return control.online_robot(msg.robot), roles.role_of(self.user) or roles.VIEWER
+
+        robot, role = await database_sync_to_async(lookup)()  # any role may watch
+        offer = _relayable(protocol.WebrtcOffer, session=msg.session, sdp=msg.sdp, user=self.user.get_username(),
+                           role=role, ice_servers=list(settings.SOP_ICE_SERVERS))
+        self.sessions[msg.session] = (robot.name, robot.group_name)
         await self._to_robot(robot.group_name, offer, console=self.channel_name)
 
-    async def on_webrtc_close(self, body):
-        name, session = _robot_name(body), _session(body)
-        opened = self.sessions.get(session)
-        if opened is None or opened[0] != name:
-            raise ConsoleError("invalid", f"no video session {session} with robot {name} on this socket")
-        del self.sessions[session]
-        await self._to_robot(opened[1], protocol.WebrtcClose(session=session))
+    async def on_webrtc_close(self, msg: cp.CloseVideo):
+        opened = self.sessions.get(msg.session)
+        if opened is None or opened[0] != msg.robot:
+            raise ConsoleError("invalid", f"no video session {msg.session} with robot {msg.robot} on this socket")
+        del self.sessions[msg.session]
+        await self._to_robot(opened[1], protocol.WebrtcClose(session=msg.session))
 
-    async def on_takeover(self, body):
-        name = _robot_name(body)
-        reason = _string(body, "reason", required=False, max_len=control.MAX_REASON) or ""
-        force = _bool(body, "force", required=False) or False
-        lease = await self._db(control.acquire_lease, name, self.user, reason, self.channel_name, force)
-        self.leases[name] = (lease.pk, Robot(pk=lease.robot_id).group_name)
+    async def on_takeover(self, msg: cp.Takeover):
+        lease = await self._db(control.acquire_lease, msg.robot, self.user, msg.reason, self.channel_name, msg.force)
+        self.leases[msg.robot] = (lease.pk, Robot(pk=lease.robot_id).group_name)
         # The `lease` event itself reaches every console (this one included) through the console group.
 
-    async def on_keepalive(self, body):
-        name = _robot_name(body)
+    async def on_keepalive(self, msg: cp.Keepalive):
         try:
-            lease = await self._db(control.renew_lease, name, self.user, self.channel_name)
+            lease = await self._db(control.renew_lease, msg.robot, self.user, self.channel_name)
         except SopError:
-            self.leases.pop(name, None)
+            self.leases.pop(msg.robot, None)
             raise
-        self.leases[name] = (lease.pk, Robot(pk=lease.robot_id).group_name)
+        self.leases[msg.robot] = (lease.pk, Robot(pk=lease.robot_id).group_name)
 
-    async def on_release(self, body):
-        name = _robot_name(body)
-        self.leases.pop(name, None)
-        await self._db(control.release_lease, name, self.user, self.channel_name)
+    async def on_release(self, msg: cp.Release):
+        self.leases.pop(msg.robot, None)
+        await self._db(control.release_lease, msg.robot, self.user, self.channel_name)
 
-    async def on_teleop(self, body):
+    async def on_teleop(self, msg: cp.Teleop):
         """The websocket fallback of the teleop data channel: only this socket's own lease, relayed with its id."""
-        name = _robot_name(body)
         if self.role not in (roles.OPERATOR, roles.ADMIN):
             raise ConsoleError("forbidden", "operators and admins only")
-        held = self.leases.get(name)
+        held = self.leases.get(msg.robot)
         if held is None:
-            raise ConsoleError("not_holder", f"you do not hold robot {name}")
-        action = body.get("action")
-        if action is not None and not (isinstance(action, list) and len(action) == 3
-                                       and all(_is_number(a) for a in action)):
-            raise ConsoleError("invalid", "action must be a list of 3 numbers or null")
-        command = _message(protocol.ControlCommand, lease=held[0], seq=_int(body, "seq"), t=_number(body, "t"),
-                           action=action, grip=_number(body, "grip", required=False))
+            raise ConsoleError("not_holder", f"you do not hold robot {msg.robot}")
+        command = _relayable(protocol.ControlCommand, lease=held[0], seq=msg.seq, t=msg.t, action=msg.action,
+                             grip=msg.grip)
         await self._to_robot(held[1], command)
 
-    async def on_estop(self, body):
-        name = _robot_name(body)
-        engaged = _bool(body, "engaged")
-        await self._db(control.set_estop, name, engaged, self.user)
+    async def on_estop(self, msg: cp.Estop):
+        await self._db(control.set_estop, msg.robot, msg.engaged, self.user)
 
-    async def on_label(self, body):
-        name = _robot_name(body)
-        outcome = _string(body, "outcome")
-        episode_id = _string(body, "episode_id", required=False)
-        await self._db(control.label_episode, name, self.user, outcome, episode_id or None)
+    async def on_label(self, msg: cp.Label):
+        await self._db(control.label_episode, msg.robot, self.user, msg.outcome, msg.episode_id)
 
     HANDLERS = {
-        "ping": on_ping,
-        "webrtc.offer": on_webrtc_offer,
-        "webrtc.close": on_webrtc_close,
-        "takeover": on_takeover,
-        "keepalive": on_keepalive,
-        "release": on_release,
-        "teleop": on_teleop,
-        "estop": on_estop,
-        "label": on_label,
+        cp.Ping: on_ping,
+        cp.OfferVideo: on_webrtc_offer,
+        cp.CloseVideo: on_webrtc_close,
+        cp.Takeover: on_takeover,
+        cp.Keepalive: on_keepalive,
+        cp.Release: on_release,
+        cp.Teleop: on_teleop,
+        cp.Estop: on_estop,
+        cp.Label: on_label,
     }
 
     # ------------------------------------------------------------ channel-layer events -> browser
@@ -201,7 +197,7 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
     async def lease(self, event):
         held = self.leases.get(event["robot"])
         if not event["active"] and held is not None and held[0] == event["lease"]:
-            self.leases.pop(event["robot"], None)  # ended elsewhere (timeout, forced, robot offline)
+            self.leases.pop(event["robot"], None)  # ended elsewhere (timeout, forced, robot offline, role changed)
         fields = ("robot", "lease", "operator", "active", "reason")
         await self.send_json({"type": "lease", **{k: event[k] for k in fields}})
 
@@ -213,6 +209,24 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             self.sessions.pop(event["session"], None)
         await self.send_json({"type": "webrtc.answer", "robot": event["robot"], "session": event["session"],
                               "sdp": event.get("sdp", ""), "error": event.get("error", "")})
+
+    async def role_changed(self, event):
+        """The user's account changed (robots/signals.py). If their role did: the video sessions were negotiated with
+        the old role (the robot trusts it for data channel e-stops), so they close, and the page reloads and offers
+        again; a deactivated user's socket closes."""
+        role = await database_sync_to_async(roles.role_of)(await database_sync_to_async(_fresh)(self.user))
+        if role == self.role:
+            return
+        log.warning("console %s: role %s -> %s", self.user.get_username(), self.role, role)
+        self.role = role
+        await self._close_sessions()
+        if role not in (roles.OPERATOR, roles.ADMIN):
+            self.leases.clear()  # signals.py ended them on the server; their lease events may still be on the way
+        if role is None:
+            self.closing = True
+            await self.close(code=4003)
+            return
+        await self.send_json({"type": "role", "role": role})
 
     # ------------------------------------------------------------ helpers
 
@@ -227,102 +241,66 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
     async def _to_robot(self, group: str, message: protocol.Message, **extra):
         await self.channel_layer.group_send(group, {"type": message.TYPE.value, "message": message.to_dict(), **extra})
 
+    async def _close_sessions(self):
+        for session, (_, group) in list(self.sessions.items()):  # free the robots' viewer slots at once
+            await self._to_robot(group, protocol.WebrtcClose(session=session))
+        self.sessions.clear()
+
+    async def _leave_groups(self):
+        await self.channel_layer.group_discard(events.CONSOLE_GROUP, self.channel_name)
+        await self.channel_layer.group_discard(events.user_group(self.user.pk), self.channel_name)
+
     async def send_json(self, content: dict[str, Any]):
-        await self.send(text_data=json.dumps(content, separators=(",", ":")))
+        await self.send(text_data=json.dumps(content, separators=(",", ":"), ensure_ascii=False))
 
     async def _error(self, code: str, detail: str, ref: Optional[str]):
         name = self.user.get_username() if self.user else "?"
-        log.info("console %s: %s refused: %s (%s)", name, ref or "frame", code, detail)
-        if code in COUNTED_ERRORS:
-            now = time.monotonic()
-            self.bad_frames.append(now)
-            while self.bad_frames and self.bad_frames[0] < now - BAD_MESSAGE_WINDOW_S:
-                self.bad_frames.popleft()
-            if len(self.bad_frames) > settings.SOP_MAX_BAD_MESSAGES:
-                log.warning("console %s: too many bad frames, closing its socket", name)
-                await self.send_json({"type": "error", "code": "too_many_errors",
-                                      "detail": f"more than {settings.SOP_MAX_BAD_MESSAGES} bad frames in a minute",
-                                      "ref": ref})
-                self.closing = True
-                await self.close(code=int(CloseCode.TOO_MANY_ERRORS))
-                return
-        await self.send_json({"type": "error", "code": code, "detail": detail[:protocol.MAX_STRING], "ref": ref})
+        log.info("console %s: %s refused: %s (%s)", name, ref or "frame", code, detail[:200])
+        if code in COUNTED_ERRORS and self.budget.spend():
+            log.warning("console %s: too many bad frames, closing its socket", name)
+            await self.send_json({"type": "error", "code": "too_many_errors",
+                                  "detail": f"more than {settings.SOP_MAX_BAD_MESSAGES} bad frames in a minute",
+                                  "ref": ref})
+            self.closing = True
+            await self.close(code=int(CloseCode.TOO_MANY_ERRORS))
+            return
+        await self.send_json({"type": "error", "code": code, "detail": _printable(detail)[:protocol.MAX_STRING],
+                              "ref": ref})
 
 
-# ---------------------------------------------------------------- field checks (raise ConsoleError "invalid")
+def _console_error(exc: ProtocolError, raw: str) -> ConsoleError:
+    """The console's error code for a frame the typed layer refused (malformed, or invalid for everything else)."""
+    code = "malformed" if exc.code == "malformed" or (exc.code == "unknown_type" and exc.ref_type is None) else "invalid"
+    error = ConsoleError(code, exc.message)
+    error.ref = exc.ref_type  # type: ignore[attr-defined]
+    return error
 
 
-def _message(cls, **fields) -> protocol.Message:
+def _ref(exc: ConsoleError) -> Optional[str]:
+    return getattr(exc, "ref", None)
+
+
+def _relayable(cls, **fields) -> protocol.Message:
+    """A robot protocol message built from console input, refused if invalid or if its frame would exceed the robot's
+    limit in bytes (checked here, before the relay, so that a robot never receives a frame it must drop)."""
     try:
-        return cls(**fields)
-    except protocol.ProtocolError as exc:
+        message = cls(**fields)
+        protocol.encode(message)
+    except ProtocolError as exc:
         raise ConsoleError("invalid", exc.message) from None
+    return message
 
 
-def _missing(name: str) -> ConsoleError:
-    return ConsoleError("invalid", f"{name} is required")
-
-
-def _robot_name(body) -> str:
-    name = body.get("robot")
-    if not isinstance(name, str) or not name:
-        raise ConsoleError("invalid", "robot must be a robot's name")
-    if len(name) > 100:
-        raise ConsoleError("unknown_robot", "no such robot")
-    return name
-
-
-def _session(body) -> str:
-    session = body.get("session")
-    if not isinstance(session, str) or not protocol._UUID.match(session):
-        raise ConsoleError("invalid", "session must be a lowercase UUID")
-    return session
-
-
-def _string(body, name: str, required: bool = True, max_len: int = protocol.MAX_STRING) -> Optional[str]:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise _missing(name)
-        return None
-    if not isinstance(value, str) or len(value) > max_len:
-        raise ConsoleError("invalid", f"{name} must be a string of at most {max_len} characters")
-    return value
-
-
-def _bool(body, name: str, required: bool = True) -> Optional[bool]:
-    value = body.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, bool):
-        raise ConsoleError("invalid", f"{name} must be true or false")
-    return value
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _number(body, name: str, required: bool = True) -> Optional[float]:
-    value = body.get(name)
-    if value is None and not required:
-        return None
-    if not _is_number(value):
-        raise ConsoleError("invalid", f"{name} must be a finite number")
-    return value
-
-
-def _int(body, name: str) -> int:
-    value = body.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConsoleError("invalid", f"{name} must be a non-negative integer")
-    return value
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed")
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _client(scope) -> str:
     client = scope.get("client") or ("?", 0)
     return f"{client[0]}:{client[1]}"
+
+
+def _fresh(user):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.filter(pk=user.pk).first()

@@ -12,20 +12,18 @@ broadcast to the consoles (at most once per heartbeat unless something the conso
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import logging
 import time
 from collections import OrderedDict
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from . import control, events, fleet, ingest, protocol, selectors
 from .auth import authenticate_token, hash_token, token_from_scope
 from .exceptions import SopError
 from .protocol import CloseCode, ErrorCode, ProtocolError
+from .sockets import BadFrameBudget, GuardedConsumer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,7 @@ MAX_PENDING_OFFERS = 64  # WebRTC offers awaiting the robot's answer, per socket
 MIN_STATE_INTERVAL_S = 0.2  # even a changed state is broadcast to consoles at most this often
 
 
-class RobotConsumer(AsyncWebsocketConsumer):
+class RobotConsumer(GuardedConsumer):
     robot = None
     token_hash = ""
     connected_at = None
@@ -51,7 +49,7 @@ class RobotConsumer(AsyncWebsocketConsumer):
             log.warning("robot socket from %s refused: %s", _client(self.scope), reason)
             await self.close()  # before accept: the handshake is answered with HTTP 403
             return
-        self.bad_messages: collections.deque[float] = collections.deque()
+        self.budget = BadFrameBudget(settings.SOP_MAX_BAD_MESSAGES)
         self.offers: OrderedDict[str, str] = OrderedDict()  # WebRTC session -> console channel awaiting the answer
         # Join the groups before robot_connected re-checks the token: a revocation committed after that check
         # reaches this socket as an event, one committed before it makes the check fail. Nothing slips between.
@@ -72,14 +70,27 @@ class RobotConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code):
         if self.robot is None:
             return
-        await self._leave_groups()
+        self.closing = True
         if self.pending_state is not None:
             self.pending_state.cancel()
+        # Each step on its own, the database one first: a channel layer that is down must not keep the robot shown
+        # online with its takeover lease alive (mark_silent_robots_offline is the backstop if the database is down).
+        for step in (self._mark_offline, self._leave_groups, self._answer_pending_offers, self._final_state):
+            try:
+                await step()
+            except Exception:
+                log.exception("robot %s: disconnect step %s failed", self.robot.name, step.__name__)
+        log.info("robot %s disconnected (code %s)", self.robot.name, code)
+
+    async def _mark_offline(self):
         await database_sync_to_async(fleet.robot_disconnected)(self.robot, self.connected_at)
+
+    async def _answer_pending_offers(self):
         for session, console in self.offers.items():  # consoles still waiting for an answer learn it will not come
             await self._answer_console(console, session, error="robot disconnected")
+
+    async def _final_state(self):
         await self._broadcast_state(force=True)
-        log.info("robot %s disconnected (code %s)", self.robot.name, code)
 
     async def receive(self, text_data=None, bytes_data=None):
         if self.closing:
@@ -100,6 +111,12 @@ class RobotConsumer(AsyncWebsocketConsumer):
         except SopError as exc:  # valid message, refused by a service (another robot's episode, unknown task)
             await self._reject(ProtocolError(exc.protocol_code, str(exc.detail), msg.TYPE.value))
 
+    async def server_error(self, kind: str) -> None:
+        """A valid frame (or an event) the server failed to handle, e.g. with its database down: say so, keep the socket
+        (the robot's next heartbeat tries again)."""
+        if kind == "websocket.receive" and not self.closing:
+            await self._send(protocol.error(ErrorCode.SERVER_ERROR, "the server failed to handle this message"))
+
     # ------------------------------------------------------------ robot -> server
 
     async def on_hello(self, msg: protocol.Hello):
@@ -108,13 +125,13 @@ class RobotConsumer(AsyncWebsocketConsumer):
         await self._broadcast_state()
 
     async def on_status(self, msg: protocol.Status):
-        ok, release = await database_sync_to_async(self._store_status)(msg)
+        ok, repairs = await database_sync_to_async(self._store_status)(msg)
         if not ok:
             return await self._close_revoked()
-        if release is not None:  # the robot obeys a lease that has ended: its release was lost, send it again
-            await self._send(release)
+        for repair in repairs:  # what the robot should obey but does not report (a lost message): sent again
+            await self._send(repair)
         key = (msg.state, msg.task, msg.episode_id, msg.control_source, msg.lease, msg.operator, msg.deadman,
-               msg.estopped, msg.policy_version, msg.policy_error, msg.viewers)
+               msg.estopped, msg.estop_local, msg.policy_version, msg.policy_error, msg.viewers, bool(repairs))
         if await self._broadcast_state(changed=key != self.last_state_key):
             self.last_state_key = key  # a change skipped by the rate limit is still a change at the next heartbeat
 
@@ -122,7 +139,7 @@ class RobotConsumer(AsyncWebsocketConsumer):
         if not fleet.robot_status(self.robot, msg, self.token_hash):
             return False, None
         control.expire_leases(self.robot)  # every heartbeat checks its robot's lease: no worker needed for that
-        return True, control.stale_release(self.robot, msg.lease)
+        return True, control.reconcile(self.robot, msg)
 
     async def on_episode_started(self, msg: protocol.EpisodeStarted):
         await database_sync_to_async(ingest.episode_started)(self.robot, msg)
@@ -196,8 +213,18 @@ class RobotConsumer(AsyncWebsocketConsumer):
             await self._broadcast_state(force=True)
 
     async def _relay(self, event):
-        if not self.closing:
-            await self.send(text_data=json.dumps(event["message"], separators=(",", ":")))
+        """Send a message another part of the server addressed to this robot. It is decoded and encoded again by the
+        protocol layer: whatever a console or a service put into the event, the robot receives only a valid frame
+        within its size limit (else nothing, and an error in the log)."""
+        if self.closing:
+            return
+        try:
+            text = protocol.encode(protocol.from_dict(event["message"]))
+        except (ProtocolError, KeyError, TypeError) as exc:
+            log.error("robot %s: not relaying an invalid %s message: %s", self.robot.name, event.get("type"),
+                      getattr(exc, "message", exc))
+            return
+        await self.send(text_data=text)
 
     async def _send(self, message: protocol.Message):
         await self.send(text_data=protocol.encode(message))
@@ -226,12 +253,8 @@ class RobotConsumer(AsyncWebsocketConsumer):
         """Answer a bad frame with a typed error; past the per-minute budget, close the socket."""
         name = self.robot.name if self.robot else "?"
         code = ErrorCode(exc.code).value
-        log.warning("robot %s: bad %s message: %s (%s)", name, exc.ref_type or "?", code, exc.message)
-        now = time.monotonic()
-        self.bad_messages.append(now)
-        while self.bad_messages and self.bad_messages[0] < now - BAD_MESSAGE_WINDOW_S:
-            self.bad_messages.popleft()
-        if len(self.bad_messages) > settings.SOP_MAX_BAD_MESSAGES:
+        log.warning("robot %s: bad %s message: %s (%s)", name, exc.ref_type or "?", code, exc.message[:200])
+        if self.budget.spend():
             log.warning("robot %s: too many bad messages, closing its socket", name)
             limit = settings.SOP_MAX_BAD_MESSAGES
             await self._send(protocol.error(ErrorCode.TOO_MANY_ERRORS, f"more than {limit} bad messages in a minute"))

@@ -18,6 +18,7 @@ from typing import Optional
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 from rest_framework import status
 
@@ -270,18 +271,85 @@ def _end(lease: ControlLease, reason: str, actor=None) -> bool:
 
 
 def set_estop(robot: Robot, engaged: bool, user) -> None:
-    """Latch (``engaged``) or clear the e-stop. The latch is stored: a robot that reconnects gets it again at hello.
-    Works for offline robots too (it applies when they come back)."""
+    """Latch (``engaged``) or clear the e-stop, operators and admins only, always audited. The latch is stored and
+    numbered (``estop_seq``): a robot that reconnects gets it again at hello, and every heartbeat that reports another
+    state gets it again (``reconcile``), so it does not depend on one message arriving. Works for offline robots too
+    (it applies when they come back)."""
     _require_operator(user)
     name = user.get_username()
     with transaction.atomic():
+        now = timezone.now()
         Robot.objects.filter(pk=robot.pk).update(
-            estopped=bool(engaged), estopped_by=name if engaged else "", estopped_at=timezone.now() if engaged else None
+            estopped=bool(engaged), estopped_by=name if engaged else "", estopped_at=now if engaged else None,
+            estop_seq=F("estop_seq") + 1, estop_changed_at=now,
         )
-        events.audit("estop" if engaged else "estop_cleared", robot=robot, actor=user, detail={"engaged": bool(engaged)})
-        events.to_robot_on_commit(robot.pk, protocol.ControlEstop(engaged=bool(engaged), by=name))
+        seq = Robot.objects.filter(pk=robot.pk).values_list("estop_seq", flat=True).first() or 0
+        events.audit("estop" if engaged else "estop_cleared", robot=robot, actor=user,
+                     detail={"engaged": bool(engaged), "via": "console", "seq": seq})
+        events.to_robot_on_commit(robot.pk, protocol.ControlEstop(engaged=bool(engaged), by=name, seq=seq))
         events.broadcast_state_on_commit(robot.pk)
     log.warning("robot %s: e-stop %s by %s", robot.name, "ENGAGED" if engaged else "cleared", name)
+
+
+def reconcile(robot: Robot, msg: protocol.Status) -> list[protocol.Message]:
+    """Compare a heartbeat with what the server asked the robot to obey; return what to send it again.
+
+    Delivery through the channel layer is at most once, so every heartbeat repairs what was lost:
+    - the robot obeys a lease that has ended -> its ``control.release`` again;
+    - a lease is active but the robot does not report it -> its ``control.takeover`` again;
+    - the server's e-stop is latched but the robot runs -> the latch again;
+    - the robot is latched by an older server e-stop that has since been cleared -> the clear again;
+    - the robot latched itself (an operator's e-stop over the WebRTC data channel, while the server had none): the
+      server adopts the latch, audits it, and acknowledges it with a numbered ``control.estop``. Clearing it is then
+      an operator's decision like any other e-stop. Fail safe: a latch the server cannot explain is kept, not cleared.
+    Every message is idempotent on the robot, so sending one twice is harmless.
+    """
+    replies: list[protocol.Message] = []
+    release = stale_release(robot, msg.lease)
+    if release is not None:
+        replies.append(release)
+    lease = active_lease(robot.pk)
+    if lease is not None and msg.lease != lease.pk and not msg.estopped:
+        replies.append(protocol.ControlTakeover(lease=lease.pk, operator=lease.operator_name, reason=lease.reason))
+    row = Robot.objects.filter(pk=robot.pk).values("estopped", "estopped_by", "estop_seq").first()
+    if row is None:
+        return replies
+    latched, seq = row["estopped"], row["estop_seq"]
+    if latched and not msg.estopped:
+        log.warning("robot %s runs although its e-stop is latched (seq %d): sending the latch again", robot.name, seq)
+        replies.append(protocol.ControlEstop(engaged=True, by=row["estopped_by"], seq=seq))
+    elif latched and msg.estop_local:  # the server knows the latch; the robot waits for its acknowledgement
+        replies.append(protocol.ControlEstop(engaged=True, by=row["estopped_by"], seq=seq))
+    elif not latched and msg.estopped:
+        if not msg.estop_local and (msg.estop_seq or 0) < seq:
+            log.warning("robot %s still latched by e-stop %s, cleared since (seq %d): sending the clear again",
+                        robot.name, msg.estop_seq, seq)
+            replies.append(protocol.ControlEstop(engaged=False, by="", seq=seq))
+        else:
+            replies.append(_adopt_robot_estop(robot, msg))
+    return replies
+
+
+def _adopt_robot_estop(robot: Robot, msg: protocol.Status) -> protocol.ControlEstop:
+    """The robot reports an e-stop the server did not latch (it came over the data channel): latch it here too."""
+    by = msg.estopped_by or "robot"
+    with transaction.atomic():
+        now = timezone.now()
+        Robot.objects.filter(pk=robot.pk).update(estopped=True, estopped_by=by, estopped_at=now,
+                                                 estop_seq=F("estop_seq") + 1, estop_changed_at=now)
+        seq = Robot.objects.filter(pk=robot.pk).values_list("estop_seq", flat=True).first() or 0
+        # The name is the robot's report (the data channel session's user): recorded as such, not as an account.
+        events.audit("estop", robot=robot, actor_name=f"{by} (reported by robot {robot.name})"[:150],
+                     detail={"engaged": True, "via": "data_channel", "reported_by": robot.name, "by": by, "seq": seq})
+        events.broadcast_state_on_commit(robot.pk)
+    log.warning("robot %s: e-stop ENGAGED on the robot by %s (data channel); latched on the server too", robot.name, by)
+    return protocol.ControlEstop(engaged=True, by=by, seq=seq)
+
+
+def end_leases_for_user(user, reason: str = EndReason.ROLE_CHANGED) -> int:
+    """A user may no longer operate (demoted, deactivated): the leases they hold end now."""
+    leases = ControlLease.objects.filter(operator_id=user.pk, ended_at__isnull=True)
+    return sum(_end(lease, reason) for lease in leases)
 
 
 def label_episode(robot: Robot, user, outcome: str, episode_id: Optional[str] = None) -> None:

@@ -69,6 +69,24 @@ class PayloadTooLarge(SopError):
     default_detail = "Payload too large."
 
 
+class UploadBusy(SopError):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "upload_busy"
+    default_detail = "Another request is writing this upload right now; retry in a moment."
+
+
+class QuotaExceeded(SopError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_code = "quota_exceeded"
+    default_detail = "This robot holds too many unfinished uploads on the server."
+
+
+class StorageFull(SopError):
+    status_code = status.HTTP_507_INSUFFICIENT_STORAGE
+    default_code = "storage_full"
+    default_detail = "The server's payload store is full; the chunk was not stored. Retry later."
+
+
 class ChecksumMismatch(SopError):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_code = "checksum_mismatch"

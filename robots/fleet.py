@@ -43,7 +43,8 @@ def register_robot(name: str) -> tuple[Robot, str]:
         robot.token_created_at = timezone.now()
         robot.revoked_at = None
         robot.save()
-        events.audit("robot.token_issued", robot=robot, detail={"token_prefix": robot.token_prefix, "rotated": rotated})
+        # Never the token's prefix: audit records are shown to every console user, and those are secret characters.
+        events.audit("robot.token_issued", robot=robot, detail={"rotated": rotated})
         if rotated:
             events.send_on_commit(robot.group_name, events.ROBOT_REVOKED)
     return robot, token
@@ -56,9 +57,8 @@ def revoke_robot(robot: Robot, actor=None) -> Robot:
     so a lost message delays the close by one heartbeat at most.
     """
     with transaction.atomic():
-        prefix = Robot.objects.filter(pk=robot.pk).values_list("token_prefix", flat=True).first()
         Robot.objects.filter(pk=robot.pk).update(token_hash=None, revoked_at=timezone.now())
-        events.audit("robot.token_revoked", robot=robot, actor=actor, detail={"token_prefix": prefix or ""})
+        events.audit("robot.token_revoked", robot=robot, actor=actor)
         # one commit hook: the robot's sockets close, and the consoles drop its tile
         events.sends_on_commit([(robot.group_name, {"type": events.ROBOT_REVOKED}),
                                 (events.CONSOLE_GROUP, {"type": "robot.removed", "robot": robot.name})])
@@ -110,9 +110,9 @@ def robot_hello(robot: Robot, msg: protocol.Hello) -> list[protocol.Message]:
 def _control_state(robot: Robot) -> list[protocol.Message]:
     """What a (re)connecting robot must obey at once: the e-stop latch and a takeover lease that is still active."""
     replies: list[protocol.Message] = []
-    latch = Robot.objects.filter(pk=robot.pk).values("estopped", "estopped_by").first()
+    latch = Robot.objects.filter(pk=robot.pk).values("estopped", "estopped_by", "estop_seq").first()
     if latch and latch["estopped"]:
-        replies.append(protocol.ControlEstop(engaged=True, by=latch["estopped_by"]))
+        replies.append(protocol.ControlEstop(engaged=True, by=latch["estopped_by"], seq=latch["estop_seq"]))
     lease = ControlLease.objects.filter(robot_id=robot.pk, ended_at__isnull=True).first()
     if lease is not None:
         replies.append(protocol.ControlTakeover(lease=lease.pk, operator=lease.operator_name, reason=lease.reason))
@@ -138,6 +138,8 @@ def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
         policy_error=msg.policy_error[:300],
         deadman=msg.deadman,
         operator_name=msg.operator[:150],
+        reported_estopped=msg.estopped,
+        reported_lease=db_version(msg.lease),
         video_fps=msg.video_fps,
         viewers=db_count(msg.viewers),
     )

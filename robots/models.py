@@ -20,9 +20,10 @@ def _choices(enum_cls):
     return [(m.value, m.value.replace("_", " ")) for m in enum_cls]
 
 
-# Names travel in protocol messages, which accept only lowercase identifiers (protocol._NAME).
+# Names travel in protocol messages, which accept only lowercase identifiers (robots/wire.py NAME_PATTERN).
 validate_name = RegexValidator(
-    r"^[a-z0-9][a-z0-9_-]{0,99}$", "Use lowercase letters, digits, '-' and '_' (e.g. 'drawer-open', 'sim-01')."
+    # \Z, not $: "$" accepts a trailing newline ("sim-01\n")
+    r"^[a-z0-9][a-z0-9_-]{0,99}\Z", "Use lowercase letters, digits, '-' and '_' (e.g. 'drawer-open', 'sim-01')."
 )
 
 
@@ -76,6 +77,11 @@ class Robot(models.Model):
     estopped = models.BooleanField(default=False, help_text="E-stop latched from the console; cleared only there")
     estopped_by = models.CharField(max_length=150, blank=True)
     estopped_at = models.DateTimeField(null=True, blank=True)
+    estop_seq = models.PositiveIntegerField(default=0, help_text="Counts the server's e-stop changes of this robot")
+    estop_changed_at = models.DateTimeField(null=True, blank=True, help_text="Last latch or clear on the server")
+    # what the robot's last heartbeat reported, next to what the server asked for (docs/console.md "Reconciliation")
+    reported_estopped = models.BooleanField(default=False)
+    reported_lease = models.PositiveIntegerField(null=True, blank=True)
     deadman = models.BooleanField(default=False, help_text="Under a takeover without fresh commands: holding still")
     operator_name = models.CharField(max_length=150, blank=True, help_text="Operator driving, as the robot reports")
     video_fps = models.FloatField(default=0.0)
@@ -115,6 +121,7 @@ class Episode(models.Model):
         UPLOADING = "uploading"  # upload opened, bytes arriving
         VERIFIED = "verified"  # payload stored, checksum and schema checked: visible to training
         REJECTED = "rejected"  # the last upload attempt failed verification; the robot keeps its copy and retries
+        ABANDONED = "abandoned"  # announced, never uploaded within SOP_STALE_UPLOAD_HOURS (a later upload revives it)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, help_text="Made by the robot; makes uploads idempotent")
     robot = models.ForeignKey(Robot, on_delete=models.PROTECT, related_name="episodes")
@@ -140,6 +147,9 @@ class Episode(models.Model):
     payload_size = models.BigIntegerField(default=0)
     payload_sha256 = models.CharField(max_length=64, blank=True)
     received_bytes = models.BigIntegerField(default=0)
+    # the upload lock (robots/ingest.py): one request at a time writes an episode's bytes, across processes and hosts
+    upload_token = models.CharField(max_length=32, blank=True, editable=False)
+    upload_locked_until = models.DateTimeField(null=True, blank=True, editable=False)
     error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     verified_at = models.DateTimeField(null=True, blank=True, db_index=True)
@@ -160,7 +170,12 @@ class InterventionSegment(models.Model):
     end_step = models.PositiveIntegerField()
     source = models.CharField(max_length=16, choices=_choices(ControlSource))
     operator = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    operator_name = models.CharField(max_length=150, blank=True, help_text="As recorded by the robot")
+    operator_name = models.CharField(max_length=150, blank=True,
+                                     help_text="Who drove: the lease holder for a human, the robot's label otherwise")
+    lease = models.ForeignKey("ControlLease", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                              help_text="The takeover lease the robot obeyed, as the server granted it")
+    claimed_operator = models.CharField(max_length=150, blank=True,
+                                        help_text="The operator name the robot's file gives (not trusted)")
     reason = models.CharField(max_length=500, blank=True)
 
     class Meta:
@@ -202,6 +217,7 @@ class ControlLease(models.Model):
         TIMEOUT = "timeout"
         FORCED = "forced"
         ROBOT_OFFLINE = "robot_offline"
+        ROLE_CHANGED = "role_changed"  # the operator was demoted (or deactivated) while holding it
 
     robot = models.ForeignKey(Robot, on_delete=models.CASCADE, related_name="leases")
     operator = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,

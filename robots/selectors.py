@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from typing import Iterable, Optional
@@ -93,10 +94,12 @@ def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
     if robot_ids is not None:
         robots = robots.filter(pk__in=list(robot_ids))
     robots = list(robots)
-    leases = {
-        lease.robot_id: lease
-        for lease in ControlLease.objects.filter(ended_at__isnull=True, robot_id__in=[r.pk for r in robots])
-    }
+    reported = {r.reported_lease for r in robots if r.reported_lease}
+    relevant = ControlLease.objects.filter(Q(ended_at__isnull=True, robot_id__in=[r.pk for r in robots])
+                                           | Q(pk__in=reported))
+    leases, ended = {}, {}
+    for lease in relevant:
+        (leases if lease.ended_at is None else ended)[lease.robot_id if lease.ended_at is None else lease.pk] = lease
     states = []
     for robot, row in zip(robots, RobotSerializer(robots, many=True).data):
         lease = leases.get(robot.pk)
@@ -114,8 +117,36 @@ def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
             "episodes_today": n,
             "success_rate_today": round(robot.successes_today / n, 3) if n else None,
             "interventions_today": robot.interventions_today or 0,
+            "reported_estopped": robot.reported_estopped,
+            "reported_lease": robot.reported_lease,
+            "mismatch": mismatches(robot, lease, ended.get(robot.reported_lease)),
         })
     return json.loads(json.dumps(states, cls=DjangoJSONEncoder))  # plain types for the channel layer (msgpack)
+
+
+MISMATCH_GRACE_S = 1.0  # a heartbeat sent just before a change reached the robot is not a mismatch
+
+
+def mismatches(robot: Robot, lease: Optional[ControlLease], reported_ended: Optional[ControlLease]) -> list[str]:
+    """Where the robot's last heartbeat disagrees with what the server asked it to obey, in words for the console.
+    Only heartbeats that came clearly after the change count; the server re-sends on every one (control.reconcile)."""
+    if not robot.connected or robot.last_seen is None:
+        return []
+    grace = dt.timedelta(seconds=MISMATCH_GRACE_S)
+
+    def after(moment) -> bool:
+        return moment is None or robot.last_seen > moment + grace
+
+    found = []
+    if robot.estopped and not robot.reported_estopped and after(robot.estop_changed_at):
+        found.append("E-stop latched, but the robot reports it is not stopped: re-sending the e-stop")
+    elif not robot.estopped and robot.reported_estopped and after(robot.estop_changed_at):
+        found.append("E-stop cleared, but the robot reports it is still stopped: re-sending the clear")
+    if lease is not None and robot.reported_lease != lease.pk and not robot.reported_estopped and after(lease.started_at):
+        found.append(f"{lease.operator_name} holds the robot, but it does not report the takeover: re-sending it")
+    if reported_ended is not None and after(reported_ended.ended_at):
+        found.append(f"The robot still obeys lease {reported_ended.pk}, which ended: re-sending the release")
+    return found
 
 
 def robot_state(robot_id: int) -> Optional[dict]:

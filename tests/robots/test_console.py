@@ -52,8 +52,10 @@ def session_cookie(user) -> str:
     return client.cookies[settings.SESSION_COOKIE_NAME].value
 
 
-async def console_socket(user=None, origin=ORIGIN) -> WebsocketCommunicator:
+async def console_socket(user=None, origin=ORIGIN, host=b"localhost") -> WebsocketCommunicator:
     headers = [(b"origin", origin)] if origin else []
+    if host:
+        headers.append((b"host", host))
     if user is not None:
         headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={await session_cookie(user)}".encode()))
     return WebsocketCommunicator(application, "/ws/console/", headers=headers)
@@ -137,6 +139,28 @@ async def test_an_anonymous_console_socket_is_refused(robot):
     assert not ok
 
 
+@pytest.mark.parametrize("origin, host", [
+    (b"http://localhost:9999", b"localhost:8000"),  # another program on the same host: cookies span ports
+    (b"https://localhost:8000", b"localhost:8000"),  # another scheme
+    (b"http://localhost", b"localhost:8000"),
+    (b"http://localhost:8000/path", b"localhost:8000"),
+    (b"null", b"localhost:8000"),  # sandboxed iframes, file:// pages
+    (b"http://evil.example:8000", b"evil.example:8000"),  # a host that is not in ALLOWED_HOSTS
+    (None, b"localhost:8000"),
+])
+async def test_a_console_socket_from_another_origin_is_refused_scheme_host_and_port(robot, cast, origin, host):
+    comm = await console_socket(cast[0], origin=origin, host=host)
+    ok, _ = await comm.connect(timeout=TIMEOUT)
+    assert not ok
+
+
+async def test_a_console_socket_from_the_consoles_own_origin_is_accepted(robot, cast):
+    comm = await console_socket(cast[0], origin=b"http://localhost:8000", host=b"localhost:8000")
+    ok, _ = await comm.connect(timeout=TIMEOUT)
+    assert ok
+    await comm.disconnect()
+
+
 async def test_a_console_socket_from_another_origin_is_refused(robot, cast):
     comm = await console_socket(cast[0], origin=b"http://evil.example")
     ok, _ = await comm.connect(timeout=TIMEOUT)
@@ -153,8 +177,9 @@ async def test_hello_tells_the_user_role_ice_servers_and_the_fleet(robot, other_
     state = hello["robots"][0]
     assert state["lease"] is None and state["estopped"] is False and state["connected"] is False
     for key in ("deadman", "operator", "video_fps", "viewers", "episodes_today", "success_rate_today",
-                "interventions_today", "episode_count", "current_task", "token_prefix"):
+                "interventions_today", "episode_count", "current_task", "reported_estopped", "mismatch"):
         assert key in state
+    assert "token_prefix" not in state  # 8 secret characters of the robot's token: never shown to a viewer
     await send(comm, type="ping", t=123)
     pong = await next_of(comm, "pong")
     assert pong["t"] == 123 and abs(pong["server_t"] - time.time() * 1000) < 5000

@@ -209,7 +209,7 @@ def test_estop_latches_is_audited_and_is_sent_again_at_hello(live, cast, task):
     assert (live.estopped, live.estopped_by) == (True, "alice")
     assert AuditEvent.objects.get(action="estop").actor == alice
     replies = fleet.robot_hello(live, protocol.Hello(agent_version="0.1"))
-    assert protocol.ControlEstop(engaged=True, by="alice") in replies
+    assert protocol.ControlEstop(engaged=True, by="alice", seq=1) in replies
     control.set_estop(live, False, alice)
     live.refresh_from_db()
     assert not live.estopped and AuditEvent.objects.filter(action="estop_cleared").exists()
