@@ -5,6 +5,8 @@ reads it; docs/protocol.md "HTTP ingest").
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import hashlib
 import logging
 import os
@@ -14,12 +16,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
+from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import protocol, tasking
-from .episode_file import EpisodeReader
+from . import payload_check, protocol, tasking
+from .episode_file import EpisodeFileError, Limits, Segment
 from .exceptions import (
     ChecksumMismatch,
     EpisodeConflict,
@@ -28,17 +30,21 @@ from .exceptions import (
     InvalidPayload,
     OffsetMismatch,
     PayloadTooLarge,
+    QuotaExceeded,
     SopError,
+    StorageFull,
     UnknownTask,
+    UploadBusy,
     UploadNotOpen,
 )
-from .models import Episode, InterventionSegment, Robot, Task
+from .models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task
 from .protocol import ControlSource, Outcome, RobotState, Split
 from .values import db_count, db_version, from_unix
 
 log = logging.getLogger(__name__)
 
 HASH_BLOCK = 1024 * 1024
+UPLOAD_LOCK_S = 120.0  # one request's hold on an upload: a 16 MiB chunk, a sha256 and a payload check fit easily
 
 
 # ---------------------------------------------------------------- episodes over the socket
@@ -125,6 +131,8 @@ def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
     fields = _announced_fields(meta, task)
     with transaction.atomic():
         episode = Episode.objects.select_for_update().filter(pk=meta["id"]).first()
+        if episode is None or episode.status != Episode.Status.UPLOADING:
+            _check_open_uploads(robot, meta["id"])
         if episode is None:
             try:
                 with transaction.atomic():
@@ -143,6 +151,8 @@ def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
                 return episode, False
             raise EpisodeConflict(f"episode {episode.id} is stored with sha256 {episode.payload_sha256}")
         if (episode.status, episode.payload_size, episode.payload_sha256) == (Episode.Status.UPLOADING, size, sha256):
+            if episode.upload_token and episode.upload_locked_until and episode.upload_locked_until > timezone.now():
+                return episode, False  # a request is writing it now: resume from what the row says
             episode.received_bytes = _partial_bytes(episode)
         else:
             # The first announcement after episode.started, a retry after a rejected upload, or new content.
@@ -153,51 +163,59 @@ def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
         for name, value in fields.items():
             setattr(episode, name, value)
         episode.save()
+    if episode.status == Episode.Status.UPLOADING and episode.received_bytes == size:
+        # Every byte arrived but the verification never ended (the web process died during it): finish it now, so
+        # that a robot asking where to resume is not told "at the end" forever.
+        return append_upload(robot, episode.id, size, b""), False
     return episode, False
 
 
 def append_upload(robot: Robot, episode_id, offset: int, data: bytes) -> Episode:
     """Append one chunk at ``offset`` (which must equal the bytes received so far). The chunk that completes the
-    payload triggers verification: sha256, then the episode file schema, then the file is moved into the store.
+    payload triggers verification: sha256, then the payload checker (robots/payload_check.py, a sandboxed child
+    process: structure, links, storage, sizes), then the file's claims are checked against the server's own records
+    (robot, task, who drove, who labelled), and only then is the file moved into the store.
 
+    One request at a time per episode holds the upload lock (a conditional UPDATE on the row, so it works across web
+    processes and hosts); the bytes are written, hashed and checked OUTSIDE any database transaction, so that
+    SQLite's single write lock is never held during file work (heartbeats, leases and e-stops would wait on it).
     A failed verification discards the partial bytes, marks the episode rejected and raises (ChecksumMismatch /
     InvalidPayload); the robot keeps its copy and uploads again from 0.
     """
     if len(data) > settings.SOP_MAX_UPLOAD_CHUNK_BYTES:
         raise PayloadTooLarge(f"chunk of {len(data)} bytes exceeds {settings.SOP_MAX_UPLOAD_CHUNK_BYTES}")
-    failure: Optional[SopError] = None
-    with transaction.atomic():
-        # The row lock serialises PUTs of one episode: two requests at the same offset would otherwise both pass
-        # the offset check and append the same bytes twice.
-        episode = Episode.objects.select_for_update().filter(pk=episode_id).first()
-        if episode is None:
-            raise EpisodeNotFound()
-        if episode.robot_id != robot.pk:
-            _refuse(robot, episode)
-        if episode.status == Episode.Status.VERIFIED:
-            return episode  # a retried last chunk whose reply was lost: nothing left to do
-        if episode.status == Episode.Status.RECORDING:
-            raise UploadNotOpen()
+    episode = _own_episode(robot, episode_id)
+    if episode.status == Episode.Status.VERIFIED:
+        return episode  # a retried last chunk whose reply was lost: nothing left to do
+    if episode.status in (Episode.Status.RECORDING, Episode.Status.ABANDONED):
+        raise UploadNotOpen()
+    token = _lock_upload(episode)
+    try:
+        episode.refresh_from_db()
         received = _partial_bytes(episode)
         if offset != received:
             raise OffsetMismatch(f"Upload-Offset is {offset}, the server has {received} bytes", offset=received)
-        if offset + len(data) > episode.payload_size:
-            end, size = offset + len(data), episode.payload_size
-            raise PayloadTooLarge(f"chunk ends at byte {end}, past the announced size {size}")
+        end = offset + len(data)
+        if end > episode.payload_size:
+            raise PayloadTooLarge(f"chunk ends at byte {end}, past the announced size {episode.payload_size}")
         if data:
+            _check_partial_quota(robot, episode, end)
             _write_chunk(partial_path(episode.id), offset, data)
-        episode.status = Episode.Status.UPLOADING  # also resumes a rejected episode re-sent from 0
-        episode.received_bytes = offset + len(data)
-        if episode.received_bytes == episode.payload_size:
-            failure = _verify(episode)
-        episode.save()
-    if failure is not None:
-        raise failure  # after the commit: the rejected state is stored
-    return episode
+        # Also resumes a rejected episode re-sent from 0. Fenced by the lock: a request that outlived its lock has
+        # written into a file that another request now reconciles (truncates); its bytes are not acknowledged.
+        if not _locked(episode, token).update(status=Episode.Status.UPLOADING, received_bytes=end, error=""):
+            raise UploadBusy("another request took over this upload; retry")
+        episode.status, episode.received_bytes, episode.error = Episode.Status.UPLOADING, end, ""
+        if end == episode.payload_size:
+            return _finish(robot, episode, token)
+        return episode
+    finally:
+        _locked(episode, token).update(upload_token="", upload_locked_until=None)
 
 
 def cleanup_stale_uploads() -> int:
-    """Delete partial uploads untouched for SOP_STALE_UPLOAD_HOURS; their episodes restart from 0. Returns the count."""
+    """Delete partial uploads untouched for SOP_STALE_UPLOAD_HOURS (their episodes restart from 0) and mark episodes
+    never uploaded within that time abandoned. Returns the number of partial files removed."""
     cutoff = time.time() - settings.SOP_STALE_UPLOAD_HOURS * 3600
     removed = 0
     for path in sorted((Path(settings.PAYLOAD_DIR) / "partial").glob("*.part")):
@@ -213,6 +231,8 @@ def cleanup_stale_uploads() -> int:
             episode = Episode.objects.select_for_update().filter(pk=episode_id).first()
             if not _older_than(path, cutoff):  # a PUT appended while we waited for the lock
                 continue
+            if episode is not None and episode.upload_locked_until and episode.upload_locked_until > timezone.now():
+                continue  # a request is writing it right now
             path.unlink(missing_ok=True)
             removed += 1
             if episode is not None and episode.status == Episode.Status.UPLOADING:
@@ -221,7 +241,21 @@ def cleanup_stale_uploads() -> int:
                 episode.save(update_fields=["received_bytes", "error"])
     if removed:
         log.info("removed %d stale partial upload(s)", removed)
+    abandoned = _abandon_stale_recordings()
+    if abandoned:
+        log.info("%d episode(s) announced but never uploaded marked abandoned", abandoned)
     return removed
+
+
+def _abandon_stale_recordings() -> int:
+    """Episodes announced (``episode.started``) longer than SOP_STALE_UPLOAD_HOURS ago whose payload never came, and
+    that their robot is not running now, are marked abandoned: they stop showing as recording. A robot that still
+    has one in its spool uploads it later as usual (any unverified episode can be uploaded again)."""
+    cutoff = timezone.now() - dt.timedelta(hours=settings.SOP_STALE_UPLOAD_HOURS)
+    running = Robot.objects.filter(current_episode__isnull=False).values("current_episode")
+    return (Episode.objects.filter(status=Episode.Status.RECORDING, started_at__lt=cutoff, created_at__lt=cutoff)
+            .exclude(pk__in=running)
+            .update(status=Episode.Status.ABANDONED, error="announced but never uploaded"))
 
 
 
@@ -266,62 +300,146 @@ def _partial_bytes(episode: Episode) -> int:
 
 def _write_chunk(path: Path, offset: int, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "r+b" if path.exists() else "w+b") as fh:
-        fh.seek(offset)
-        fh.write(data)
-        fh.truncate()
-        fh.flush()
-        os.fsync(fh.fileno())  # acknowledged bytes survive a crash
+    try:
+        with open(path, "r+b" if path.exists() else "w+b") as fh:
+            fh.seek(offset)
+            fh.write(data)
+            fh.truncate()
+            fh.flush()
+            os.fsync(fh.fileno())  # acknowledged bytes survive a crash
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            os.truncate(path, offset)  # nothing of this chunk is acknowledged; free what it took
+        except OSError:
+            pass
+        log.error("payload store full: could not write %d bytes of %s", len(data), path.name)
+        raise StorageFull() from None
 
 
-def _verify(episode: Episode) -> Optional[SopError]:
-    """Check and store a complete upload. Returns the error (episode marked rejected) or None (verified)."""
+def _own_episode(robot: Robot, episode_id) -> Episode:
+    episode = Episode.objects.filter(pk=episode_id).first()
+    if episode is None:
+        raise EpisodeNotFound()
+    if episode.robot_id != robot.pk:
+        _refuse(robot, episode)
+    return episode
+
+
+def _lock_upload(episode: Episode) -> str:
+    """Take the episode's upload lock (a conditional UPDATE; expires after UPLOAD_LOCK_S so a killed request cannot
+    keep it). Raises UploadBusy when another request holds it. Returns the lock's token."""
+    token = uuid.uuid4().hex
+    now = timezone.now()
+    free = Q(upload_locked_until__isnull=True) | Q(upload_locked_until__lt=now)
+    taken = Episode.objects.filter(free, pk=episode.pk, robot_id=episode.robot_id).update(
+        upload_token=token, upload_locked_until=now + dt.timedelta(seconds=UPLOAD_LOCK_S))
+    if not taken:
+        raise UploadBusy()
+    return token
+
+
+def _locked(episode: Episode, token: str):
+    return Episode.objects.filter(pk=episode.pk, upload_token=token)
+
+
+def _check_open_uploads(robot: Robot, episode_id) -> None:
+    """A robot may have at most SOP_MAX_OPEN_UPLOADS uploads with bytes on the server at once (its uploader sends
+    one at a time; partial files of abandoned uploads are cleaned up after SOP_STALE_UPLOAD_HOURS)."""
+    limit = settings.SOP_MAX_OPEN_UPLOADS
+    open_count = (Episode.objects.filter(robot=robot, status=Episode.Status.UPLOADING, received_bytes__gt=0)
+                  .exclude(pk=episode_id).count())
+    if open_count >= limit:
+        raise QuotaExceeded(f"robot {robot.name} has {open_count} unfinished uploads (at most {limit}); finish one")
+
+
+def _check_partial_quota(robot: Robot, episode: Episode, end: int) -> None:
+    """Partial bytes a robot holds on the server, all its unfinished uploads together, stay within
+    SOP_MAX_PARTIAL_BYTES_PER_ROBOT: one robot (or one stolen token) cannot fill the payload disk."""
+    others = (Episode.objects.filter(robot=robot, status=Episode.Status.UPLOADING).exclude(pk=episode.pk)
+              .aggregate(n=Sum("received_bytes"))["n"] or 0)
+    limit = settings.SOP_MAX_PARTIAL_BYTES_PER_ROBOT
+    if others + end > limit:
+        raise QuotaExceeded(f"robot {robot.name} would hold {others + end} partial bytes (at most {limit}); "
+                            "finish its other uploads first")
+
+
+def _finish(robot: Robot, episode: Episode, token: str) -> Episode:
+    """Verify a complete upload and store it. The hashing and checking run outside any transaction; the result is
+    committed in one short transaction, fenced by the upload lock."""
     path = partial_path(episode.id)
     digest = _sha256(path)
     if digest != episode.payload_sha256:
-        return _reject(episode, ChecksumMismatch(
+        _reject(episode, token, ChecksumMismatch(
             f"sha256 of the received bytes is {digest}, announced {episode.payload_sha256}: upload again from 0",
-            offset=0,
-        ))
+            offset=0))
     try:
-        with EpisodeReader(path) as reader:
-            meta = reader.meta
-        meta = _payload_fields(meta, episode)
-    except Exception as exc:  # untrusted bytes: any parse failure is the payload's fault, not the server's
-        return _reject(episode, InvalidPayload(f"invalid episode file: {exc}", offset=0))
-    segments = meta.pop("segments")
+        meta = payload_check.default_checker().check(path, payload_limits())
+        fields = _payload_fields(meta, episode, robot)
+    except (EpisodeFileError, ValueError, SopError) as exc:
+        message = getattr(exc, "detail", None) or str(exc)
+        _reject(episode, token, InvalidPayload(f"invalid episode file: {message}", offset=0))
+    segments = fields.pop("segments")
     dest = Path(settings.PAYLOAD_DIR) / stored_path(episode.id)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, dest)  # atomic: the store never holds half a file
-    for name, value in meta.items():
-        setattr(episode, name, value)
-    episode.payload_path = str(stored_path(episode.id))
-    episode.status = Episode.Status.VERIFIED
-    episode.verified_at = timezone.now()
-    episode.error = ""
-    _store_segments(episode, segments)
-    log.info("episode %s of robot %s verified (%d steps, %s)", episode.id, episode.robot_id, episode.steps,
-             episode.outcome)
-    return None
+    with transaction.atomic():
+        if not _locked(episode, token).select_for_update().exists():
+            raise UploadBusy("another request took over this upload; retry")
+        os.replace(path, dest)  # atomic: the store never holds half a file
+        try:
+            for name, value in fields.items():
+                setattr(episode, name, value)
+            episode.payload_path = str(stored_path(episode.id))
+            episode.status = Episode.Status.VERIFIED
+            episode.verified_at = timezone.now()
+            episode.error = ""
+            episode.save()
+            _store_segments(episode, segments)
+        except BaseException:
+            os.replace(dest, path)  # the row did not change: the bytes go back to where the next attempt looks
+            raise
+    log.info("episode %s of robot %s verified (%d steps, %s)", episode.id, robot.name, episode.steps, episode.outcome)
+    return episode
 
 
-def _payload_fields(meta: dict[str, Any], episode: Episode) -> dict[str, Any]:
-    """Episode fields from a payload's own metadata; raises ValueError when it contradicts the upload."""
+def payload_limits() -> Limits:
+    return Limits(max_decoded_bytes=settings.SOP_MAX_EPISODE_DECODED_BYTES)
+
+
+def _payload_fields(meta: dict[str, Any], episode: Episode, robot: Optional[Robot] = None) -> dict[str, Any]:
+    """Episode fields from a payload's own metadata; raises ValueError when it contradicts the upload.
+
+    What the file says about the world is the robot's word (steps, outcome, times); what it says about identities is
+    checked against the server's own records: the robot and the task must be the ones the token and the announcement
+    name; an operator label counts only if the server sent that label (its audit record), and an operator segment
+    is attributed to the holder of the takeover lease the robot obeyed (the lease's record), never to a name alone.
+    """
     if meta["episode_id"] != str(episode.id):
         raise ValueError(f"the file is episode {meta['episode_id']!r}, uploaded as {episode.id}")
+    if robot is not None and meta["robot"] != robot.name:
+        raise ValueError(f"the file says robot {meta['robot']!r}, the token is robot {robot.name!r}")
+    if episode.task_id is not None and meta["task"] != episode.task.name:
+        raise ValueError(f"the file says task {meta['task']!r}, the upload announced {episode.task.name!r}")
     if meta["outcome"] not in {o.value for o in Outcome}:
         raise ValueError(f"outcome {meta['outcome']!r} is not one of {[o.value for o in Outcome]}")
     if meta["split"] not in {s.value for s in Split}:
         raise ValueError(f"split {meta['split']!r} is not one of {[s.value for s in Split]}")
-    segments = meta["segments"]
+    segments = [s if isinstance(s, Segment) else Segment(**s) for s in meta["segments"]]
     sources = {ControlSource.OPERATOR.value, ControlSource.SIM_OPERATOR.value}
     for seg in segments:
         if seg.source not in sources:
             raise ValueError(f"intervention source {seg.source!r} is not one of {sorted(sources)}")
-    # An operator's label (docs/console.md "Label") travels in the payload: who decided the outcome, and which user.
-    outcome_source = "operator" if meta.get("outcome_source") == "operator" else "robot"
-    outcome_by_name = str(meta.get("outcome_by") or "")[:150] if outcome_source == "operator" else ""
-    outcome_by = (get_user_model().objects.filter(username=outcome_by_name).first() if outcome_by_name else None)
+    started_at = from_unix(meta["started_at"], "started_at")
+    ended_at = from_unix(meta["ended_at"], "ended_at")
+    outcome_source, outcome_by = "robot", None
+    if meta.get("outcome_source") == "operator":
+        outcome_by = _label_author(episode, meta["outcome"], str(meta.get("outcome_by") or ""), started_at, ended_at)
+        if outcome_by is not None:
+            outcome_source = "operator"
+        else:
+            log.warning("episode %s claims an operator label by %r that the server never sent: stored as the "
+                        "robot's outcome", episode.id, meta.get("outcome_by"))
     return dict(
         steps=db_count(meta["steps"]),
         outcome=meta["outcome"],
@@ -334,34 +452,72 @@ def _payload_fields(meta: dict[str, Any], episode: Episode) -> dict[str, Any]:
         prompt=meta["prompt"][:500],
         policy_name=meta["policy"][:100],
         policy_version=db_version(meta["policy_version"]),
-        started_at=from_unix(meta["started_at"], "started_at"),
-        ended_at=from_unix(meta["ended_at"], "ended_at"),
+        started_at=started_at,
+        ended_at=ended_at,
         intervention_count=len(segments),
         intervention_steps=sum(s.end - s.start for s in segments),
         segments=segments,
     )
 
 
-def _store_segments(episode: Episode, segments) -> None:
-    names = {s.operator for s in segments if s.operator}
-    users = {u.get_username(): u for u in get_user_model().objects.filter(username__in=names)} if names else {}
+ATTRIBUTION_SKEW = dt.timedelta(minutes=10)  # robot clocks may be off by this much against the server's
+
+
+def _label_author(episode: Episode, outcome: str, name: str, started_at, ended_at):
+    """The user whose console label (control.label_episode, audited as ``label``) ended this episode, or None."""
+    labels = AuditEvent.objects.filter(action="label", robot_id=episode.robot_id, actor__isnull=False,
+                                       detail__outcome=outcome).select_related("actor").order_by("-at")
+    for event in labels.filter(Q(detail__episode_id=str(episode.id)))[:1]:
+        return event.actor
+    window = labels.filter(detail__episode_id=None, at__gte=started_at - ATTRIBUTION_SKEW,
+                           at__lte=ended_at + ATTRIBUTION_SKEW)
+    if name:
+        window = window.filter(actor_name=name)
+    event = window.first()
+    return event.actor if event is not None else None
+
+
+def _lease_of(episode: Episode, segment: Segment, started_at, verified: dict) -> Optional[ControlLease]:
+    """The lease a human segment was driven under, if the server granted it to this robot while the episode ran."""
+    if segment.lease is None:
+        return None
+    if segment.lease not in verified:
+        lease = ControlLease.objects.filter(pk=segment.lease, robot_id=episode.robot_id).first()
+        if lease is not None and not (lease.started_at <= timezone.now()
+                                      and (lease.ended_at is None or lease.ended_at >= started_at - ATTRIBUTION_SKEW)):
+            lease = None
+        verified[segment.lease] = lease
+    return verified[segment.lease]
+
+
+def _store_segments(episode: Episode, segments: list[Segment]) -> None:
     episode.segments.all().delete()
-    InterventionSegment.objects.bulk_create(
-        InterventionSegment(
-            episode=episode, start_step=s.start, end_step=s.end, source=s.source,
-            operator=users.get(s.operator), operator_name=s.operator[:150], reason=str(s.reason)[:500],
-        )
-        for s in segments
-    )
+    leases: dict[int, Optional[ControlLease]] = {}
+    rows = []
+    for s in segments:
+        lease = _lease_of(episode, s, episode.started_at, leases) if s.source == ControlSource.OPERATOR.value else None
+        if s.source == ControlSource.OPERATOR.value and lease is None:
+            log.warning("episode %s: operator segment [%d, %d) claims %r under lease %s, which the server did not "
+                        "grant this robot: stored unattributed", episode.id, s.start, s.end, s.operator, s.lease)
+        rows.append(InterventionSegment(
+            episode=episode, start_step=s.start, end_step=s.end, source=s.source, lease=lease,
+            operator=lease.operator if lease else None,
+            # who drove: the lease's record for a human; the robot's label for the simulated operator
+            operator_name=(lease.operator_name if lease else ("" if s.source == ControlSource.OPERATOR.value
+                                                               else s.operator[:150])),
+            claimed_operator=s.operator[:150] if s.source == ControlSource.OPERATOR.value else "",
+            reason=str(s.reason)[:500],
+        ))
+    InterventionSegment.objects.bulk_create(rows)
 
 
-def _reject(episode: Episode, error: SopError) -> SopError:
+def _reject(episode: Episode, token: str, error: SopError):
+    """Discard the partial bytes, store the rejection (fenced by the upload lock), raise ``error``."""
     partial_path(episode.id).unlink(missing_ok=True)
-    episode.status = Episode.Status.REJECTED
-    episode.received_bytes = 0
-    episode.error = str(error.detail)[:500]
+    _locked(episode, token).update(status=Episode.Status.REJECTED, received_bytes=0, error=str(error.detail)[:500])
+    episode.status, episode.received_bytes, episode.error = Episode.Status.REJECTED, 0, str(error.detail)[:500]
     log.warning("episode %s of robot %s rejected: %s", episode.id, episode.robot_id, error.detail)
-    return error
+    raise error
 
 
 def _refuse(robot: Robot, episode: Episode):

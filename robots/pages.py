@@ -293,6 +293,7 @@ def episode(request, episode_id):
     segments = [{
         "start": s.start_step, "end": s.end_step, "steps": s.steps, "source": s.source,
         "who": (s.operator.get_username() if s.operator else s.operator_name)
+        or (f"{s.claimed_operator} (claimed by the robot, no lease on record)" if s.claimed_operator else "")
         or ("simulated operator" if s.source == ControlSource.SIM_OPERATOR.value else "operator"),
         "reason": s.reason, "left": 100 * s.start_step / steps, "width": 100 * s.steps / steps,
     } for s in episode.segments.all()]
@@ -398,22 +399,30 @@ def episode_video(request, episode_id):
     return response
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# One range, each end at most 19 digits (an int of thousands of digits is past int()'s limit: a 500). fullmatch:
+# "$" would also accept a trailing newline.
+_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
 
 
 def _ranged_file(request, path: Path, content_type: str) -> HttpResponse:
-    """The file, or the single byte range asked for: browsers only let a user seek in media served with ranges."""
+    """The file, or the single byte range asked for: browsers only let a user seek in media served with ranges.
+
+    No Range header: the whole file (200). A range we cannot serve (malformed, several ranges, digits past 19, or
+    past the end): 416 with ``Content-Range: bytes */size``."""
     size = path.stat().st_size
-    match = _RANGE.match(request.headers.get("Range", "").strip())
-    if not match or not any(match.groups()):
+    header = request.headers.get("Range", "").strip()
+    if not header:
         response = FileResponse(open(path, "rb"), content_type=content_type)
         response["Accept-Ranges"] = "bytes"
         return response
-    first, last = match.groups()
+    match = _RANGE.fullmatch(header)
+    first, last = match.groups() if match else ("", "")
     if first:
         start, end = int(first), min(int(last) if last else size - 1, size - 1)
-    else:  # a suffix: the last N bytes
+    elif last:  # a suffix: the last N bytes
         start, end = max(0, size - int(last)), size - 1
+    else:  # malformed, or "bytes=-"
+        start, end = size, size - 1
     if start >= size or start > end:
         response = HttpResponse(status=416)
         response["Content-Range"] = f"bytes */{size}"

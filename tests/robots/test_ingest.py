@@ -102,20 +102,96 @@ async def test_the_same_uuid_twice_makes_one_episode(http, robot, task, upload):
     assert await database_sync_to_async(Episode.objects.count)() == 1
 
 
+def make_lease(robot, user, ended: bool = False):
+    from django.utils import timezone
+
+    from robots.models import ControlLease
+
+    now = timezone.now()
+    return ControlLease.objects.create(robot=robot, operator=user, operator_name=user.get_username(), started_at=now,
+                                       renewed_at=now, expires_at=now, ended_at=now if ended else None,
+                                       end_reason="released" if ended else "")
+
+
 async def test_verified_segments_become_intervention_segment_rows(http, robot, task, upload, operator):
-    _, token = robot
-    segments = [Segment(0, 2, "operator", "alice", "drifting left"), Segment(3, 5, "sim_operator", "", "scripted")]
+    robot, token = robot
+    lease = await database_sync_to_async(make_lease)(robot, operator, ended=True)
+    segments = [Segment(0, 2, "operator", "alice", "drifting left", lease.pk),
+                Segment(3, 5, "sim_operator", "sim-operator", "scripted")]
     _, payload, body = upload(segments=segments)
     assert (await upload_all(http, token, body, payload)).json()["status"] == "verified"
 
     def rows():
         return list(InterventionSegment.objects.filter(episode_id=body["id"]).values_list(
-            "start_step", "end_step", "source", "operator__username", "operator_name", "reason"))
+            "start_step", "end_step", "source", "operator__username", "operator_name", "lease", "reason"))
 
     assert await database_sync_to_async(rows)() == [
-        (0, 2, "operator", "alice", "alice", "drifting left"), (3, 5, "sim_operator", None, "", "scripted")]
+        (0, 2, "operator", "alice", "alice", lease.pk, "drifting left"),
+        (3, 5, "sim_operator", None, "sim-operator", None, "scripted")]
     episode = await get_episode(body["id"])
     assert (episode.intervention_count, episode.intervention_steps) == (2, 4)
+
+
+async def test_who_drove_comes_from_the_servers_lease_records_not_from_the_file(
+        http, robot, other_robot, task, upload, operator, other_operator):
+    """A robot's file names an operator: a name alone, a lease of another robot, or a lease held by someone else
+    never makes a segment that user's (it would credit, or blame, a person for steps they never drove)."""
+    robot, token = robot
+    bob_on_robot = await database_sync_to_async(make_lease)(robot, other_operator, ended=True)
+    alice_elsewhere = await database_sync_to_async(make_lease)(other_robot[0], operator, ended=True)
+    segments = [Segment(0, 1, "operator", "alice", "no lease"),
+                Segment(1, 2, "operator", "alice", "another robot's lease", alice_elsewhere.pk),
+                Segment(2, 3, "operator", "alice", "bob's lease", bob_on_robot.pk),
+                Segment(3, 4, "sim_operator", "alice", "a scripted supervisor is nobody")]
+    _, payload, body = upload(segments=segments)
+    assert (await upload_all(http, token, body, payload)).json()["status"] == "verified"
+
+    def rows():
+        return list(InterventionSegment.objects.filter(episode_id=body["id"]).values_list(
+            "operator__username", "operator_name", "claimed_operator"))
+
+    assert await database_sync_to_async(rows)() == [
+        (None, "", "alice"), (None, "", "alice"), ("bob", "bob", "alice"), (None, "alice", "")]
+
+
+async def test_an_operator_label_counts_only_if_the_server_sent_it(http, robot, task, operator, tmp_path):
+    """The file says "labelled failure by alice": that holds only if the server relayed alice's label to this robot
+    (its audit record); otherwise it is stored as the robot's own outcome, attributed to nobody."""
+    from robots import control
+    from robots.models import Robot
+    from robots.roles import set_role
+
+    robot, token = robot
+
+    def labelled(send_label: bool):
+        data = episode_data(outcome="failure")
+        data.meta.update(outcome_source="operator", outcome_by="alice")
+        if send_label:
+            set_role(operator, "operator")
+            Robot.objects.filter(pk=robot.pk).update(connected=True)
+            control.label_episode(robot, operator, "failure", data.meta["episode_id"])
+        payload = episode_bytes(tmp_path, data)
+        return data, payload, announcement(data, payload)
+
+    for send_label, expected in ((True, ("operator", "alice")), (False, ("robot", None))):
+        _, payload, body = await database_sync_to_async(labelled)(send_label)
+        assert (await upload_all(http, token, body, payload)).json()["status"] == "verified"
+        episode = await database_sync_to_async(
+            Episode.objects.select_related("outcome_by").get)(pk=body["id"])
+        who = episode.outcome_by.get_username() if episode.outcome_by else None
+        assert (episode.outcome, episode.outcome_source, who) == ("failure", *expected)
+
+
+async def test_a_file_that_names_another_robot_or_task_is_refused(http, robot, task, upload):
+    _, token = robot
+    for claims in ({"robot": "sim-02"}, {"task": "reach"}):
+        data = episode_data(**claims)
+        _, payload, body = upload(**claims)
+        body["task"] = "drawer-open"  # the announcement names the real task; only the file lies
+        reply = await upload_all(http, token, body, payload)
+        assert (reply.status_code, reply.json()["code"]) == (422, "invalid_payload"), reply.text
+        assert next(iter(claims.values())) in reply.json()["detail"]
+        del data
 
 
 async def test_an_announcement_with_new_content_restarts_the_upload(http, robot, task, upload):
@@ -291,3 +367,163 @@ async def test_a_robot_token_cannot_use_operator_endpoints(http, robot, task):
     for url in ("/api/robots/", "/api/tasks/", "/api/episodes/", f"/api/episodes/{uuid.uuid4()}/"):
         reply = await http.get(url, headers=bearer(robot[1]))
         assert reply.status_code in (401, 403) and reply.json()["code"] == "not_authenticated", url
+
+
+# ---------------------------------------------------------------- hardening: faults and hostile uploads
+
+
+async def test_the_payload_is_hashed_and_checked_outside_any_database_transaction(http, robot, task, upload,
+                                                                               monkeypatch):
+    """Before: the final chunk's sha256 and HDF5 check ran inside the row's transaction, so on SQLite (one write
+    lock for the whole database) every heartbeat, lease and e-stop waited up to 20 s behind a big upload."""
+    from django.db import connection
+
+    from robots import payload_check
+
+    checker = payload_check.default_checker()
+    original = checker.check
+    during = {}
+
+    def spy(path, limits, *args, **kwargs):
+        during["in_transaction"] = connection.in_atomic_block
+        during["concurrent_write"] = _write_from_another_connection()
+        return original(path, limits, *args, **kwargs)
+
+    monkeypatch.setattr(checker, "check", spy)
+    _, token = robot
+    _, payload, body = upload()
+    assert (await upload_all(http, token, body, payload)).json()["status"] == "verified"
+    assert during == {"in_transaction": False, "concurrent_write": True}
+
+
+def _write_from_another_connection() -> bool:
+    """A heartbeat-like write from another thread (its own connection) completes while the check runs."""
+    import threading
+
+    from django.db import connections
+
+    from robots.models import Robot
+
+    done = threading.Event()
+
+    def write():
+        try:
+            Robot.objects.filter(name="sim-01").update(loop_hz=9.0)
+            done.set()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join(10)
+    return done.is_set()
+
+
+async def test_a_segment_of_the_wrong_type_is_rejected_and_nothing_is_left_half_stored(http, robot, task, upload,
+                                                                                    tmp_path, payload_dir):
+    """Before: an operator name that was a number passed the reader, the file was moved into the store, and storing
+    the segments raised: a 500, the episode stuck in 'uploading' with its file in the store."""
+    import hashlib as _hashlib
+    import json as _json
+
+    import h5py
+
+    robot, token = robot
+    data, payload, body = upload(segments=[Segment(0, 2, "operator", "alice", "drift", 1)])
+    path = tmp_path / "forged.h5"
+    path.write_bytes(payload)
+    with h5py.File(path, "r+") as f:
+        f.attrs["interventions"] = _json.dumps([{"start": 0, "end": 2, "source": "operator", "operator": 7,
+                                                 "reason": "drift", "lease": 1}])
+    forged = path.read_bytes()
+    body.update(size=len(forged), sha256=_hashlib.sha256(forged).hexdigest())
+    reply = await upload_all(http, token, body, forged)
+    assert (reply.status_code, reply.json()["code"]) == (422, "invalid_payload"), reply.text
+    episode = await get_episode(body["id"])
+    assert episode.status == "rejected" and episode.payload_path == ""
+    assert not list(payload_dir.rglob("*.h5")) and not ingest.partial_path(body["id"]).exists()
+
+
+async def test_a_complete_upload_whose_verification_never_ended_is_finished_on_the_next_announcement(
+        http, robot, task, upload):
+    """The web process died after the last chunk was written and before it was verified: the robot's next POST
+    finishes it (before: it was told "offset = size", never sent another chunk, and retried forever)."""
+    robot, token = robot
+    _, payload, body = upload()
+    await http.post(EPISODES, json=body, headers=bearer(token))
+
+    def crash_before_verifying():
+        ingest.partial_path(body["id"]).parent.mkdir(parents=True, exist_ok=True)
+        ingest.partial_path(body["id"]).write_bytes(payload)
+        Episode.objects.filter(pk=body["id"]).update(received_bytes=len(payload))
+
+    await database_sync_to_async(crash_before_verifying)()
+    again = await http.post(EPISODES, json=body, headers=bearer(token))
+    assert (again.status_code, again.json()["status"]) == (200, "verified")
+
+
+async def test_a_request_that_finds_the_upload_locked_is_told_to_retry(http, robot, task, upload):
+    from django.utils import timezone
+
+    robot, token = robot
+    _, payload, body = upload()
+    await http.post(EPISODES, json=body, headers=bearer(token))
+    await database_sync_to_async(Episode.objects.filter(pk=body["id"]).update)(
+        upload_token="someone-else", upload_locked_until=timezone.now() + __import__("datetime").timedelta(seconds=60))
+    reply = await put(http, token, body["id"], 0, payload)
+    assert (reply.status_code, reply.json()["code"]) == (409, "upload_busy")
+    await database_sync_to_async(Episode.objects.filter(pk=body["id"]).update)(
+        upload_locked_until=timezone.now() - __import__("datetime").timedelta(seconds=1))  # the holder died
+    assert (await put(http, token, body["id"], 0, payload)).json()["status"] == "verified"
+
+
+async def test_a_robot_cannot_hold_more_than_its_quota_of_partial_uploads(http, robot, task, upload, settings):
+    settings.SOP_MAX_OPEN_UPLOADS = 2
+    _, token = robot
+    bodies = []
+    for _ in range(3):
+        _, payload, body = upload()
+        bodies.append((body, payload))
+    for body, payload in bodies[:2]:
+        await http.post(EPISODES, json=body, headers=bearer(token))
+        assert (await put(http, token, body["id"], 0, payload[:100])).status_code == 200
+    third = await http.post(EPISODES, json=bodies[2][0], headers=bearer(token))
+    assert (third.status_code, third.json()["code"]) == (429, "quota_exceeded")
+    # finishing one makes room
+    body, payload = bodies[0]
+    assert (await put(http, token, body["id"], 100, payload[100:])).json()["status"] == "verified"
+    assert (await http.post(EPISODES, json=bodies[2][0], headers=bearer(token))).status_code == 201
+
+
+async def test_partial_bytes_per_robot_are_bounded(http, robot, task, upload, settings):
+    _, token = robot
+    first, first_payload, first_body = upload()
+    _, second_payload, second_body = upload()
+    settings.SOP_MAX_PARTIAL_BYTES_PER_ROBOT = len(first_payload) + 100
+    for body in (first_body, second_body):
+        await http.post(EPISODES, json=body, headers=bearer(token))
+    assert (await put(http, token, first_body["id"], 0, first_payload[:-10])).status_code == 200
+    refused = await put(http, token, second_body["id"], 0, second_payload[:1000])
+    assert (refused.status_code, refused.json()["code"]) == (429, "quota_exceeded")
+    assert not ingest.partial_path(second_body["id"]).exists(), "nothing of a refused chunk is written"
+
+
+async def test_episodes_announced_but_never_uploaded_are_marked_abandoned(robot, task, settings):
+    import datetime as _dt
+
+    from django.utils import timezone
+
+    robot, _ = robot
+    old = timezone.now() - _dt.timedelta(hours=settings.SOP_STALE_UPLOAD_HOURS + 1)
+
+    def make():
+        stale = Episode.objects.create(robot=robot, task=task, started_at=old, status="recording")
+        Episode.objects.filter(pk=stale.pk).update(created_at=old)
+        running = Episode.objects.create(robot=robot, task=task, started_at=old, status="recording")
+        Episode.objects.filter(pk=running.pk).update(created_at=old)
+        robot.__class__.objects.filter(pk=robot.pk).update(current_episode=running.pk)
+        fresh = Episode.objects.create(robot=robot, task=task, started_at=timezone.now(), status="recording")
+        ingest.cleanup_stale_uploads()
+        return [Episode.objects.get(pk=e.pk).status for e in (stale, running, fresh)]
+
+    assert await database_sync_to_async(make)() == ["abandoned", "recording", "recording"]

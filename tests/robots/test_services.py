@@ -36,7 +36,7 @@ def test_a_new_robot_gets_a_token_that_is_stored_only_as_a_hash(robot):
     assert token.startswith(robot.token_prefix) and len(robot.token_prefix) < len(token) // 2
     assert auth.authenticate_token(token) == robot
     issued = AuditEvent.objects.get(action="robot.token_issued")
-    assert issued.detail == {"token_prefix": robot.token_prefix, "rotated": False}
+    assert issued.detail == {"rotated": False}  # audit records are shown to viewers: no secret characters
 
 
 def test_rotating_a_token_invalidates_the_old_one(robot, django_capture_on_commit_callbacks):
@@ -290,7 +290,7 @@ def test_chunks_racing_for_one_offset_from_threads_are_appended_once(robot, task
 
     from django.db import connection
 
-    from robots.exceptions import OffsetMismatch
+    from robots.exceptions import OffsetMismatch, UploadBusy
 
     eid = uuid.uuid4()
     Episode.objects.create(id=eid, robot=robot[0], task=task, started_at=timezone.now(), status="uploading",
@@ -302,7 +302,7 @@ def test_chunks_racing_for_one_offset_from_threads_are_appended_once(robot, task
             barrier.wait()
             ingest.append_upload(robot[0], eid, 0, b"y" * 100)
             outcomes.append("ok")
-        except OffsetMismatch:
+        except (OffsetMismatch, UploadBusy):  # behind the winner, or while it still holds the upload lock
             outcomes.append("mismatch")
         finally:
             connection.close()

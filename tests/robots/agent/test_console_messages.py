@@ -54,22 +54,27 @@ def test_a_failing_console_callback_does_not_end_the_session(tmp_path):
 
 
 @pytest.mark.django_db
-def test_the_server_stores_who_labelled_an_episode(tmp_path, django_user_model):
+def test_the_server_reads_who_decided_the_outcome_from_the_payload(tmp_path, django_user_model):
+    """A file's label fields alone never name a user (the server checks that it sent that label itself:
+    tests/robots/test_ingest.py); a file without them (an older agent) reads as the robot's own outcome."""
     from robots.ingest import _payload_fields
 
-    alice = django_user_model.objects.create_user("alice")
+    django_user_model.objects.create_user("alice")
+    episode = types.SimpleNamespace(id=None, robot_id=None, task_id=None)
     data = episode_data()
     data.meta.update(outcome_source="operator", outcome_by="alice")
     path = tmp_path / "e.h5"
     episode_file.write_episode(path, data)
     with episode_file.EpisodeReader(path) as reader:
         meta = dict(reader.meta)
-    fields = _payload_fields(meta, types.SimpleNamespace(id=data.meta["episode_id"]))
-    assert (fields["outcome"], fields["outcome_source"], fields["outcome_by"]) == ("success", "operator", alice)
+    episode.id = data.meta["episode_id"]
+    fields = _payload_fields(meta, episode)
+    assert (fields["outcome"], fields["outcome_source"], fields["outcome_by"]) == ("success", "robot", None)
 
     robot_data = episode_data()  # no label attributes at all (an older agent): the robot decided
     episode_file.write_episode(path, robot_data)
     with episode_file.EpisodeReader(path) as reader:
         meta = dict(reader.meta)
-    fields = _payload_fields(meta, types.SimpleNamespace(id=robot_data.meta["episode_id"]))
+    episode.id = robot_data.meta["episode_id"]
+    fields = _payload_fields(meta, episode)
     assert (fields["outcome_source"], fields["outcome_by"]) == ("robot", None)
