@@ -242,6 +242,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
 
     def status() -> protocol.Status:
         snap = runtime.snapshot()
+        _, estop_seq, estop_local, estopped_by = control.estop_report()
         return protocol.Status(
             state=snap.state.value,
             task=snap.task,
@@ -259,6 +260,9 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             operator=control.operator,
             deadman=control.deadman(),
             estopped=snap.estopped,
+            estop_seq=estop_seq,
+            estop_local=estop_local,
+            estopped_by=estopped_by,
             last_command_age_ms=control.last_command_age_ms(),
             video_fps=hub.video_fps if hub is not None else 0.0,
             viewers=hub.viewers if hub is not None else 0,
@@ -276,10 +280,18 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    def apply_estop(engaged: bool, by: str) -> None:
-        control.estop(engaged, by)
-        runtime.estop(engaged, by)
-        connection.send(None)  # the console shows the latch at once
+    def apply_estop(message: protocol.ControlEstop) -> None:
+        """The server's e-stop (numbered; re-sent until our status agrees). A stale clear is ignored (teleop.py)."""
+        if control.estop_from_server(message.engaged, message.by, message.seq):
+            runtime.estop(message.engaged, message.by)
+        connection.send(None)  # the console shows the latch at once, and the server sees it applied
+
+    def local_estop(by: str) -> None:
+        """An e-stop on the robot itself (an operator's over the WebRTC data channel): latched now, reported to the
+        server in the status that follows (which adopts it, audits it and acknowledges it)."""
+        control.estop_local(by)
+        runtime.estop(True, by)
+        connection.send(None)
 
     def on_takeover(message: protocol.ControlTakeover) -> None:
         control.takeover(message.lease, message.operator, message.reason)
@@ -316,14 +328,14 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         config, hello=hello, status=status, on_assignment=on_assignment,
         on_policy=updates.offer if updates else lambda message: None,
         on_takeover=on_takeover, on_release=on_release,
-        on_estop=lambda message: apply_estop(message.engaged, message.by),
+        on_estop=apply_estop,
         on_command=on_command, on_label=on_label, on_webrtc_offer=on_webrtc_offer, on_webrtc_close=on_webrtc_close,
         on_disconnect=on_disconnect,
     )
     if camera is not None:
         camera.start()
         hub = await WebrtcHub(
-            camera, control, connection.send, estop=lambda by: apply_estop(True, by),
+            camera, control, connection.send, estop=local_estop,
             extra_hud=lambda: {"step": runtime.snapshot().step}, max_viewers=config.max_viewers,
         ).start()
     runtime = Runtime(

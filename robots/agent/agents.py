@@ -26,6 +26,8 @@ class Decision:
     source: ControlSource = ControlSource.POLICY
     operator: str = ""  # username when a human operator drove the step
     reason: str = ""  # why someone other than the policy took over
+    lease: Optional[int] = None  # the takeover lease the step was driven under (human operators); the server
+    # attributes the segment to that lease's holder from its own records, never to the name alone
 
 
 class Agent(abc.ABC):

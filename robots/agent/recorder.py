@@ -80,10 +80,12 @@ class EpisodeRecorder(Subscriber):
         if decision.source != ControlSource.POLICY:
             last = self._segments[-1] if self._segments else None
             source = ControlSource(decision.source).value
-            if last is not None and last.end == t and last.source == source and last.operator == decision.operator:
+            if (last is not None and last.end == t and last.source == source and last.operator == decision.operator
+                    and last.lease == decision.lease):
                 last.end = t + 1
             else:
-                self._segments.append(episode_file.Segment(t, t + 1, source, decision.operator, decision.reason))
+                self._segments.append(episode_file.Segment(t, t + 1, source, decision.operator, decision.reason,
+                                                           decision.lease))
 
     def on_episode_end(self, episode: Episode, result: EpisodeResult) -> None:
         if self._buf is None or self._steps == 0:

@@ -86,6 +86,8 @@ class OperatorControl:
         self._applied: collections.deque[tuple[int, float]] = collections.deque(maxlen=TRACE_LEN)  # (seq, first step t)
         self._estopped = False
         self._estopped_by = ""
+        self._estop_seq: Optional[int] = None  # seq of the last server control.estop applied
+        self._estop_local = False  # latched here (data channel) and not yet acknowledged by the server
         self.dropped = {reason: 0 for reason in DROP_REASONS}  # since start, by reason
         self.accepted = 0
         # Called after a lease starts (any thread, must return at once): the agent sets it to ``Runtime.wake`` so the
@@ -120,8 +122,39 @@ class OperatorControl:
         return True
 
     def estop(self, engaged: bool, by: str = "") -> None:
+        """Set the latch unconditionally (tests, and the runtime's own view)."""
         with self._lock:
             self._estopped, self._estopped_by = bool(engaged), (by if engaged else "")
+
+    def estop_from_server(self, engaged: bool, by: str, seq: int) -> bool:
+        """Apply a server ``control.estop``; returns whether the latch is now as it says.
+
+        An engage always latches (and acknowledges a local latch). A clear is ignored when it is older than the last
+        change applied (a re-send that crossed a newer one), and while the latch is local: the operator who hit the
+        e-stop on this robot's data channel did so after any clear the server could have sent, so only a clear of
+        the server's own, acknowledged, latch counts. Fail safe: when in doubt, stay stopped."""
+        with self._lock:
+            if engaged:
+                self._estopped, self._estopped_by = True, by or self._estopped_by
+                self._estop_local = False
+                self._estop_seq = max(seq, self._estop_seq or 0)
+                return True
+            if self._estop_local or (self._estop_seq is not None and seq < self._estop_seq):
+                return False
+            self._estopped, self._estopped_by, self._estop_seq = False, "", seq
+            return True
+
+    def estop_local(self, by: str) -> None:
+        """Latch from the robot side (a data channel e-stop): reported as local until the server acknowledges it."""
+        with self._lock:
+            if not self._estopped:
+                self._estop_local = True
+            self._estopped, self._estopped_by = True, by
+
+    def estop_report(self) -> tuple[bool, Optional[int], bool, str]:
+        """(latched, seq of the last server change applied, latched locally, by) for the status heartbeat."""
+        with self._lock:
+            return self._estopped, self._estop_seq, self._estop_local, self._estopped_by
 
     def command(self, seq: int, t_ms: float, action: Optional[list[float]] = None, grip: Optional[float] = None, *,
                 via: str = "ws", session_user: Optional[str] = None, lease: Optional[int] = None) -> str:
@@ -307,7 +340,7 @@ class OperatorGate(Agent):
             self._was_deadman = view.deadman
             self._driven += 1
             self.operated_steps += 1
-            decision = Decision(action, ControlSource.OPERATOR, view.operator, view.reason)
+            decision = Decision(action, ControlSource.OPERATOR, view.operator, view.reason, view.lease)
         if len(decision.action) > 3:
             self._last_grip = float(decision.action[3])
         return decision

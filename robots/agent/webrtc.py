@@ -9,7 +9,9 @@ answered with an ``error``.
 
 Teleop channel, browser -> robot: ``cmd`` / ``keepalive`` -> ``OperatorControl.command`` with the session's user (it
 counts only while that user holds the lease), ``ping`` -> ``pong`` with ``robot_t``, ``estop`` -> the e-stop latch
-(clearing needs the websocket). Robot -> browser: a ``hud`` message every 100 ms, and pongs.
+(operator and admin sessions only: the offer carries the role the server authenticated; clearing needs the
+websocket; the latch is reported to the server, which audits it). Robot -> browser: a ``hud`` message every 100 ms,
+pongs, and an ``error`` for a refused e-stop.
 
 Sessions close on ``webrtc.close``, when the peer connection fails or closes, when the websocket to the server is lost
 (``close_all``), and at shutdown.
@@ -21,10 +23,10 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import time
 from typing import Any, Callable, Optional
 
+from robots import console_protocol as cp
 from robots import protocol
 
 from .media import CameraThread, FpsMeter, VideoBroadcast, make_camera_track
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 
 HUD_PERIOD_S = 0.1
 OFFER_TIMEOUT_S = 15.0
-MAX_DC_MESSAGE = 2048  # bytes: teleop messages are tiny
 TELEOP_LABEL = "teleop"
 
 
@@ -43,6 +44,7 @@ class Session:
     id: str
     user: str
     pc: Any  # RTCPeerConnection
+    role: str = "viewer"  # the user's console role, as the server authenticated it with the offer
     track: Any = None  # this viewer's track of the broadcast
     channel: Any = None  # the "teleop" RTCDataChannel, once the browser opened it
     opened_at: float = dataclasses.field(default_factory=time.monotonic)
@@ -61,10 +63,6 @@ def ice_servers(dicts: list[dict]):
             continue
         servers.append(RTCIceServer(urls=urls, username=entry.get("username"), credential=entry.get("credential")))
     return servers
-
-
-def _number(value, lo: float = -math.inf, hi: float = math.inf) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
 
 
 class WebrtcHub:
@@ -161,7 +159,7 @@ class WebrtcHub:
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
         pc = RTCPeerConnection(configuration=RTCConfiguration(iceServers=ice_servers(message.ice_servers)))
-        session = Session(message.session, message.user, pc)
+        session = Session(message.session, message.user, pc, role=message.role)
         self.sessions[message.session] = session
         self._viewers_changed()
 
@@ -225,43 +223,39 @@ class WebrtcHub:
     # ------------------------------------------------------------ the teleop data channel
 
     def _on_message(self, session: Session, raw) -> None:
-        if isinstance(raw, bytes) or len(raw) > MAX_DC_MESSAGE:
+        """One data channel message, decoded by the typed layer (robots/console_protocol.py ``DATA_CHANNEL``: bytes,
+        depth, fields). Anything else is counted as invalid and ignored."""
+        if isinstance(raw, bytes):
             session.invalid += 1
             return
         try:
-            body = json.loads(raw)
-        except ValueError:
+            message = cp.DATA_CHANNEL.decode(raw, accept=cp.CHANNEL_BROWSER_MESSAGES)
+        except protocol.ProtocolError:
             session.invalid += 1
             return
-        if not isinstance(body, dict):
-            session.invalid += 1
-            return
-        kind = body.get("type")
-        if kind == "ping":
-            self._send(session, {"type": "pong", "id": body.get("id"), "t": body.get("t"),
+        if isinstance(message, cp.ChannelPing):
+            self._send(session, {"type": "pong", "id": message.id, "t": message.t,
                                  "robot_t": round(time.time() * 1000.0, 1)})
-        elif kind in ("cmd", "keepalive"):
-            seq, t = body.get("seq"), body.get("t")
-            action = body.get("action") if kind == "cmd" else None
-            grip = body.get("grip") if kind == "cmd" else None
-            if not (isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 and _number(t)) or (
-                    action is not None and not (isinstance(action, list) and len(action) == 3
-                                                and all(_number(a, -1.0, 1.0) for a in action))) or (
-                    grip is not None and not _number(grip, -1.0, 1.0)):
-                session.invalid += 1
-                return
-            result = self.control.command(seq, float(t), action, grip, via="dc", session_user=session.user)
+        elif isinstance(message, (cp.ChannelCommand, cp.ChannelKeepalive)):
+            action = message.action if isinstance(message, cp.ChannelCommand) else None
+            grip = message.grip if isinstance(message, cp.ChannelCommand) else None
+            result = self.control.command(message.seq, float(message.t), action, grip, via="dc",
+                                          session_user=session.user)
             if result != ACCEPTED:
-                log.debug("teleop command %s of %s dropped: %s", seq, session.user, result)
-        elif kind == "trace":  # latency instrumentation: when did command ``seq`` arrive and first drive a step
-            seq = body.get("seq")
-            accepted_t, applied_t = self.control.traced(seq) if isinstance(seq, int) else (None, None)
-            self._send(session, {"type": "trace", "seq": seq, "accepted_t": accepted_t, "applied_t": applied_t})
-        elif kind == "estop":
-            log.warning("e-stop over the data channel by %s", session.user)
+                log.debug("teleop command %s of %s dropped: %s", message.seq, session.user, result)
+        elif isinstance(message, cp.ChannelTrace):  # latency instrumentation: when did ``seq`` arrive and first act
+            accepted_t, applied_t = self.control.traced(message.seq)
+            self._send(session, {"type": "trace", "seq": message.seq, "accepted_t": accepted_t, "applied_t": applied_t})
+        elif isinstance(message, cp.ChannelEstop):
+            if session.role not in protocol.ESTOP_ROLES:
+                # A viewer watches and nothing else: the server told us this session's role with the offer.
+                log.warning("e-stop over the data channel by %s refused: role %s", session.user, session.role)
+                session.invalid += 1
+                self._send(session, {"type": "error", "code": "forbidden", "ref": "estop",
+                                     "detail": "viewers cannot e-stop; ask an operator"})
+                return
+            log.warning("e-stop over the data channel by %s (%s)", session.user, session.role)
             self.estop(session.user)
-        else:
-            session.invalid += 1
 
     def _send(self, session: Session, body: dict) -> None:
         channel = session.channel

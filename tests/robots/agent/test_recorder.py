@@ -96,7 +96,7 @@ def test_runs_of_non_policy_control_become_intervention_segments(tmp_path):
     assert [(s.start, s.end, s.source, s.reason) for s in segments] == [(3, 6, "sim_operator", "stalled")]
     assert list(sources) == [0, 0, 0, 2, 2, 2, 0, 0, 0, 0]
     assert json.loads(spool.sidecar(episode_id).read_text())["interventions"] == [
-        {"start": 3, "end": 6, "source": "sim_operator", "operator": "", "reason": "stalled"}
+        {"start": 3, "end": 6, "source": "sim_operator", "operator": "", "reason": "stalled", "lease": None}
     ]
 
 

@@ -46,10 +46,10 @@ class Client:
         self.channel.on("message", lambda raw: self.messages.append(json.loads(raw)))
         self.pc.on("track", lambda track: self.track.done() or self.track.set_result(track))
 
-    async def offer(self, user="alice") -> protocol.WebrtcOffer:
+    async def offer(self, user="alice", role="operator") -> protocol.WebrtcOffer:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return protocol.WebrtcOffer(session=str(uuid.uuid4()), sdp=self.pc.localDescription.sdp, user=user,
-                                    ice_servers=[])
+                                    role=role, ice_servers=[])
 
     async def accept(self, answer: protocol.WebrtcAnswer):
         from aiortc import RTCSessionDescription
@@ -83,8 +83,8 @@ async def hub():
         camera.stop()
 
 
-async def connect(hub, client, user="alice"):
-    offer = await client.offer(user)
+async def connect(hub, client, user="alice", role="operator"):
+    offer = await client.offer(user, role)
     await hub.offer(offer)
     answer = hub.sent[-1]
     assert isinstance(answer, protocol.WebrtcAnswer) and answer.session == offer.session
@@ -138,6 +138,25 @@ async def test_a_viewer_gets_video_and_drives_over_the_data_channel(hub):
 
         await hub.close(session, "closed by the console")
         assert hub.viewers == 0 and hub.camera.viewers == 0
+    finally:
+        await client.pc.close()
+
+
+async def test_a_viewer_session_cannot_estop_over_the_data_channel(hub):
+    """A viewer watches and nothing else: the robot knows the session's role from the offer the server signed off,
+    refuses the e-stop, says why on the channel, and counts it as invalid. Before: any session latched it."""
+    client = Client()
+    try:
+        await connect(hub, client, user="dave", role="viewer")
+        await asyncio.wait_for(client.opened.wait(), 10)
+        client.send({"type": "estop"})
+        await client.wait(lambda: any(m["type"] == "error" for m in client.messages))
+        error = next(m for m in client.messages if m["type"] == "error")
+        assert (error["code"], error["ref"]) == ("forbidden", "estop")
+        assert hub.estops == [] and not hub.control.estopped
+        client.send({"type": "estop", "pad": "x" * 4000})  # oversized, whatever the role: ignored
+        client.send('{"type": "cmd", "seq": 1, "t": 1e400}')  # not finite
+        await client.wait(lambda: next(iter(hub.sessions.values())).invalid >= 2)
     finally:
         await client.pc.close()
 
