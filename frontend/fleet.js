@@ -2,7 +2,7 @@
 // messages of the one console socket (docs/console.md). The learning panel and the latest episodes poll the REST API.
 import { sharedSocket } from "./console/socket.js";
 import { RobotViewer } from "./console/video.js";
-import { ago, controlBadge, countersText, episodeText, esc, num, pct, setField, stateWord } from "./console/ui.js";
+import { ago, controlBadge, countersText, episodeText, esc, mismatchText, num, pct, setField, stateWord } from "./console/ui.js";
 
 const LEARN_REFRESH_MS = 5000;
 const EPISODES_REFRESH_MS = 5000;
@@ -88,6 +88,7 @@ function renderTile(tile) {
   setField(el, "loop", s?.connected && s.loop_hz ? `${num(s.loop_hz, 1)} Hz` : "");
   setField(el, "viewers", s?.connected && s.viewers ? `· ${s.viewers} watching` : "");
   setField(el, "policy-error", s?.policy_error ? "· checkpoint rejected" : "", { title: s?.policy_error || null });
+  setField(el, "mismatch", mismatchText(s));
   renderVideoNote(tile);
 }
 

@@ -3,7 +3,7 @@
 import { sharedSocket } from "./console/socket.js";
 import { RobotViewer } from "./console/video.js";
 import { TELEOP_KEYS, TeleopController } from "./console/teleop.js";
-import { controlBadge, countersText, episodeText, num, operatorOf, setField, shortId, stateWord } from "./console/ui.js";
+import { controlBadge, countersText, episodeText, mismatchText, num, operatorOf, setField, shortId, stateWord } from "./console/ui.js";
 
 const root = document.getElementById("robot-console");
 const ROBOT = root.dataset.robot;
@@ -327,6 +327,7 @@ function render() {
   setField(root, "held-by", holding ? `you hold ${ROBOT}` : holder ? `held by ${holder}` : online ? "policy drives (no one holds it)" : "robot offline",
     { class: heldByOther ? "held-other" : holding ? "held-me" : "" });
   root.classList.toggle("estopped", estopped);
+  setField(root, "mismatch", mismatchText(s));
 
   // fieldsets disabled server-side for viewers; the hello's role may differ from the page's (a role changed)
   root.querySelectorAll(".takeover-box, .label-box").forEach((f) => { f.disabled = !operate; f.title = operate ? "" : viewerOnly; });

@@ -192,9 +192,13 @@ export class ConsoleSocket {
   }
 }
 
-/** The page's one socket (created on first use). */
+/** The page's one socket (created on first use). A role change (an admin promoted or demoted this user) reloads the
+ * page: buttons, video sessions and leases all follow the role, and the server already closed the old sessions. */
 let shared = null;
 export function sharedSocket() {
-  if (!shared) shared = new ConsoleSocket().start();
+  if (!shared) {
+    shared = new ConsoleSocket().start();
+    shared.on("role", () => window.location.reload());
+  }
   return shared;
 }

@@ -25,7 +25,12 @@ export function operatorOf(state) {
 export function controlBadge(state) {
   if (!state) return { text: "–", cls: "unknown", title: "" };
   if (state.estopped || state.state === "estopped") {
-    return { text: "E-STOPPED", cls: "estopped", title: state.estopped_by ? `e-stopped by ${state.estopped_by}` : "e-stopped" };
+    const by = state.estopped_by ? `e-stopped by ${state.estopped_by}` : "e-stopped";
+    // What the robot reports wins over what the server asked: a latch it has not confirmed is not a stopped robot.
+    if (state.connected && state.reported_estopped === false) {
+      return { text: "E-STOP NOT CONFIRMED", cls: "estopped mismatch", title: `${by}; the robot still reports running: the server re-sends the e-stop` };
+    }
+    return { text: "E-STOPPED", cls: "estopped", title: by };
   }
   if (!state.connected) return { text: "offline", cls: "offline", title: "the robot is not connected" };
   const operator = operatorOf(state);
@@ -38,6 +43,12 @@ export function controlBadge(state) {
   if (state.control_source === "sim_operator") return { text: "simulated operator", cls: "sim_operator", title: "the scripted supervisor drives" };
   const policy = state.policy_version ? `policy v${state.policy_version}` : `policy${state.policy_name ? ` ${state.policy_name}` : ""}`;
   return { text: policy, cls: "policy", title: state.policy_error ? `checkpoint rejected: ${state.policy_error}` : "the policy drives" };
+}
+
+/** Where the robot's report disagrees with what the server asked (the server is re-sending), as one line, or "". */
+export function mismatchText(state) {
+  const found = (state && state.connected && Array.isArray(state.mismatch)) ? state.mismatch : [];
+  return found.length ? `⚠ ${found.join(" · ")}` : "";
 }
 
 /** The robot's state word for its state badge. */

@@ -1,7 +1,7 @@
 // The control badge and the tile texts of a robot state (frontend/console/ui.js).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { controlBadge, countersText, episodeText, esc, operatorOf, stateWord } from "../../frontend/console/ui.js";
+import { controlBadge, countersText, episodeText, esc, mismatchText, operatorOf, stateWord } from "../../frontend/console/ui.js";
 
 const base = { name: "sim-01", connected: true, state: "running", control_source: "policy", policy_version: 7, lease: null,
   estopped: false, deadman: false, operator: "" };
@@ -29,4 +29,16 @@ test("texts: state word, episode, counters, operator, escaping", () => {
     "0 episodes today · – success · 0 interventions");
   assert.equal(operatorOf({ lease: null, operator: "", operator_name: "op3" }), "op3");
   assert.equal(esc(`<a href="x">'&`), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;");
+});
+
+test("an e-stop the robot has not confirmed says so, and mismatches read as one warning line", () => {
+  const latched = { ...base, estopped: true, estopped_by: "op1" };
+  assert.equal(controlBadge({ ...latched, reported_estopped: true }).text, "E-STOPPED");
+  const pending = controlBadge({ ...latched, reported_estopped: false });
+  assert.equal(pending.text, "E-STOP NOT CONFIRMED");
+  assert.match(pending.cls, /mismatch/);
+  assert.equal(controlBadge({ ...latched, connected: false, reported_estopped: false }).text, "E-STOPPED");
+  assert.equal(mismatchText({ ...base, mismatch: ["a", "b"] }), "⚠ a · b");
+  assert.equal(mismatchText({ ...base, mismatch: [] }), "");
+  assert.equal(mismatchText({ ...base, connected: false, mismatch: ["a"] }), "");
 });
