@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, serializers
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
@@ -10,9 +14,20 @@ from rest_framework.views import APIView
 
 from learner import services
 from learner.models import Checkpoint, TrainingRun
-from robots.api import EpisodePagination, OperatorAPIMixin
+from robots import roles
+from robots.api import (
+    CONSOLE_AUTH_ERRORS,
+    JSON_BODY_ERRORS,
+    PAGE_ERRORS,
+    ROBOT_AUTH_ERRORS,
+    EpisodePagination,
+    OperatorAPIMixin,
+    console_schema,
+    error,
+)
 from robots.auth import IsRobot, RobotTokenAuthentication
 from robots.exceptions import SopError
+from robots.serializers import MAX_DB_INT
 
 
 class NotFound(SopError):
@@ -26,6 +41,15 @@ class RobotCheckpointFileView(APIView):
     authentication_classes = [RobotTokenAuthentication]
     permission_classes = [IsRobot]
 
+    @extend_schema(
+        operation_id="robot_checkpoint_file", tags=["robot ingest"],
+        summary="The weights file of a published checkpoint (verify size + sha256 from policy.updated)",
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="the weights file"),
+            **ROBOT_AUTH_ERRORS,
+            404: error("no such checkpoint, or its file is missing (not_found)"),
+        },
+    )
     def get(self, request, version: int):
         try:
             path = services.checkpoint_file(version)
@@ -37,13 +61,17 @@ class RobotCheckpointFileView(APIView):
 
 
 class CheckpointSerializer(serializers.ModelSerializer):
-    run = serializers.PrimaryKeyRelatedField(read_only=True)
-    parent = serializers.SlugRelatedField(slug_field="version", read_only=True)
+    run = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
+    parent = serializers.SerializerMethodField(help_text="the version this one was trained from")
     deployed = serializers.SerializerMethodField(help_text="the checkpoint the fleet should run now")
 
     class Meta:
         model = Checkpoint
         fields = ["version", "run", "parent", "algorithm", "step", "size", "sha256", "deployed", "created_at"]
+        read_only_fields = fields  # output only (and no database-specific integer bounds in the schema)
+
+    def get_parent(self, checkpoint) -> Optional[int]:
+        return checkpoint.parent.version if checkpoint.parent_id else None
 
     def get_deployed(self, checkpoint) -> bool:
         if "deployed_version" not in self.context:
@@ -54,19 +82,20 @@ class CheckpointSerializer(serializers.ModelSerializer):
 
 class RunSerializer(serializers.ModelSerializer):
     tasks = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
-    progress = serializers.FloatField(read_only=True)
+    progress = serializers.FloatField(read_only=True, allow_null=True, help_text="null for a run without an end")
 
     class Meta:
         model = TrainingRun
         fields = ["id", "algorithm", "preset", "tasks", "status", "message", "step", "total_steps", "progress",
                   "attempts", "created_at", "started_at", "finished_at", "config"]
+        read_only_fields = fields  # output only: runs are started with StartRunSerializer
 
 
 class StartRunSerializer(serializers.Serializer):
     algorithm = serializers.CharField()
     tasks = serializers.ListField(child=serializers.CharField(), min_length=1)
     preset = serializers.CharField(default="default")
-    steps = serializers.IntegerField(min_value=1, required=False)
+    steps = serializers.IntegerField(min_value=1, max_value=MAX_DB_INT, required=False)
     from_scratch = serializers.BooleanField(default=False)
 
 
@@ -75,8 +104,22 @@ class RunListView(OperatorAPIMixin, generics.ListAPIView):
     queryset = TrainingRun.objects.prefetch_related("tasks")
     pagination_class = EpisodePagination
 
+    @console_schema(operation_id="runs_list", summary="Training runs, newest first, paginated",
+                    responses={200: RunSerializer(many=True), **PAGE_ERRORS})
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        operation_id="runs_start", tags=["console"], request=StartRunSerializer,
+        summary="Start a training run (console admins: the admin role, staff or superuser)",
+        responses={201: RunSerializer, **JSON_BODY_ERRORS,
+                   400: error("a field is missing or wrong (invalid), an unknown algorithm, preset or task, or the "
+                              "body is not strict JSON (parse_error)"),
+                   **CONSOLE_AUTH_ERRORS},
+    )
     def post(self, request):
-        if not request.user.is_staff:
+        # The console's admin role (robots/roles.py), as on the training page: not Django's is_staff flag alone.
+        if not roles.is_admin(request.user):
             raise PermissionDenied("Only administrators start training runs.")
         body = StartRunSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -90,8 +133,13 @@ class RunListView(OperatorAPIMixin, generics.ListAPIView):
 
 
 class RunStopView(OperatorAPIMixin, APIView):
+    @extend_schema(
+        operation_id="runs_stop", tags=["console"], request=None,
+        summary="Stop a training run (console admins)",
+        responses={200: RunSerializer, **CONSOLE_AUTH_ERRORS, 404: error("no such run (not_found)")},
+    )
     def post(self, request, run_id: int):
-        if not request.user.is_staff:
+        if not roles.is_admin(request.user):
             raise PermissionDenied("Only administrators stop training runs.")
         run = TrainingRun.objects.filter(pk=run_id).first()
         if run is None:
@@ -102,6 +150,14 @@ class RunStopView(OperatorAPIMixin, APIView):
 class CheckpointListView(OperatorAPIMixin, generics.ListAPIView):
     serializer_class = CheckpointSerializer
     pagination_class = EpisodePagination
+
+    @console_schema(
+        operation_id="checkpoints_list", summary="Published checkpoints, paginated",
+        parameters=[OpenApiParameter("deployed", OpenApiTypes.STR,
+                                     description="1 or true: only the checkpoint the fleet should run now")],
+        responses={200: CheckpointSerializer(many=True), **PAGE_ERRORS})
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
         queryset = Checkpoint.objects.select_related("run", "parent")

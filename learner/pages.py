@@ -232,8 +232,15 @@ def checkpoint_rollback(request, version: int):
 
 
 def _safe_next(request) -> str | None:
+    r"""The form's ``next`` if it stays on this site, else None. Django's check, not a prefix test: browsers read
+    ``/\evil.example`` and ``/\t/evil.example`` as ``//evil.example``, another host."""
+    from django.utils.http import url_has_allowed_host_and_scheme
+
     target = request.POST.get("next", "")
-    return target if target.startswith("/") and not target.startswith("//") else None
+    if target and url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()},
+                                                  require_https=request.is_secure()):
+        return target
+    return None
 
 
 # -- the episode page's value plot: V(o_t) of the newest value function --------------------------------------------

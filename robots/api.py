@@ -1,23 +1,32 @@
 """The REST API of the fleet: the robot ingest (token auth only) and the operator read API (session auth only).
 
 Each endpoint parses, authorises, calls one service or selector, replies. Errors are ``{"code", "detail"}``
-(robots/exceptions.py). The ingest contract is documented in docs/protocol.md.
+(robots/exceptions.py). The ingest contract is documented in docs/protocol.md; the OpenAPI schema of every endpoint
+(drf-spectacular, from the ``extend_schema`` annotations here and in learner/api.py) is served at /api/schema/ and
+committed as docs/openapi.json.
 """
 
 from __future__ import annotations
 
+import re
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.urls import reverse
-from rest_framework import generics
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import generics, serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from . import ingest, selectors
 from .auth import IsOperator, IsRobot, RobotTokenAuthentication
-from .exceptions import SopError
+from .exceptions import PayloadTooLarge, SopError
 from .models import Episode
+from .parsers import StrictJSONParser
 from .serializers import (
     EpisodeAnnouncementSerializer,
     EpisodeDetailSerializer,
@@ -27,6 +36,72 @@ from .serializers import (
     TaskSerializer,
 )
 
+# ---------------------------------------------------------------- the schema's shared parts
+
+
+class RobotTokenScheme(OpenApiAuthenticationExtension):
+    """The robot token in the schema: ``Authorization: Bearer sop_...`` (robots/auth.py)."""
+
+    target_class = RobotTokenAuthentication
+    name = "robotToken"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "bearerFormat": "sop_ + 43 URL-safe characters",
+                "description": "A robot's token (manage.py add_robot prints it once). Robot endpoints only."}
+
+
+class ConsoleSessionScheme(OpenApiAuthenticationExtension):
+    """The console's session cookie (drf-spectacular's own scheme, with what a client must also send)."""
+
+    target_class = SessionAuthentication
+    name = "cookieAuth"
+    priority = 1  # over drf-spectacular's built-in SessionScheme
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "apiKey", "in": "cookie", "name": settings.SESSION_COOKIE_NAME,
+                "description": "A console user's session from logging in at /login/. POSTs also need the header "
+                               "X-CSRFToken with the value of the csrftoken cookie."}
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every error body (robots/exceptions.py): a stable code, a readable line, sometimes extra fields."""
+
+    code = serializers.CharField(help_text="stable, machine-readable: invalid, parse_error, not_authenticated, "
+                                           "forbidden, not_found, offset_mismatch, too_large, ...")
+    detail = serializers.CharField(help_text="one readable line")
+    fields = serializers.JSONField(required=False, help_text="validation errors per field (code invalid)")
+    offset = serializers.IntegerField(required=False, help_text="where to resume the upload (409 offset_mismatch, "
+                                                                "422)")
+
+
+def error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(ErrorSerializer, description=description)
+
+
+# The errors every robot endpoint and every console endpoint may answer.
+ROBOT_AUTH_ERRORS = {401: error("no robot token (not_authenticated) or an unknown or revoked one "
+                                "(authentication_failed); the reply has WWW-Authenticate: Bearer")}
+CONSOLE_AUTH_ERRORS = {403: error("not logged in (not_authenticated), a robot token, or a role that may not do this "
+                                  "(permission_denied)")}
+JSON_BODY_ERRORS = {
+    400: error("a field is missing or wrong (invalid, with fields) or the body is not strict JSON (parse_error: "
+               "not UTF-8, NaN/Infinity, nested over 32 levels, over SOP_MAX_REQUEST_BYTES)"),
+    413: error("the body is over SOP_MAX_REQUEST_BYTES (too_large), refused by the server before it is read"),
+    415: error("the body is not application/json (unsupported_media_type)"),
+}
+PAGE_ERRORS = {404: error("no such page (not_found)")}
+
+
+class UploadStateSerializer(serializers.Serializer):
+    """Where an episode upload stands (``_upload_state``)."""
+
+    id = serializers.UUIDField()
+    status = serializers.ChoiceField(Episode.Status.choices)
+    offset = serializers.IntegerField(min_value=0, help_text="bytes the server has: send the next chunk from here")
+    size = serializers.IntegerField(min_value=0, help_text="the announced payload size in bytes")
+    upload_url = serializers.CharField(help_text="PUT the payload bytes here")
+
+
 # ---------------------------------------------------------------- robot ingest
 
 
@@ -35,7 +110,7 @@ class RobotAPIView(APIView):
 
     authentication_classes = [RobotTokenAuthentication]
     permission_classes = [IsRobot]
-    parser_classes = [JSONParser]
+    parser_classes = [StrictJSONParser]
 
 
 def _upload_state(episode: Episode) -> dict:
@@ -50,6 +125,22 @@ def _upload_state(episode: Episode) -> dict:
 
 
 class RobotEpisodesView(RobotAPIView):
+    @extend_schema(
+        operation_id="robot_episode_announce", tags=["robot ingest"], request=EpisodeAnnouncementSerializer,
+        summary="Announce an episode payload (docs/protocol.md, HTTP ingest 1)",
+        responses={
+            201: OpenApiResponse(UploadStateSerializer, description="new episode: upload from offset 0"),
+            200: OpenApiResponse(UploadStateSerializer, description="known episode: resume from offset (or it is "
+                                                                     "verified already)"),
+            **JSON_BODY_ERRORS,
+            **ROBOT_AUTH_ERRORS,
+            403: error("the UUID belongs to another robot (forbidden)"),
+            409: error("already verified with a different sha256 (conflict)"),
+            413: error("size over SOP_MAX_EPISODE_BYTES, or the body over SOP_MAX_REQUEST_BYTES (too_large)"),
+            429: error("the robot already has SOP_MAX_OPEN_UPLOADS unfinished uploads with bytes on the server "
+                       "(quota_exceeded): finish those first"),
+        },
+    )
     def post(self, request):
         """Announce a payload: 201 (new) or 200 (known) with the offset to upload from."""
         announcement = EpisodeAnnouncementSerializer(data=request.data)
@@ -59,19 +150,61 @@ class RobotEpisodesView(RobotAPIView):
 
 
 class RobotEpisodeView(RobotAPIView):
+    @extend_schema(
+        operation_id="robot_episode_status", tags=["robot ingest"], summary="Where an episode upload stands",
+        responses={200: UploadStateSerializer, **ROBOT_AUTH_ERRORS,
+                   403: error("another robot's episode (forbidden)"), 404: error("no such episode (not_found)")},
+    )
     def get(self, request, episode_id):
         return Response(_upload_state(selectors.robot_episode(request.auth, episode_id)))
+
+
+# At most 19 ASCII digits: every offset a payload can have, and never near int()'s 4300-digit limit (a 500).
+# fullmatch, not ^...$: "$" also matches before a trailing newline.
+_OFFSET = re.compile(r"[0-9]{1,19}")
 
 
 class RobotEpisodePayloadView(RobotAPIView):
     parser_classes = []  # the body is raw bytes, read once as request.body
 
+    @extend_schema(
+        operation_id="robot_episode_upload", tags=["robot ingest"],
+        summary="Append payload bytes at Upload-Offset (docs/protocol.md, HTTP ingest 2)",
+        description="The body is the bytes [Upload-Offset, Upload-Offset + Content-Length) of the episode file, at "
+                    "most SOP_MAX_UPLOAD_CHUNK_BYTES (16 MiB) per request. The chunk that completes the file verifies "
+                    "it.",
+        parameters=[OpenApiParameter(
+            "Upload-Offset", {"type": "integer", "format": "int64", "minimum": 0, "maximum": 2**63 - 1},
+            OpenApiParameter.HEADER, required=True,
+            description="where this chunk starts: the offset of the last reply (1 to 19 ASCII digits)")],
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        responses={
+            200: OpenApiResponse(UploadStateSerializer, description="chunk stored (status uploading, send the next "
+                                                                     "from offset) or the file verified"),
+            400: error("Upload-Offset missing or not 1 to 19 digits (invalid)"),
+            **ROBOT_AUTH_ERRORS,
+            403: error("another robot's episode (forbidden)"),
+            404: error("the episode was never announced (not_found)"),
+            409: error("offset_mismatch (with offset: continue from there), upload_not_open (announce it first) or "
+                       "upload_busy (another request is writing this episode: retry)"),
+            413: error("the chunk is over SOP_MAX_UPLOAD_CHUNK_BYTES (refused by the server before it is read) or "
+                       "would end past the announced size (too_large)"),
+            422: error("the complete file failed verification (checksum_mismatch / invalid_payload, offset 0): "
+                       "announce again and upload from 0"),
+            429: error("the robot's storage quota is used up (quota_exceeded)"),
+            507: error("the server's payload store is full (storage_full): retry later"),
+        },
+    )
     def put(self, request, episode_id):
         """Append the body at ``Upload-Offset``; the chunk that completes the payload verifies it."""
         raw = request.headers.get("Upload-Offset", "")
-        if not raw.isascii() or not raw.isdigit():
-            raise SopError("Upload-Offset header must be a non-negative integer.")
-        episode = ingest.append_upload(request.auth, episode_id, int(raw), request.body)
+        if not _OFFSET.fullmatch(raw):
+            raise SopError("Upload-Offset header must be a non-negative integer of at most 19 digits.")
+        try:
+            body = request.body
+        except RequestDataTooBig:  # a body without Content-Length (chunked) past DATA_UPLOAD_MAX_MEMORY_SIZE
+            raise PayloadTooLarge(f"chunk exceeds {settings.SOP_MAX_UPLOAD_CHUNK_BYTES} bytes") from None
+        episode = ingest.append_upload(request.auth, episode_id, int(raw), body)
         return Response(_upload_state(episode))
 
 
@@ -91,10 +224,21 @@ class EpisodePagination(PageNumberPagination):
     max_page_size = 500
 
 
+def console_schema(**kwargs):
+    """extend_schema for a console GET: its tag, the login error, and the caller's own responses."""
+    responses = kwargs.pop("responses", {})
+    return extend_schema(tags=["console"], responses={**responses, **CONSOLE_AUTH_ERRORS}, **kwargs)
+
+
 class RobotListView(OperatorAPIMixin, generics.ListAPIView):
     """Every robot with its live state and episode counts."""
 
     serializer_class = RobotSerializer
+
+    @console_schema(operation_id="robots_list", summary="Every robot with its live state and episode counts",
+                    responses={200: RobotSerializer(many=True)})
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
         return selectors.list_robots()
@@ -102,6 +246,11 @@ class RobotListView(OperatorAPIMixin, generics.ListAPIView):
 
 class TaskListView(OperatorAPIMixin, generics.ListAPIView):
     serializer_class = TaskSerializer
+
+    @console_schema(operation_id="tasks_list", summary="Every task with its episode counts",
+                    responses={200: TaskSerializer(many=True)})
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
         return selectors.list_tasks()
@@ -113,6 +262,13 @@ class EpisodeListView(OperatorAPIMixin, generics.ListAPIView):
     serializer_class = EpisodeSerializer
     pagination_class = EpisodePagination
 
+    @console_schema(operation_id="episodes_list", summary="Episodes, newest first, filtered and paginated",
+                    parameters=[EpisodeFilterSerializer],
+                    responses={200: EpisodeSerializer(many=True),
+                               400: error("an unknown filter value (invalid, with fields)"), **PAGE_ERRORS})
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
     def get_queryset(self):
         filters = EpisodeFilterSerializer(data=self.request.query_params)
         filters.is_valid(raise_exception=True)
@@ -121,6 +277,11 @@ class EpisodeListView(OperatorAPIMixin, generics.ListAPIView):
 
 class EpisodeDetailView(OperatorAPIMixin, generics.RetrieveAPIView):
     serializer_class = EpisodeDetailSerializer
+
+    @console_schema(operation_id="episode_detail", summary="One episode with its intervention segments",
+                    responses={200: EpisodeDetailSerializer, 404: error("no such episode (not_found)")})
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
 
     def get_object(self):
         return selectors.episode_detail(self.kwargs["episode_id"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .models import Episode, InterventionSegment, Robot, Task
@@ -16,6 +18,27 @@ class FiniteFloatField(serializers.FloatField):
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
         if not math.isfinite(value):
+            self.fail("invalid")
+        return value
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@extend_schema_field({"type": "string", "pattern": "^[0-9a-f]{64}$", "minLength": 64, "maxLength": 64})
+class Sha256Field(serializers.CharField):
+    """64 lowercase hex characters and nothing else. Not a RegexField: Django's RegexValidator uses re.search, and
+    ``^...$`` accepts a trailing newline; a CharField also strips whitespace first. Here the value must fullmatch."""
+
+    default_error_messages = {"invalid": "must be 64 lowercase hex characters"}
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if not _SHA256.fullmatch(value):
             self.fail("invalid")
         return value
 
@@ -50,14 +73,15 @@ class EpisodeAnnouncementSerializer(serializers.Serializer):
     control_hz = FiniteFloatField(min_value=0, default=0.0)
     camera = serializers.CharField(max_length=100, allow_blank=True, default="")
     size = serializers.IntegerField(min_value=1)
-    sha256 = serializers.RegexField(
-        r"^[0-9a-f]{64}$", error_messages={"invalid": "must be 64 lowercase hex characters"}
-    )
+    sha256 = Sha256Field()
     interventions = serializers.ListField(child=InterventionAnnouncementSerializer(), max_length=10000, default=list)
 
 
 class RobotSerializer(serializers.ModelSerializer):
-    current_task = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    """A robot as every console user sees it (the API and, through selectors.robot_states, the console sockets).
+    Never the token's hash or its shown prefix: only the Django admin shows the prefix, to admins."""
+
+    current_task = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     revoked = serializers.SerializerMethodField()
     episode_count = serializers.IntegerField(read_only=True)
     verified_episode_count = serializers.IntegerField(read_only=True)
@@ -68,7 +92,7 @@ class RobotSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "connected", "state", "last_seen", "connected_at", "current_task", "current_prompt",
             "current_episode", "current_step", "policy_version", "policy_name", "policy_error", "control_source", "loop_hz",
-            "loop_p99_ms", "spool_pending", "capabilities", "agent_version", "token_prefix", "revoked", "revoked_at",
+            "loop_p99_ms", "spool_pending", "capabilities", "agent_version", "revoked", "revoked_at",
             "episode_count", "verified_episode_count", "successful_episode_count",
             "estopped", "estopped_by", "estopped_at", "deadman", "operator_name", "video_fps", "viewers",
         ]
@@ -95,6 +119,8 @@ class TaskSerializer(serializers.ModelSerializer):
 class EpisodeSerializer(serializers.ModelSerializer):
     robot = serializers.SlugRelatedField(slug_field="name", read_only=True)
     task = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    # "" until the episode has ended (a read-only model field would not say it may be blank)
+    outcome = serializers.ChoiceField(Episode._meta.get_field("outcome").choices, allow_blank=True, read_only=True)
 
     class Meta:
         model = Episode
@@ -107,17 +133,21 @@ class EpisodeSerializer(serializers.ModelSerializer):
 
 
 class InterventionSegmentSerializer(serializers.ModelSerializer):
-    operator = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    operator = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True,
+                                            help_text="the lease holder's account, from the server's lease record")
+    lease = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True,
+                                               help_text="the takeover lease the robot obeyed, if the server granted it")
     steps = serializers.IntegerField(read_only=True)
 
     class Meta:
         model = InterventionSegment
-        fields = ["start_step", "end_step", "steps", "source", "operator", "operator_name", "reason"]
+        fields = ["start_step", "end_step", "steps", "source", "operator", "operator_name", "lease",
+                  "claimed_operator", "reason"]
         read_only_fields = fields
 
 
 class EpisodeDetailSerializer(EpisodeSerializer):
-    outcome_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    outcome_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     segments = InterventionSegmentSerializer(many=True, read_only=True)
 
     class Meta(EpisodeSerializer.Meta):

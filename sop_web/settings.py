@@ -5,6 +5,7 @@ package's bundled binary on a unix socket in the same directory (sop_web/embedde
 REDIS_URL switches to PostgreSQL and a shared Redis; the code path is the same.
 """
 
+import datetime as dt
 import json
 import os
 import secrets
@@ -52,9 +53,14 @@ def _secret_key() -> str:
         return os.environ["SECRET_KEY"]
     # Embedded default: a random key made once and kept with the data, never a constant in the repository.
     path = DATA_DIR / "secret_key"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(50))
-        path.chmod(0o600)
+    try:
+        # Created with its final mode in one call: there is no moment at which another user can read it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(50))
     return path.read_text().strip()
 
 
@@ -73,6 +79,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "rest_framework",
+    "drf_spectacular",  # the OpenAPI schema of the HTTP API (/api/schema/, docs/openapi.json)
+    "axes",  # login throttling: failed attempts per username + IP, lockouts, an audit trail in its tables
     "robots",
     "learner",
 ]
@@ -85,6 +93,14 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: turns a locked-out login into the lockout page
+]
+
+# axes first: it refuses a locked-out username + IP before any password is checked (and needs the request, so
+# tests log in by posting to /login/ or with force_login, never Client.login() without a request).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "sop_web.urls"
@@ -178,7 +194,13 @@ CELERY_BEAT_SCHEDULE = {
 # ---- SOP settings
 SOP_MAX_EPISODE_BYTES = env_int("SOP_MAX_EPISODE_BYTES", 512 * 1024 * 1024)  # a 500-step 128x128 episode is ~25 MB
 SOP_MAX_UPLOAD_CHUNK_BYTES = env_int("SOP_MAX_UPLOAD_CHUNK_BYTES", 16 * 1024 * 1024)
-SOP_STALE_UPLOAD_HOURS = env_int("SOP_STALE_UPLOAD_HOURS", 24)
+# Every other request body (JSON, forms): refused with 413 past this, by the server before the body is read.
+SOP_MAX_REQUEST_BYTES = env_int("SOP_MAX_REQUEST_BYTES", 1024 * 1024)
+SOP_STALE_UPLOAD_HOURS = env_int("SOP_STALE_UPLOAD_HOURS", 24)  # also: episodes announced but never uploaded
+# after decompression: what reading a whole episode may allocate (a 10 KB file may declare terabytes)
+SOP_MAX_EPISODE_DECODED_BYTES = env_int("SOP_MAX_EPISODE_DECODED_BYTES", 4 * SOP_MAX_EPISODE_BYTES)
+SOP_MAX_OPEN_UPLOADS = env_int("SOP_MAX_OPEN_UPLOADS", 8)  # per robot, unfinished uploads with bytes on the server
+SOP_MAX_PARTIAL_BYTES_PER_ROBOT = env_int("SOP_MAX_PARTIAL_BYTES_PER_ROBOT", 2 * SOP_MAX_EPISODE_BYTES)
 SOP_HEARTBEAT_S = float(env_str("SOP_HEARTBEAT_S", "2.0"))
 SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat for this long -> shown offline
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
@@ -194,6 +216,15 @@ def _ice_servers(raw: str) -> list[dict]:
         raise ValueError(f"SOP_ICE_SERVERS={raw!r} is not JSON") from None
     if not isinstance(servers, list) or not all(isinstance(s, dict) and s.get("urls") for s in servers):
         raise ValueError("SOP_ICE_SERVERS must be a JSON list of RTCIceServer objects, each with 'urls'")
+    from robots.protocol import IceServer  # pure module: the limits every offer is held to (at most 4 servers)
+    from robots.wire import ProtocolError, check_value
+
+    try:
+        check_value("SOP_ICE_SERVERS", servers, list[IceServer])
+        if len(servers) > 4:
+            raise ProtocolError("invalid", "at most 4 servers")
+    except ProtocolError as exc:
+        raise ValueError(f"SOP_ICE_SERVERS: {exc.message}") from None
     return servers
 
 
@@ -207,8 +238,36 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # JSON only, refusing what json.loads would let through to the database (robots/parsers.py)
+    "DEFAULT_PARSER_CLASSES": ["robots.parsers.StrictJSONParser"],
     "EXCEPTION_HANDLER": "robots.exceptions.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
+
+# OpenAPI schema (drf-spectacular): served at /api/schema/ (login needed), committed as docs/openapi.json.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "SOP fleet API",
+    "DESCRIPTION": "Robot ingest (bearer robot token), checkpoint downloads, the operator read API and training runs "
+                   "(session login). Errors are JSON {\"code\", \"detail\", ...}. Protocol: docs/protocol.md.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/api/",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "EpisodeStatusEnum": "robots.models.Episode.Status",
+        # robots.protocol.ControlSource as robots/models.py makes choices of it (one enum for robots and segments)
+        "ControlSourceEnum": [("policy", "policy"), ("operator", "operator"), ("sim_operator", "sim operator")],
+    },
+}
+
+# ---- login throttling (django-axes): a username + IP pair is locked out after this many failures, for this long.
+AXES_FAILURE_LIMIT = env_int("SOP_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = dt.timedelta(minutes=env_int("SOP_LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]  # one attacker cannot lock a user out from everywhere
+AXES_RESET_ON_SUCCESS = True  # a successful login clears the count (attempts stay in the access log)
+AXES_LOCKOUT_TEMPLATE = "registration/login.html"  # the login page, with the lockout message (429)
+AXES_SENSITIVE_PARAMETERS = ["password"]  # never stored in the attempt log
+AXES_ENABLE_ACCESS_FAILURE_LOG = True  # one row per failed login (who, from where, when): the audit trail
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

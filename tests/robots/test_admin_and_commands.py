@@ -44,48 +44,36 @@ def test_add_robot_prints_the_token_once_with_an_agent_hint(capsys):
     out = capsys.readouterr().out
     token = next(word for word in out.split() if word.startswith("sop_"))
     assert auth.authenticate_token(token) == Robot.objects.get(name="sim-07")
-    assert f"python -m robots.agent --server http://127.0.0.1:8000 --token {token}" in out
+    assert out.count(token) == 1, "shown once, and never inside a command line (ps, shell history)"
+    hint = next(line for line in out.splitlines() if "python -m robots.agent" in line)
+    assert "SOP_ROBOT_TOKEN=" in hint and "--token" not in hint and token not in hint
 
 
-def test_add_robot_rotates_an_existing_robot_only_when_asked(capsys):
-    call_command("add_robot", "sim-07")
-    with pytest.raises(CommandError, match="--rotate"):
-        call_command("add_robot", "sim-07")
-    call_command("add_robot", "sim-07", "--rotate")
-    assert Robot.objects.count() == 1
-    with pytest.raises(CommandError, match="invalid robot name"):
-        call_command("add_robot", "Bad Name")
+def test_the_secret_key_file_is_never_readable_by_others_not_even_for_a_moment(tmp_path):
+    """Before: written with the umask's mode (0o644 or worse), then chmod'ed: another user could read it in between.
+    The spy records the file's mode whenever anything is written to or chmod'ed on it."""
+    import os
+    import stat
+    import subprocess
+    import sys
 
-
-def test_revoke_robot_revokes(robot):
-    robot, token = robot
-    call_command("revoke_robot", "sim-01")
-    assert auth.authenticate_token(token) is None
-    with pytest.raises(CommandError):
-        call_command("revoke_robot", "nobody")
-
-
-def test_add_tasks_loads_the_catalog_idempotently():
-    call_command("add_tasks", "--all")
-    Task.objects.filter(name="reach").update(enabled=False, prompts=["old"])
-    call_command("add_tasks", "--all")
-    assert Task.objects.count() == 10
-    reach = Task.objects.get(name="reach")
-    prompts = list(catalog.CATALOG["reach"].prompts)
-    assert (reach.enabled, reach.prompts, reach.env_id, reach.max_steps) == (False, prompts, "reach-v3", 150)
-
-
-def test_add_tasks_takes_names_or_env_ids():
-    call_command("add_tasks", "drawer-open", "window-close-v3")
-    assert sorted(Task.objects.values_list("name", flat=True)) == ["drawer-open", "window-close"]
-    with pytest.raises(CommandError, match="juggle"):
-        call_command("add_tasks", "juggle")
-    with pytest.raises(CommandError):
-        call_command("add_tasks")
-
-
-def test_the_catalog_is_meta_world_mt10():
-    assert len(catalog.MT10) == 10
-    for spec in catalog.MT10:
-        assert spec.env_id == f"{spec.name}-v3" and 2 <= len(spec.prompts) <= 3 and spec.max_steps == 150
-        Task(name=spec.name, env_id=spec.env_id).full_clean(exclude=["prompts", "description"])
+    env = {**os.environ, "SOP_DATA_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "sop_web.settings"}
+    env.pop("SECRET_KEY", None)
+    code = "\n".join([
+        "import os, pathlib, json",
+        "os.umask(0)",
+        "seen = []",
+        "chmod, write = pathlib.Path.chmod, pathlib.Path.write_text",
+        "def spy_chmod(self, mode, **kw):",
+        "    seen.append(self.stat().st_mode & 0o777); return chmod(self, mode, **kw)",
+        "def spy_write(self, *a, **kw):",
+        "    n = write(self, *a, **kw); seen.append(self.stat().st_mode & 0o777); return n",
+        "pathlib.Path.chmod, pathlib.Path.write_text = spy_chmod, spy_write",
+        "from django.conf import settings; settings.SECRET_KEY",
+        "print(json.dumps(seen))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))).stdout
+    seen = __import__("json").loads(out.strip().splitlines()[-1])
+    assert all(mode & 0o077 == 0 for mode in seen), [oct(m) for m in seen]
+    assert stat.S_IMODE((tmp_path / "secret_key").stat().st_mode) == 0o600

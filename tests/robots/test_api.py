@@ -1,11 +1,13 @@
 """The operator read API: what the fleet page shows."""
 
 import datetime as dt
+import json
 import uuid
 
 import pytest
 from django.utils import timezone
 
+from robots import selectors
 from robots.models import Episode, InterventionSegment, Robot, Task
 
 pytestmark = pytest.mark.django_db
@@ -36,8 +38,7 @@ def test_robots_are_listed_with_live_state_and_episode_counts(console, robot, ot
     live = (first["connected"], first["state"], first["current_task"], first["loop_hz"])
     assert live == (True, "running", "drawer-open", 9.5)
     assert (first["episode_count"], first["verified_episode_count"], first["successful_episode_count"]) == (3, 2, 1)
-    assert first["revoked"] is False and "token_hash" not in first
-    assert first["token_prefix"].startswith("sop_")
+    assert first["revoked"] is False and "token_hash" not in first and "token_prefix" not in first
 
 
 def test_tasks_are_listed_with_counts(console, robot, task):
@@ -85,3 +86,21 @@ def test_an_episode_is_shown_with_its_segments(console, robot, task, operator):
 def test_the_operator_api_needs_a_login(client, robot):
     reply = client.get("/api/robots/")
     assert reply.status_code == 403 and reply.json()["code"] == "not_authenticated"
+
+
+def test_no_api_response_or_console_state_shows_a_token_prefix(console, robot, other_robot, task):
+    """The first characters of a robot's secret are for admins in the Django admin, not for every viewer."""
+    bots = [robot[0], other_robot[0]]
+    for bot in bots:
+        bot.refresh_from_db()
+        assert bot.token_prefix.startswith("sop_") and len(bot.token_prefix) > 4
+    episode = make_episode(robot[0], task)
+    secrets = [bot.token_prefix for bot in bots] + [bot.token_prefix[4:] for bot in bots]
+    for url in ("/api/robots/", "/api/tasks/", "/api/episodes/", f"/api/episodes/{episode.id}/", "/api/runs/",
+                "/api/checkpoints/"):
+        reply = console.get(url)
+        assert reply.status_code == 200, url
+        assert "token_prefix" not in reply.content.decode() and not any(s in reply.content.decode() for s in secrets)
+    # the console sockets' robot.state / hello payloads are built by selectors.robot_states from RobotSerializer
+    states = json.dumps(selectors.robot_states(), default=str)
+    assert "sim-01" in states and "token_prefix" not in states and not any(s in states for s in secrets)

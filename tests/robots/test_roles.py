@@ -5,11 +5,14 @@ import io
 import pytest
 from django.contrib.auth.models import AnonymousUser, Group
 from django.core.management import CommandError, call_command
+from django.test import Client
 from rest_framework.test import APIRequestFactory
+
+from learner.models import TrainingRun
 
 from robots import roles
 from robots.auth import RobotIdentity
-from robots.models import Robot
+from robots.models import Robot, Task
 
 pytestmark = pytest.mark.django_db
 
@@ -83,7 +86,9 @@ def test_add_user_creates_a_user_with_a_role(monkeypatch, django_user_model, cli
     user.refresh_from_db()
     assert roles.role_of(user) == "admin" and user.is_staff
     assert user.check_password("a-long-enough-password-9")
-    assert client.login(username="grace", password="a-long-enough-password-9")
+    # through the login page: axes (login throttling) needs the request, which Client.login() does not give
+    login = client.post("/login/", {"username": "grace", "password": "a-long-enough-password-9"})
+    assert login.status_code == 302 and client.session.get("_auth_user_id") == str(user.pk)
     assert client.get("/admin/robots/episode/").status_code == 200  # admin role: the Django admin works
 
 
@@ -99,3 +104,51 @@ def test_add_user_refuses_missing_or_weak_passwords(monkeypatch, django_user_mod
     with pytest.raises(CommandError):
         call_command("add_user", "heidi", "--role", "overlord", "--password-env", "WEAK")
     assert not django_user_model.objects.filter(username="heidi").exists()
+
+
+# ---------------------------------------------------------------- the training-run API follows the roles
+
+
+@pytest.fixture
+def run_users(django_user_model):
+    """A user in the admin group who is not staff, staff in no group, an operator and a viewer."""
+    group_admin = django_user_model.objects.create_user("ivan")
+    group_admin.groups.add(roles.ensure_groups()[roles.ADMIN])
+    staff = django_user_model.objects.create_user("judy", is_staff=True)
+    op = django_user_model.objects.create_user("ken")
+    roles.set_role(op, roles.OPERATOR)
+    viewer = django_user_model.objects.create_user("lena")
+    assert not group_admin.is_staff and roles.is_admin(group_admin) and roles.is_admin(staff)
+    return {"group_admin": group_admin, "staff": staff, "operator": op, "viewer": viewer}
+
+
+def _api(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.parametrize("who, allowed", [("group_admin", True), ("staff", True), ("operator", False),
+                                          ("viewer", False)])
+def test_starting_and_stopping_runs_follows_the_console_admin_role(run_users, who, allowed):
+    Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the goal"])
+    client = _api(run_users[who])
+    body = {"algorithm": "hg_dagger", "tasks": ["reach"], "preset": "debug"}
+    started = client.post("/api/runs/", body, content_type="application/json")
+    run = TrainingRun.objects.create(algorithm="bc")
+    stopped = client.post(f"/api/runs/{run.pk}/stop")
+    if allowed:
+        assert started.status_code == 201 and started.json()["status"] == "queued"
+        assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+    else:
+        assert (started.status_code, started.json()["code"]) == (403, "permission_denied")
+        assert (stopped.status_code, stopped.json()["code"]) == (403, "permission_denied")
+        assert TrainingRun.objects.count() == 1 and TrainingRun.objects.get().status == "queued"
+    assert client.get("/api/runs/").status_code == 200  # every role reads the runs
+
+
+def test_a_demoted_admin_loses_the_run_api(run_users):
+    user = run_users["group_admin"]
+    roles.set_role(user, roles.OPERATOR)
+    run = TrainingRun.objects.create(algorithm="bc")
+    assert _api(user).post(f"/api/runs/{run.pk}/stop").status_code == 403

@@ -23,5 +23,8 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError(f"invalid robot name {name!r}: {' '.join(exc.messages)}") from None
         self.stdout.write(f"robot {robot.name}: {'token rotated' if rotate else 'created'}")
-        self.stdout.write(f"token (shown once, store it on the robot): {token}")
-        self.stdout.write(f"run the agent:  python -m robots.agent --server {server} --token {token}")
+        self.stdout.write(f"token (shown once; store it on the robot, e.g. in a file only the agent can read):\n{token}")
+        # Never inside a command line: a --token argument is visible to every user in `ps` and lands in shell
+        # history. The agent reads SOP_ROBOT_TOKEN from its environment.
+        self.stdout.write("run the agent with the token in its environment, not on its command line:\n"
+                          f"  SOP_ROBOT_TOKEN=\"$(cat /path/to/{robot.name}.token)\" python -m robots.agent --server {server}")
