@@ -359,8 +359,7 @@ def encode_episode_video(source: Path, target: Path, fps: float) -> Path:
                     stream.options = {"crf": "20", "preset": "veryfast", "tune": "animation"}
                 else:
                     stream.bit_rate = 2_000_000
-                images = reader.column("observation/image")
-                for i, image in enumerate(images):
+                for i, image in enumerate(_frames(reader)):
                     if scale > 1:
                         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
                     if image.shape[0] != out_h or image.shape[1] != out_w:
@@ -377,6 +376,12 @@ def encode_episode_video(source: Path, target: Path, fps: float) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _frames(reader, block: int = 64):
+    """The episode's camera frames, read ``block`` at a time: a long episode never sits in memory whole."""
+    for start in range(0, reader.steps, block):
+        yield from reader.column("observation/image", start, start + block)
 
 
 @login_required
