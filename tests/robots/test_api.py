@@ -78,7 +78,7 @@ def test_an_episode_is_shown_with_its_segments(console, robot, task, operator):
     summary = (body["id"], body["robot"], body["task"], body["status"])
     assert summary == (str(episode.id), "sim-01", "drawer-open", "verified")
     assert body["segments"] == [{"start_step": 2, "end_step": 6, "steps": 4, "source": "operator", "operator": "alice",
-                                 "operator_name": "alice", "reason": "slipping"}]
+                                 "operator_name": "alice", "lease": None, "claimed_operator": "", "reason": "slipping"}]
     missing = console.get(f"/api/episodes/{uuid.uuid4()}/")
     assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
 
