@@ -117,7 +117,8 @@ def test_a_revoked_robot_is_disconnected_and_cannot_upload(launcher, short_task,
     robot, token = fleet.register_robot("arm-4")
     _, url = launcher.server()
     agent = launcher.agent("agent", url, token, tmp_path / "spool", *FAST)
-    wait_for(lambda: Robot.objects.get(pk=robot.pk).connected, 60, "robot connected", procs=(agent,))
+    # Revoke only once the robot has its task and records (revoked before its assignment, it would idle forever).
+    wait_for(lambda: Episode.objects.filter(robot=robot).exists(), 60, "first episode started", procs=(agent,))
 
     fleet.revoke_robot(Robot.objects.get(pk=robot.pk))
     wait_for(lambda: not Robot.objects.get(pk=robot.pk).connected, 20, "revoked robot disconnected", procs=(agent,))
