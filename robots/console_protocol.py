@@ -14,7 +14,7 @@ import dataclasses
 from typing import Optional
 
 from . import wire
-from .protocol import MAX_NAME, MAX_SDP, OPERATOR_OUTCOMES, ROLES, IceServer
+from .protocol import MAX_NAME, MAX_SDP, OPERATOR_OUTCOMES, ROLES, IceServer, action_field, grip_field
 from .wire import NAME_PATTERN, UUID_PATTERN, Struct, spec
 
 MAX_FRAME_BYTES = 64 * 1024  # browser -> server; an offer's SDP (printable ASCII, at most MAX_SDP) fits
@@ -118,9 +118,8 @@ class Teleop(wire.Message):
     robot: str = dataclasses.field(metadata=_ROBOT)
     seq: int = dataclasses.field(metadata=spec(min=0))
     t: float = dataclasses.field(metadata=spec(description="robot clock, unix milliseconds"))
-    action: Optional[list[float]] = dataclasses.field(default=None, metadata=spec(min=-1, max=1, min_items=3,
-                                                                                  max_items=3))
-    grip: Optional[float] = dataclasses.field(default=None, metadata=spec(min=-1, max=1))
+    action: Optional[list[float]] = action_field()
+    grip: Optional[float] = grip_field()
 
 
 @CONSOLE.register
@@ -319,9 +318,8 @@ class ChannelCommand(wire.Message):
     DIRECTION = "browser -> robot"
     seq: int = dataclasses.field(metadata=spec(min=0))
     t: float = dataclasses.field(metadata=spec(description="robot clock, unix milliseconds"))
-    action: Optional[list[float]] = dataclasses.field(default=None, metadata=spec(min=-1, max=1, min_items=3,
-                                                                                  max_items=3))
-    grip: Optional[float] = dataclasses.field(default=None, metadata=spec(min=-1, max=1))
+    action: Optional[list[float]] = action_field()
+    grip: Optional[float] = grip_field()
 
 
 @DATA_CHANNEL.register

@@ -127,6 +127,17 @@ def _count(**kw) -> dict:
     return spec(min=0, **kw)
 
 
+def action_field():
+    """A teleop command's ``action``: [dx, dy, dz] in [-1, 1] (hand velocity), or None for a keepalive. Shared by the
+    three paths a command takes: the console socket, the relay to the robot, the data channel."""
+    return dataclasses.field(default=None, metadata=spec(min=-1, max=1, min_items=3, max_items=3))
+
+
+def grip_field():
+    """A teleop command's ``grip``: -1 open .. 1 closed, or None to keep the gripper as it is."""
+    return dataclasses.field(default=None, metadata=spec(min=-1, max=1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Message(wire.Message):
     TYPE: ClassVar[MessageType]
@@ -346,9 +357,8 @@ class ControlCommand(Message):
     lease: int = dataclasses.field(metadata=spec(min=1))
     seq: int = dataclasses.field(metadata=spec(min=0))
     t: float = dataclasses.field(metadata=spec(description="robot clock, unix milliseconds"))
-    action: Optional[list[float]] = dataclasses.field(default=None, metadata=spec(min=-1, max=1, min_items=3,
-                                                                                  max_items=3))
-    grip: Optional[float] = dataclasses.field(default=None, metadata=spec(min=-1, max=1))
+    action: Optional[list[float]] = action_field()
+    grip: Optional[float] = grip_field()
 
 
 @PROTOCOL.register
