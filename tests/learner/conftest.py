@@ -13,8 +13,12 @@ from typing import Optional
 import numpy as np
 import pytest
 
+from learner.algorithms import build_algorithm
+from learner.buffer import FrameIndex
 from learner.config import get_preset
+from learner.policy import build_policy
 from learner.prompts import MINILM_DIM
+from learner.trainer import Trainer
 from robots.episode_file import EpisodeData, Segment, write_episode
 from robots.protocol import CONTROL_SOURCE_CODES, ControlSource
 
@@ -134,3 +138,22 @@ def episodes(tmp_path) -> list[Path]:
             paths.append(make_episode(tmp_path / f"{task}-on-{i}.h5", task=task, split="online", seed=seed,
                                       segments=((2, 4, code),)))
     return paths
+
+
+@pytest.fixture
+def checkpoint_dir(settings, tmp_path):
+    settings.CHECKPOINT_DIR = tmp_path / "checkpoints"
+    return settings.CHECKPOINT_DIR
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    """A debug-sized trainer on two tiny offline episodes."""
+    preset = get_preset("debug")
+    index = FrameIndex(horizon=preset.policy.horizon)
+    for i in range(2):
+        index.add_episode(make_episode(tmp_path / f"ep{i}.h5", seed=i))
+    policy = build_policy(preset.policy, embedder=FakeEmbedder(), seed=0)
+    with Trainer(preset.train, index, policy, build_algorithm(preset.train)) as t:
+        t.train_step()
+        yield t

@@ -9,44 +9,16 @@ from django.conf import settings
 from django.test import Client
 
 from learner import services
-from learner.algorithms import build_algorithm
-from learner.buffer import FrameIndex
-from learner.config import get_preset
 from learner.models import Checkpoint, Deployment
-from learner.policy import build_policy
-from learner.trainer import Trainer
 from robots import protocol
 from robots import fleet
 
-from .conftest import FakeEmbedder, make_episode
-
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def checkpoint_dir(settings, tmp_path):
-    settings.CHECKPOINT_DIR = tmp_path / "checkpoints"
-    return settings.CHECKPOINT_DIR
-
-
-@pytest.fixture
-def trainer(tmp_path):
-    """A debug-sized trainer on two tiny offline episodes."""
-    preset = get_preset("debug")
-    index = FrameIndex(horizon=preset.policy.horizon)
-    for i in range(2):
-        index.add_episode(make_episode(tmp_path / f"ep{i}.h5", seed=i))
-    policy = build_policy(preset.policy, embedder=FakeEmbedder(), seed=0)
-    with Trainer(preset.train, index, policy, build_algorithm(preset.train)) as t:
-        t.train_step()
-        yield t
-
 
 @pytest.fixture
 def robot_client(db):
     robot, token = fleet.register_robot("arm-1")
     return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
-
 
 def test_versions_are_contiguous_and_the_fleet_runs_the_newest(trainer, checkpoint_dir, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
@@ -61,7 +33,6 @@ def test_versions_are_contiguous_and_the_fleet_runs_the_newest(trainer, checkpoi
     message = services.current_policy_message()
     assert isinstance(message, protocol.PolicyUpdated) and message.version == 2 and message.sha256 == second.sha256
 
-
 def test_an_orphaned_file_from_a_dead_worker_does_not_take_a_version(trainer, checkpoint_dir):
     checkpoint_dir.mkdir(parents=True)
     (checkpoint_dir / "policy-v1.safetensors").write_bytes(b"half-written by a worker that died")
@@ -69,14 +40,12 @@ def test_an_orphaned_file_from_a_dead_worker_does_not_take_a_version(trainer, ch
     assert published.version == 1
     assert Checkpoint.objects.count() == 1
 
-
 def test_rolling_back_makes_an_older_checkpoint_current(trainer, checkpoint_dir, admin_user):
     first = services.publish_checkpoint(None, trainer)
     services.publish_checkpoint(None, trainer)
     services.deploy_checkpoint(first, admin_user, reason="v2 drops things")
     assert services.current_checkpoint() == first
     assert Deployment.objects.count() == 3
-
 
 def test_robots_download_published_weights_with_their_token(trainer, checkpoint_dir, robot_client, operator):
     cp = services.publish_checkpoint(None, trainer)
@@ -89,7 +58,6 @@ def test_robots_download_published_weights_with_their_token(trainer, checkpoint_
     browser = Client()
     browser.force_login(operator)
     assert browser.get(f"/api/robot/checkpoints/{cp.version}").status_code in (401, 403)
-
 
 def test_only_administrators_start_runs(operator, admin_user, db):
     from robots.models import Task
@@ -105,7 +73,6 @@ def test_only_administrators_start_runs(operator, admin_user, db):
     bad = client.post("/api/runs/", {**body, "algorithm": "nope"}, content_type="application/json")
     assert bad.status_code == 400 and "unknown algorithm" in bad.json()["detail"]
 
-
 def test_stopping_a_queued_run_stops_it_at_once(db, admin_user):
     from robots.models import Task
 
@@ -114,7 +81,6 @@ def test_stopping_a_queued_run_stops_it_at_once(db, admin_user):
     assert services.stop_run(run, admin_user).status == "stopped"
     assert services.claim_run(run.pk, "w") is None, "a stopped run is never claimed"
 
-
 def test_a_claimed_run_cannot_be_claimed_twice(db):
     from robots.models import Task
 
@@ -122,8 +88,6 @@ def test_a_claimed_run_cannot_be_claimed_twice(db):
     run = services.start_run("bc", [task], preset="debug", enqueue=False)
     assert services.claim_run(run.pk, "worker-a") is not None
     assert services.claim_run(run.pk, "worker-b") is None
-
-
 
 def test_a_run_can_ask_for_a_moving_average_of_its_weights(db):
     from robots.models import Task

@@ -13,15 +13,9 @@ from django.db import OperationalError
 from django.utils import timezone
 
 from learner import services
-from learner.algorithms import build_algorithm
-from learner.buffer import FrameIndex
-from learner.config import get_preset
 from learner.models import Checkpoint, TrainingRun
-from learner.policy import build_policy
-from learner.trainer import Trainer
 from robots.models import Task
 
-from .conftest import FakeEmbedder, make_episode
 
 pytestmark = pytest.mark.django_db
 
@@ -29,27 +23,9 @@ LONG_AGO = dt.timedelta(seconds=services.STALE_S + 5)
 
 
 @pytest.fixture
-def checkpoint_dir(settings, tmp_path):
-    settings.CHECKPOINT_DIR = tmp_path / "checkpoints"
-    return settings.CHECKPOINT_DIR
-
-
-@pytest.fixture
 def run(db):
     task = Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the goal"], max_steps=50)
     return services.start_run("bc", [task], preset="debug", from_scratch=True, enqueue=False)
-
-
-@pytest.fixture
-def trainer(tmp_path):
-    preset = get_preset("debug")
-    index = FrameIndex(horizon=preset.policy.horizon)
-    for i in range(2):
-        index.add_episode(make_episode(tmp_path / f"ep{i}.h5", seed=i))
-    policy = build_policy(preset.policy, embedder=FakeEmbedder(), seed=0)
-    with Trainer(preset.train, index, policy, build_algorithm(preset.train)) as t:
-        t.train_step()
-        yield t
 
 
 def set_run(run, **fields):
