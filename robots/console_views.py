@@ -10,6 +10,7 @@ from __future__ import annotations
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import render
+from django.views.decorators.http import require_safe
 
 from . import selectors
 from .roles import can_operate, is_admin, role_of
@@ -27,6 +28,7 @@ def _is_revoked(robot) -> bool:
     return robot.revoked_at is not None or robot.token_hash is None
 
 
+@require_safe
 @login_required
 def fleet(request):
     robots = [r for r in selectors.list_robots() if not _is_revoked(r)]
@@ -37,6 +39,7 @@ def fleet(request):
     })
 
 
+@require_safe
 @login_required
 def robot(request, name: str):
     found = selectors.list_robots().filter(name=name).first()
