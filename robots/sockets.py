@@ -15,6 +15,11 @@ import time
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+try:  # daphne's websocket library: sending to a socket that closed a moment ago (an event raced the disconnect)
+    from autobahn.exception import Disconnected as PeerGone
+except ImportError:  # pragma: no cover - another ASGI server
+    PeerGone = ConnectionError
+
 log = logging.getLogger(__name__)
 
 BAD_FRAME_WINDOW_S = 60.0
@@ -28,6 +33,12 @@ class GuardedConsumer(AsyncWebsocketConsumer):
             await super().dispatch(message)
         except StopConsumer:
             raise
+        except PeerGone:
+            # Not a fault: the peer left while an event for it was on the way; its disconnect runs next.
+            kind = message.get("type", "?") if isinstance(message, dict) else "?"
+            log.debug("%s: peer gone while handling %s", type(self).__name__, kind)
+            if kind == "websocket.disconnect":
+                raise StopConsumer() from None
         except Exception:
             kind = message.get("type", "?") if isinstance(message, dict) else "?"
             log.exception("%s: handling %s failed", type(self).__name__, kind)
