@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from robots.agent.environment import MetaWorldEnvironment
 from robots.agent.learned import PolicyAgent
 from robots.agent.runtime import Runtime
+from robots.agent.seeding import stream_seed
 from robots.protocol import Outcome, Split, TaskAssigned
 
 FAST_HZ = 1000.0  # simulated evaluation need not run in real time
@@ -39,7 +40,8 @@ def evaluate_policy(policy, env_id: str, prompts: list[str], max_steps: int, epi
         guidance_beta = evaluation_guidance_beta(policy)
     logging.getLogger("robots.agent").setLevel(logging.WARNING)
     rng = random.Random(seed)
-    env = MetaWorldEnvironment(env_id, camera=camera, image_size=image_size, seed=seed)
+    # The held-out placements: the seed tree's eval stream, disjoint from demonstrations and online episodes.
+    env = MetaWorldEnvironment(env_id, camera=camera, image_size=image_size, seed=stream_seed(seed, "eval", env_id))
     agent = PolicyAgent(policy, version, guidance_beta=guidance_beta)
     runtime = Runtime(lambda _: env, agent, control_hz=FAST_HZ, camera=camera)
     successes, lengths = 0, []

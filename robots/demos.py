@@ -6,6 +6,7 @@ files through the same service functions the upload API uses.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from robots.agent.agents import ScriptedExpertAgent
 from robots.agent.environment import MetaWorldEnvironment
 from robots.agent.recorder import EpisodeRecorder, SpoolWriter
 from robots.agent.runtime import Runtime
+from robots.agent.seeding import seeded_builds
 from robots.agent.spool import Spool
 from robots.protocol import Split, TaskAssigned
 
@@ -31,7 +33,8 @@ def record(spool_dir: str, task: str, env_id: str, prompts: list[str], max_steps
     rng = random.Random(seed)
     writer = SpoolWriter(Spool(Path(spool_dir))).start()
     runtime = Runtime(
-        lambda env: MetaWorldEnvironment(env, camera=camera, image_size=image_size, seed=seed),
+        seeded_builds(functools.partial(MetaWorldEnvironment, camera=camera, image_size=image_size), seed, "demos",
+                      robot),
         ScriptedExpertAgent(noise=noise, seed=seed, recover=recover),
         [EpisodeRecorder(writer)],
         control_hz=AS_FAST_AS_POSSIBLE_HZ,

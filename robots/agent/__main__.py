@@ -27,6 +27,7 @@ from robots import protocol
 from .agents import Agent, ScriptedExpertAgent, make_agent
 from .backoff import Backoff
 from .config import FALLBACKS, POLICY_NAMES, SIM_EXPERTS, AgentConfig
+from .seeding import robot_key, seeded_builds
 from .connection import Connection, EventReporter
 from .environment import Environment, MetaWorldEnvironment
 from .operator import GatedProvider, SimulatedOperatorGate, TakeoverRule
@@ -155,8 +156,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("%s", exc)
         return 2
     # The one argument to change for a real robot: a callable env_id -> Environment that drives the hardware.
-    make_env = functools.partial(
-        MetaWorldEnvironment, camera=config.camera, image_size=config.image_size, seed=config.seed
+    # Each build of an environment (every task switch) gets a fresh seed of this robot's own stream (seeding.py).
+    make_env = seeded_builds(
+        functools.partial(MetaWorldEnvironment, camera=config.camera, image_size=config.image_size),
+        config.seed, "episodes", robot_key(config.token),
     )
     agent = None if config.policy == "learned" else make_agent(config.policy, noise=config.noise, seed=config.seed)
     return asyncio.run(serve(config, make_env, agent, rule))
