@@ -133,3 +133,15 @@ class Evaluation(models.Model):
     @property
     def success_rate(self) -> float | None:
         return self.successes / self.episodes if self.episodes else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95 % Wilson interval of the success rate."""
+        from learner.stats import wilson_interval
+
+        return wilson_interval(self.successes, self.episodes) if self.episodes else None
+
+    @property
+    def interval_label(self) -> str:
+        lo_hi = self.interval
+        return f"95 % interval {lo_hi[0]:.0%}-{lo_hi[1]:.0%}" if lo_hi else ""

@@ -461,7 +461,10 @@ def checkpoint_file(version: int) -> Path:
 
 def evaluate(checkpoint: Checkpoint, tasks: Optional[Iterable[Task]] = None, episodes: Optional[int] = None,
              progress: Optional[Callable[[str, int, int], None]] = None) -> list[Evaluation]:
-    """Run ``episodes`` episodes per task with the checkpoint's policy and no interventions; store the results."""
+    """Run ``episodes`` episodes per task with the checkpoint's policy and no interventions; store the results.
+
+    Every checkpoint is evaluated on the same held-out placements (the eval stream of SOP_EVAL_SEED): comparisons
+    between checkpoints are paired, and differences are the policy's, not the placements'."""
     from learner.evaluation import evaluate_policy
 
     episodes = episodes or settings.SOP_EVAL_EPISODES
@@ -475,7 +478,7 @@ def evaluate(checkpoint: Checkpoint, tasks: Optional[Iterable[Task]] = None, epi
                                                         "successes": 0, "mean_length": None})
         try:
             outcome = evaluate_policy(loaded.policy, task.env_id, list(task.prompts) or [task.name], task.max_steps,
-                                      episodes, seed=checkpoint.version * 1000,
+                                      episodes, seed=settings.SOP_EVAL_SEED,
                                       progress=(lambda i, n, t=task.name: progress(t, i, n)) if progress else None)
         except Exception as exc:
             log.exception("evaluation of v%d on %s failed", checkpoint.version, task.name)

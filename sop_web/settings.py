@@ -206,6 +206,7 @@ SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat 
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
 SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)
 SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an evaluation
+SOP_EVAL_SEED = env_int("SOP_EVAL_SEED", 2601)  # root of the held-out evaluation placements, one set for every checkpoint
 SOP_LEASE_TIMEOUT_S = float(env_str("SOP_LEASE_TIMEOUT_S", "5"))  # a takeover lease not renewed for this long ends
 
 
