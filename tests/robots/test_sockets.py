@@ -8,6 +8,8 @@ import pytest
 
 from robots.sockets import GuardedConsumer, PeerGone
 
+# Channels closes stale database connections before every handler: that needs database access.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 class Probe(GuardedConsumer):
     def __init__(self, failure):
