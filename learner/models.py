@@ -11,6 +11,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from learner.stats import wilson_interval
 from robots.models import Task
 
 
@@ -137,8 +138,6 @@ class Evaluation(models.Model):
     @property
     def interval(self) -> tuple[float, float] | None:
         """The 95 % Wilson interval of the success rate."""
-        from learner.stats import wilson_interval
-
         return wilson_interval(self.successes, self.episodes) if self.episodes else None
 
     @property

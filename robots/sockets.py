@@ -29,18 +29,17 @@ class GuardedConsumer(AsyncWebsocketConsumer):
     """Subclasses implement ``server_error(kind)``: what to send when handling a frame or an event failed."""
 
     async def dispatch(self, message):
+        kind = message.get("type", "?") if isinstance(message, dict) else "?"
         try:
             await super().dispatch(message)
         except StopConsumer:
             raise
         except PeerGone:
             # Not a fault: the peer left while an event for it was on the way; its disconnect runs next.
-            kind = message.get("type", "?") if isinstance(message, dict) else "?"
             log.debug("%s: peer gone while handling %s", type(self).__name__, kind)
             if kind == "websocket.disconnect":
                 raise StopConsumer() from None
         except Exception:
-            kind = message.get("type", "?") if isinstance(message, dict) else "?"
             log.exception("%s: handling %s failed", type(self).__name__, kind)
             if kind == "websocket.disconnect":
                 raise StopConsumer() from None  # the bookkeeping that could run has run; end the instance

@@ -96,6 +96,30 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, procs:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tails}")
 
 
+def robot_socket(url: str, token: str):
+    """A websocket to /ws/robots/ of the daphne at ``url``, authenticated by a robot token."""
+    from websockets.sync.client import connect
+
+    return connect(url.replace("http", "ws", 1) + "/ws/robots/", max_size=None, open_timeout=20,
+                   additional_headers={"Authorization": f"Bearer {token}"})
+
+
+def console_socket(url: str, user):
+    """A websocket to /ws/console/ of the daphne at ``url``, logged in as ``user`` from the console's own origin; the
+    server's ``hello`` is read."""
+    import json
+
+    from django.test import Client
+    from websockets.sync.client import connect
+
+    client = Client()
+    client.force_login(user)
+    ws = connect(url.replace("http", "ws", 1) + "/ws/console/", max_size=None, open_timeout=20, origin=url,
+                 additional_headers={"Cookie": f"sessionid={client.cookies['sessionid'].value}"})
+    assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+    return ws
+
+
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:

@@ -30,7 +30,7 @@ from robots import fleet, protocol
 from robots.models import Episode, Robot
 from robots.pages import video_path
 from robots.roles import ADMIN, OPERATOR, set_role
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import robot_socket, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300),
               pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")]
@@ -91,21 +91,20 @@ CHANNEL_MESSAGES = {"cmd": "lease holder", "keepalive": "lease holder", "ping": 
                     "estop": "operator"}
 
 
+def url_patterns(resolver=None):
+    """(name, pattern) of every route in the URL conf; the Django admin counts as one route, ``admin:``."""
+    for p in (resolver or get_resolver()).url_patterns:
+        if isinstance(p, URLResolver):
+            if p.namespace == "admin":
+                yield "admin:", None
+            else:
+                yield from url_patterns(p)
+        elif isinstance(p, URLPattern):
+            yield p.name or f"<unnamed {p.pattern}>", p
+
+
 def route_names() -> list[str]:
-    names = []
-
-    def walk(resolver, namespace=""):
-        for p in resolver.url_patterns:
-            if isinstance(p, URLResolver):
-                if p.namespace == "admin":
-                    names.append("admin:")
-                    continue
-                walk(p, namespace)
-            elif isinstance(p, URLPattern):
-                names.append(p.name or f"<unnamed {p.pattern}>")
-
-    walk(get_resolver())
-    return names
+    return [name for name, _ in url_patterns()]
 
 
 def test_every_route_and_message_type_has_an_entry():
@@ -115,7 +114,7 @@ def test_every_route_and_message_type_has_an_entry():
     assert not stale, f"entries for routes that no longer exist: {stale}"
     assert set(CONSOLE_MESSAGES) == {m.TYPE for m in cp.BROWSER_MESSAGES}
     assert {m.TYPE for m in cp.CHANNEL_BROWSER_MESSAGES} == set(CHANNEL_MESSAGES)
-    assert [r for r, least in CONSOLE_MESSAGES.items() if least == "operator" and r == "estop"] == ["estop"]
+    assert CONSOLE_MESSAGES["estop"] == "operator"
     assert set(protocol.ESTOP_ROLES) == {r for r in RANK if RANK[r] >= RANK[CONSOLE_MESSAGES["estop"]]}
 
 
@@ -187,21 +186,12 @@ def http(cast, identity: str, method: str, path: str) -> requests.Response:
 def url_of(name: str, cast) -> str:
     if name == "admin:":
         return "/admin/"
-    pattern = next(p for p in _walk_patterns(get_resolver()) if p.name == name)
+    pattern = dict(url_patterns())[name]
     needed = set(pattern.pattern.regex.groupindex)
     kwargs = {k: v for k, v in cast["kwargs"].items() if k in needed}
     if name == "task_edit":
         kwargs = {"name": cast["task"].name}
     return reverse(name, kwargs=kwargs)
-
-
-def _walk_patterns(resolver):
-    for p in resolver.url_patterns:
-        if isinstance(p, URLResolver):
-            if p.namespace != "admin":
-                yield from _walk_patterns(p)
-        else:
-            yield p
 
 
 def test_every_route_answers_each_identity_as_the_table_says(cast):
@@ -237,11 +227,6 @@ def ws_url(cast, path: str) -> str:
     return cast["url"].replace("http", "ws") + path
 
 
-def robot_socket(cast, identity: str):
-    return connect(ws_url(cast, "/ws/robots/"), open_timeout=20, max_size=None,
-                   additional_headers={"Authorization": f"Bearer {cast['tokens'][identity]}"})
-
-
 def test_sockets_refuse_the_wrong_kind_of_identity_at_the_handshake(cast):
     for identity, path, headers in (
         ("anonymous", "/ws/robots/", {}),
@@ -261,7 +246,7 @@ def test_sockets_refuse_the_wrong_kind_of_identity_at_the_handshake(cast):
 def test_the_robot_socket_accepts_robot_messages_only_and_only_for_its_own_episodes(cast):
     robot_a, robot_b = cast["robots"]
     server_types = {cls.TYPE.value for cls in protocol.SERVER_MESSAGES}
-    with robot_socket(cast, "other_robot") as ws:
+    with robot_socket(cast["url"], cast["tokens"]["other_robot"]) as ws:
         for kind in sorted(server_types):  # what only a server sends is refused from a robot
             ws.send(json.dumps({"v": protocol.PROTOCOL_VERSION, "type": kind}))
             reply = json.loads(ws.recv(timeout=10))
@@ -281,6 +266,7 @@ def test_the_robot_socket_accepts_robot_messages_only_and_only_for_its_own_episo
 
 
 def console(cast, identity: str):
+    """The console socket of one of the cast's logged-in sessions."""
     ws = connect(ws_url(cast, "/ws/console/"), open_timeout=20, max_size=None, origin=cast["url"],
                  additional_headers={"Cookie": f"sessionid={cast['sessions'][identity]}"})
     assert json.loads(ws.recv(timeout=10))["type"] == "hello"
@@ -308,8 +294,7 @@ def refused_as_forbidden(replies: list[dict], codes=("forbidden", "not_holder"))
 def test_console_messages_by_role_as_the_table_says(cast):
     robot_a, _ = cast["robots"]
     name = robot_a.name
-    peer = connect(ws_url(cast, "/ws/robots/"), open_timeout=20, max_size=None,
-                   additional_headers={"Authorization": f"Bearer {cast['tokens']['robot']}"})
+    peer = robot_socket(cast["url"], cast["tokens"]["robot"])
     peer.send(protocol.encode(protocol.Hello(agent_version="authz")))
     episode_id = str(uuid.uuid4())
     peer.send(protocol.encode(protocol.EpisodeStarted(episode_id=episode_id, task=cast["task"].name, prompt="p",
