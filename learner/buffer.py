@@ -41,6 +41,7 @@ class EpisodeEntry:
     offset: int  # global frame id of the episode's first frame; its frames are [offset, offset + steps)
     image_shape: tuple[int, int, int]
     outcome: str = ""  # protocol.Outcome value: success, failure, timeout, aborted (RECAP's rewards use it)
+    env_id: str = ""  # the environment it ran in: decides the policy's task inputs (learner.policy.task_input_mask)
 
 
 def _file_access() -> h5py.h5p.PropFAID:
@@ -155,6 +156,7 @@ class FrameIndex:
             offset=self.num_frames,
             image_shape=tuple(meta["image_shape"]),
             outcome=str(meta["outcome"] if outcome is None else outcome),
+            env_id=str(meta["env_id"]),
         )
         if self.image_shape is None:
             self.image_shape = entry.image_shape
@@ -250,7 +252,7 @@ class FrameIndex:
         [B, horizon, A] (the executed actions t..t+horizon-1, padded past the episode's end by repeating its last
         action), ``action_mask`` bool [B, horizon] (False for padding and, if ``label_mask`` (per global frame) is
         given, for steps that are not labels, e.g. autonomous steps after an intervention ends), ``task`` int64,
-        ``online`` / ``intervention`` bool, ``control_source`` uint8, ``frame_id`` int64; plus ``prompt`` list[str].
+        ``online`` / ``intervention`` bool, ``control_source`` uint8, ``frame_id`` int64; plus ``prompt`` and ``env_id`` list[str].
         """
         frame_ids = np.asarray(frame_ids, dtype=np.int64)
         arrays = self._consolidated()
@@ -260,6 +262,7 @@ class FrameIndex:
             states = actions = None
             mask = np.zeros((b, h), bool)
             prompts: list[str] = [""] * b
+            env_ids: list[str] = [""] * b
             for k in np.argsort(frame_ids, kind="stable"):  # group reads by episode
                 gid = int(frame_ids[k])
                 entry = self.episodes[int(arrays["episode"][gid])]
@@ -281,6 +284,7 @@ class FrameIndex:
                 actions[k, end - t:] = opened.actions[entry.steps - 1]
                 mask[k, : end - t] = True if label_mask is None else label_mask[entry.offset + t: entry.offset + end]
                 prompts[k] = entry.prompt
+                env_ids[k] = entry.env_id
             self.frames_read += b
         return {
             "image": torch.from_numpy(images),
@@ -288,6 +292,7 @@ class FrameIndex:
             "action": torch.from_numpy(actions),
             "action_mask": torch.from_numpy(mask),
             "prompt": prompts,
+            "env_id": env_ids,
             "task": torch.from_numpy(arrays["task"][frame_ids].astype(np.int64)),
             "online": torch.from_numpy(arrays["online"][frame_ids]),
             "intervention": torch.from_numpy(arrays["intervention"][frame_ids]),
@@ -297,23 +302,26 @@ class FrameIndex:
 
     def collect_columns(
         self, frame_mask: np.ndarray, max_episodes: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """States and actions of the frames in ``frame_mask`` from at most ``max_episodes`` episodes (drawn at random):
-        the sample normalisation stats are fitted on. Reads only the small columns, never images."""
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """States, actions and environment ids of the frames in ``frame_mask`` from at most ``max_episodes`` episodes
+        (drawn at random): the sample normalisation stats are fitted on. Reads only the small columns, never images."""
         arrays = self._consolidated()
         episodes = np.unique(arrays["episode"][frame_mask])
+        # by episode id, not by indexing order (which follows upload times): the same data gives the same stats
+        episodes = np.array(sorted(episodes, key=lambda e: self.episodes[int(e)].episode_id), dtype=np.int64)
         if len(episodes) > max_episodes:
-            episodes = np.sort(rng.choice(episodes, size=max_episodes, replace=False))
-        states, actions = [], []
+            episodes = episodes[np.sort(rng.choice(len(episodes), size=max_episodes, replace=False))]
+        states, actions, env_ids = [], [], []
         for e in episodes:
             entry = self.episodes[int(e)]
             keep = frame_mask[entry.offset: entry.offset + entry.steps]
             with EpisodeReader(entry.path) as reader:
                 states.append(reader.column("observation/state")[keep])
                 actions.append(reader.column("action")[keep])
+            env_ids += [entry.env_id] * int(keep.sum())
         if not states:
             raise ValueError("no trainable frames to fit normalisation on")
-        return np.concatenate(states), np.concatenate(actions)
+        return np.concatenate(states), np.concatenate(actions), env_ids
 
     def episode_columns(self, episode: int) -> dict[str, np.ndarray]:
         """All frames of one episode at once (``image`` uint8 [T, H, W, 3] at the file's camera size, ``state``

@@ -10,9 +10,15 @@ import dataclasses
 from typing import Any, Mapping, TypeVar
 
 # Meta-World's 39-d observation: hand xyz (0:3), gripper opening (3), object poses (4:18), the previous frame's copy
-# of 0:18 (18:36), goal xyz (36:39). The default policy sees the hand, the gripper and the goal; see docs/policy.md.
-PROPRIO_AND_GOAL = (0, 1, 2, 3, 36, 37, 38)
+# of 0:18 (18:36), goal xyz (36:39). A real robot knows its own hand and gripper (proprioception) and nothing about
+# the objects, so the policy sees 0:4 of it, never 4:18 / 22:36 (docs/policy.md "What the policy sees"). The goal is
+# a task input only where a user states it as part of the task: reach/push/pick-place's target point (which the camera
+# cannot see); for door, drawer, window and button tasks Meta-World's goal is the object's position plus an offset,
+# i.e. object state, and the policy never gets it.
 PROPRIO_ONLY = (0, 1, 2, 3)
+GOAL = (36, 37, 38)
+OBJECT_STATE = tuple(range(4, 18)) + tuple(range(22, 36))  # simulator object poses (now and one frame ago)
+TARGET_TASK_ENVS = ("reach-v3", "push-v3", "pick-place-v3")  # environments whose goal is a user-given target
 
 T = TypeVar("T")
 
@@ -26,7 +32,12 @@ class PolicyConfig:
     name: str = "small_vla"  # registry key of the Policy implementation (learner.policy.POLICIES)
     image_size: int = 64  # the encoder's input is image_size x image_size; other camera sizes are resized to it
     state_dim: int = 39  # length of the raw state vector the robot reports (Meta-World: 39)
-    state_indices: tuple[int, ...] = PROPRIO_AND_GOAL  # which entries of the raw state the policy sees
+    state_indices: tuple[int, ...] = PROPRIO_ONLY  # which entries of the raw state the policy always sees
+    # Task-specification inputs: these raw-state entries reach the policy only on environments in task_input_envs
+    # (elsewhere they are replaced by zeros after normalisation, so nothing of them gets through). A checkpoint
+    # written before these fields existed reads them as () (from_dict's legacy defaults) and behaves as before.
+    task_input_indices: tuple[int, ...] = GOAL
+    task_input_envs: tuple[str, ...] = TARGET_TASK_ENVS
     action_dim: int = 4  # Meta-World: xyz delta + gripper, each in [-1, 1]
     horizon: int = 4  # H: the policy predicts the next H actions (an action chunk)
     conv_channels: tuple[int, ...] = (16, 32, 64, 128)  # one stride-2 3x3 conv per entry: 64 px -> 4 px
@@ -50,8 +61,11 @@ class PolicyConfig:
             raise ConfigError(f"loss must be 'l1' or 'mse', not {self.loss!r}")
         if self.horizon < 1 or self.action_dim < 1 or self.image_size < 8:
             raise ConfigError("horizon, action_dim must be >= 1 and image_size >= 8")
-        if any(not 0 <= i < self.state_dim for i in self.state_indices):
-            raise ConfigError(f"state_indices must lie in [0, {self.state_dim})")
+        if any(not 0 <= i < self.state_dim for i in (*self.state_indices, *self.task_input_indices)):
+            raise ConfigError(f"state_indices and task_input_indices must lie in [0, {self.state_dim})")
+        if set(self.state_indices) & set(self.task_input_indices):
+            raise ConfigError("an index cannot be both a state index and a task input")
+        object.__setattr__(self, "task_input_envs", tuple(str(e) for e in self.task_input_envs))
         if self.image_size % (2 ** len(self.conv_channels)):
             raise ConfigError("image_size must be divisible by 2 ** len(conv_channels)")
 
@@ -142,11 +156,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Sized for the 2-core CPU: ~0.5M parameters, 64x64 images, batch 64.
     "default": Preset("default", PolicyConfig(), TrainConfig()),
-    # The same policy without the goal position: an honest image + language + hand-state policy, for tasks whose goal
-    # is visible (drawer, button, door, window). PLATFORM_NOTES: reach/push goals are ~1 px at 64x64 without it.
-    "no_goal": Preset("no_goal", PolicyConfig(state_indices=PROPRIO_ONLY), TrainConfig()),
-    # The SOP headline experiment's base policy (docs/experiment.md): the default network, pretrained for 3000 BC
-    # steps on few demonstrations, so that the base is clearly imperfect (benchmarks/sop_base_tuning.py).
+    # Without any task input: image + language + hand state only (reach then has no way to know its target).
+    "no_goal": Preset("no_goal", PolicyConfig(task_input_indices=(), task_input_envs=()), TrainConfig()),
+    # The SOP study's base policy (docs/experiment.md): the default network, pretrained for 3000 BC steps on few
+    # demonstrations, so that the base is clearly imperfect (benchmarks/sop_base_tuning.py).
     "sop": Preset("sop", PolicyConfig(), TrainConfig(steps=3000)),
     # Tiny and fast, for tests: 16x16 images, two convs, 2-step chunks, batch 8, one thread, no background loading.
     "debug": Preset(
@@ -190,13 +203,21 @@ def to_dict(config: Any) -> dict[str, Any]:
     return {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
+# Fields whose default changed meaning when they were added: a config written before them (an older checkpoint or run)
+# reads them with these values, so it builds the network it was trained as.
+_LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "PolicyConfig": {"task_input_indices": (), "task_input_envs": ()},
+}
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     """Inverse of ``to_dict``. Unknown fields fail loudly; missing fields take their defaults (older runs)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    kwargs = {name: tuple(value) if isinstance(value, list) else value for name, value in data.items()}
+    kwargs = {name: value for name, value in _LEGACY_DEFAULTS.get(cls.__name__, {}).items() if name not in data}
+    kwargs.update({name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
     try:
         return cls(**kwargs)
     except TypeError as exc:

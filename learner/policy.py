@@ -22,19 +22,34 @@ from learner.prompts import Embedder, PromptCache
 
 class Observation(TypedDict):
     image: np.ndarray  # uint8 [H, W, 3], any size (resized to the policy's input)
-    state: np.ndarray  # float32 [state_dim], the robot's raw state vector
+    state: np.ndarray  # float32 [state_dim], the robot's raw state vector (the policy picks from it, see config)
+
+
+def policy_state_width(config: PolicyConfig) -> int:
+    """Entries of the normalised state vector the network gets: ``state_indices`` then ``task_input_indices``."""
+    return len(config.state_indices) + len(config.task_input_indices)
+
+
+def task_input_mask(config: PolicyConfig, env_ids: Optional[list[str]], batch: int) -> np.ndarray:
+    """bool [batch]: which samples may see the task inputs (their environment states its target as part of the
+    task). No environment given (``None`` or ""): no task input, the safe default."""
+    if env_ids is None or not config.task_input_indices:
+        return np.zeros(batch, bool)
+    allowed = set(config.task_input_envs)
+    return np.fromiter((e in allowed for e in env_ids), bool, count=batch)
 
 
 @dataclasses.dataclass
 class Normalization:
     """Input/output scaling fitted on training data; it travels inside every checkpoint.
 
-    state: ``(state[state_indices] - state_mean) / state_std``. action: the network predicts ``action / action_scale``
-    and the output is clipped to the action space [-1, 1].
+    state: ``(state[state_indices + task_input_indices] - state_mean) / state_std``, where the task-input part is
+    fitted on the frames allowed to see it only. action: the network predicts ``action / action_scale`` and the output
+    is clipped to the action space [-1, 1].
     """
 
-    state_mean: np.ndarray  # float32 [len(state_indices)]
-    state_std: np.ndarray  # float32 [len(state_indices)], floored so that a constant field cannot blow up
+    state_mean: np.ndarray  # float32 [policy_state_width(config)]
+    state_std: np.ndarray  # float32 [policy_state_width(config)], floored so that a constant field cannot blow up
     action_scale: np.ndarray  # float32 [action_dim], robust max |action| per dimension, floored
 
     STD_FLOOR = 1e-2
@@ -42,17 +57,27 @@ class Normalization:
 
     @classmethod
     def identity(cls, config: PolicyConfig) -> "Normalization":
-        s = len(config.state_indices)
+        s = policy_state_width(config)
         return cls(np.zeros(s, np.float32), np.ones(s, np.float32), np.ones(config.action_dim, np.float32))
 
     @classmethod
-    def fit(cls, config: PolicyConfig, states: np.ndarray, actions: np.ndarray) -> "Normalization":
-        """From raw states [N, state_dim] and actions [N, action_dim] of training frames."""
-        selected = np.asarray(states, np.float64)[:, list(config.state_indices)]
+    def fit(cls, config: PolicyConfig, states: np.ndarray, actions: np.ndarray,
+            env_ids: Optional[list[str]] = None) -> "Normalization":
+        """From raw states [N, state_dim], actions [N, action_dim] and each frame's environment id (for the task
+        inputs; without them the task-input stats stay at the identity) of training frames."""
+        states = np.asarray(states, np.float64)
+        proprio = states[:, list(config.state_indices)]
+        mean, std = [proprio.mean(0)], [proprio.std(0)]
+        if config.task_input_indices:
+            allowed = task_input_mask(config, env_ids, len(states))
+            task = states[allowed][:, list(config.task_input_indices)]
+            n = len(config.task_input_indices)
+            mean.append(task.mean(0) if len(task) else np.zeros(n))
+            std.append(task.std(0) if len(task) else np.ones(n))
         scale = np.quantile(np.abs(np.asarray(actions, np.float64)), 0.99, axis=0)
         return cls(
-            selected.mean(0).astype(np.float32),
-            np.maximum(selected.std(0), cls.STD_FLOOR).astype(np.float32),
+            np.concatenate(mean).astype(np.float32),
+            np.maximum(np.concatenate(std), cls.STD_FLOOR).astype(np.float32),
             np.maximum(scale, cls.SCALE_FLOOR).astype(np.float32),
         )
 
@@ -70,13 +95,16 @@ class Policy(nn.Module, abc.ABC):
     Contract for implementations (a team's bigger VLA plugs in here and is registered in ``POLICIES``):
 
     - ``__init__(config, embedder=None)`` builds the network from a ``PolicyConfig``; no I/O, no downloads.
-    - ``act(observation, prompt)`` -> float32 [H, action_dim] in [-1, 1]: the next H actions for ONE observation,
-      without gradients. It must be fast (the robot calls it in its control loop) and must not load anything that a
-      checkpoint could carry (prompt embeddings come from ``self.prompts``).
+    - ``act(observation, prompt, env_id=...)`` -> float32 [H, action_dim] in [-1, 1]: the next H actions for ONE
+      observation, without gradients. ``env_id`` says which environment runs (it decides whether the task inputs,
+      e.g. reach's target, are given: ``task_input_mask``); without it the policy gets no task input. It must be
+      fast (the robot calls it in its control loop) and must not load anything that a checkpoint could carry
+      (prompt embeddings come from ``self.prompts``).
     - ``loss(batch, generator=..., augment_shift=...)`` -> {"loss": scalar to minimise, "per_sample": [B] detached
       losses}, on a batch from ``learner.buffer.FrameIndex.load_batch``; only entries where ``action_mask`` is True are
-      labels. ``per_sample`` feeds the sampler's online/offline loss windows. All randomness (augmentation) must come
-      from ``generator`` so that a resumed run continues identically.
+      labels; ``batch["env_id"]`` (list[str]) decides the task inputs as in ``act``. ``per_sample`` feeds the
+      sampler's online/offline loss windows. All randomness (augmentation) must come from ``generator`` so that a
+      resumed run continues identically.
     - ``normalization`` / ``set_normalization``: stats fitted on training data, part of ``state_dict()``.
     - ``state_dict()`` / ``load_state_dict()``: tensors only (saved as safetensors, never pickled).
     """
@@ -85,7 +113,7 @@ class Policy(nn.Module, abc.ABC):
     prompts: PromptCache
 
     @abc.abstractmethod
-    def act(self, observation: Observation, prompt: str) -> np.ndarray: ...
+    def act(self, observation: Observation, prompt: str, *, env_id: Optional[str] = None) -> np.ndarray: ...
 
     @abc.abstractmethod
     def loss(
@@ -150,7 +178,7 @@ class SmallVLA(Policy):
             nn.ReLU(inplace=True),
         )
         self.prompt_proj = nn.Sequential(nn.Linear(config.prompt_dim, config.prompt_features), nn.ReLU(inplace=True))
-        n_state = len(config.state_indices)
+        n_state = policy_state_width(config)
         self.state_proj = nn.Sequential(nn.Linear(n_state, config.state_features), nn.ReLU(inplace=True))
         head: list[nn.Module] = []
         width = config.image_features + config.prompt_features + config.state_features
@@ -166,6 +194,7 @@ class SmallVLA(Policy):
             if config.advantage_conditioning else None
         )
         self.register_buffer("state_index", torch.tensor(config.state_indices, dtype=torch.long), persistent=False)
+        self.register_buffer("task_index", torch.tensor(config.task_input_indices, dtype=torch.long), persistent=False)
         norm = Normalization.identity(config)
         self.register_buffer("state_mean", torch.from_numpy(norm.state_mean))
         self.register_buffer("state_std", torch.from_numpy(norm.state_std))
@@ -200,9 +229,17 @@ class SmallVLA(Policy):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x.sub_(0.5)
 
-    def _states(self, states: torch.Tensor) -> torch.Tensor:
-        selected = states.index_select(1, self.state_index)
-        return ((selected - self.state_mean) / self.state_std).clamp_(-10.0, 10.0)
+    def _states(self, states: torch.Tensor, env_ids: Optional[list[str]] = None) -> torch.Tensor:
+        """Raw states [B, state_dim] -> the normalised policy state [B, policy_state_width]. The task inputs of a
+        sample whose environment does not state a target are zeros, whatever the raw state holds there."""
+        n = len(self.config.state_indices)
+        proprio = states.index_select(1, self.state_index)
+        out = ((proprio - self.state_mean[:n]) / self.state_std[:n]).clamp_(-10.0, 10.0)
+        if not len(self.config.task_input_indices):
+            return out
+        allowed = torch.from_numpy(task_input_mask(self.config, env_ids, states.shape[0]))[:, None]
+        task = ((states.index_select(1, self.task_index) - self.state_mean[n:]) / self.state_std[n:]).clamp_(-10, 10)
+        return torch.cat([out, torch.where(allowed, task, torch.zeros_like(task))], dim=1)
 
     def forward(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, states: torch.Tensor,
                 indicator: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -235,7 +272,8 @@ class SmallVLA(Policy):
 
     # -- the interface ---------------------------------------------------------------------------------------------
 
-    def act(self, observation: Observation, prompt: str, guidance_beta: Optional[float] = None) -> np.ndarray:
+    def act(self, observation: Observation, prompt: str, guidance_beta: Optional[float] = None, *,
+            env_id: Optional[str] = None) -> np.ndarray:
         """The next H actions. An advantage-conditioned policy asks for I = positive with classifier-free guidance
         ``uncond + beta * (cond - uncond)`` (on normalised actions, before clipping); ``guidance_beta`` defaults to
         the checkpoint's ``config.guidance_beta``, and beta = 1 runs the conditional pass only. Other policies ignore
@@ -251,7 +289,7 @@ class SmallVLA(Policy):
         with torch.inference_mode():
             images = self._images(torch.from_numpy(image)[None])
             prompts = torch.from_numpy(self.prompts.get(prompt))[None]
-            states = self._states(torch.from_numpy(state)[None])
+            states = self._states(torch.from_numpy(state)[None], None if env_id is None else [env_id])
             if self.indicator is None:
                 out = self.forward(images, prompts, states)[0]
             else:
@@ -275,8 +313,8 @@ class SmallVLA(Policy):
         if augment_shift > 0:
             images = random_shift(images, augment_shift, generator)
         # "indicator" (int64 [B]) is set by RECAP; without it a conditioned policy learns the unconditional row
-        pred = self.forward(images, self._prompt_batch(batch["prompt"]), self._states(batch["state"]),
-                            batch.get("indicator"))
+        pred = self.forward(images, self._prompt_batch(batch["prompt"]),
+                            self._states(batch["state"], batch.get("env_id")), batch.get("indicator"))
         target = batch["action"] / self.action_scale
         diff = pred - target
         err = (diff.abs() if self.config.loss == "l1" else diff.square()).mean(dim=2)  # [B, H]

@@ -133,10 +133,10 @@ class Trainer:
         self.window.ensure_tasks(len(self.index.tasks))
         self.policy.prompts.ensure(self.index.prompts())
         if not self.policy.normalization_fitted and self._trainable.any():
-            states, actions = self.index.collect_columns(
+            states, actions, env_ids = self.index.collect_columns(
                 self._trainable, self.config.norm_max_episodes, np.random.default_rng(self.config.seed)
             )
-            self.policy.set_normalization(Normalization.fit(self.policy.config, states, actions))
+            self.policy.set_normalization(Normalization.fit(self.policy.config, states, actions, env_ids))
 
     def online_weights(self) -> np.ndarray:
         """Current w_on per task (index order)."""

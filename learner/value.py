@@ -65,12 +65,13 @@ class ValueFunction(nn.Module):
 
     def logits(self, batch: dict[str, Any], *, generator: Optional[torch.Generator] = None,
                augment_shift: int = 0) -> torch.Tensor:
-        """[B, bins] from a batch with ``image`` (uint8 [B, H, W, 3]), ``state`` (raw) and ``prompt`` (list)."""
+        """[B, bins] from a batch with ``image`` (uint8 [B, H, W, 3]), ``state`` (raw), ``prompt`` and ``env_id``
+        (lists; the latter decides the task inputs as for the policy)."""
         images = self.net._images(batch["image"])
         if augment_shift > 0:
             images = random_shift(images, augment_shift, generator)
         out = self.net.forward(images, self.net._prompt_batch(list(batch["prompt"])),
-                               self.net._states(batch["state"]))
+                               self.net._states(batch["state"], batch.get("env_id")))
         return out.view(-1, self.bins)
 
     def expected(self, logits: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,9 @@ class ValueFunction(nn.Module):
         return -(soft * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray, states: np.ndarray, prompt: str, chunk: int = 256) -> np.ndarray:
-        """V for many frames of one episode (uint8 [T, H, W, 3], raw states [T, S]): float64 [T], batched."""
+    def predict(self, images: np.ndarray, states: np.ndarray, prompt: str, env_id: str = "",
+                chunk: int = 256) -> np.ndarray:
+        """V for many frames of one episode (uint8 [T, H, W, 3], raw states [T, S]) run in ``env_id``: float64 [T]."""
         was_training = self.training
         self.eval()
         out = []
@@ -98,7 +100,8 @@ class ValueFunction(nn.Module):
         for start in range(0, len(images), chunk):
             imgs = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk]))
             sts = torch.from_numpy(np.ascontiguousarray(states[start:start + chunk], dtype=np.float32))
-            logits = self.net.forward(self.net._images(imgs), embedding.expand(len(imgs), -1), self.net._states(sts))
+            logits = self.net.forward(self.net._images(imgs), embedding.expand(len(imgs), -1),
+                                      self.net._states(sts, [env_id] * len(imgs)))
             out.append(self.expected(logits.view(-1, self.bins)).double().numpy())
         self.train(was_training)
         return np.concatenate(out) if out else np.zeros(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import uuid
 from pathlib import Path
 
 from robots.agent.agents import ScriptedExpertAgent
@@ -31,6 +32,7 @@ def record(spool_dir: str, task: str, env_id: str, prompts: list[str], max_steps
     simulated operator does (``collect_demos --expert recovering``)."""
     logging.getLogger("robots.agent").setLevel(logging.WARNING)
     rng = random.Random(seed)
+    ids = random.Random(f"{seed}/{robot}/{task}/episode-ids")  # reproducible ids: the learner orders frames by them
     writer = SpoolWriter(Spool(Path(spool_dir))).start()
     runtime = Runtime(
         seeded_builds(functools.partial(MetaWorldEnvironment, camera=camera, image_size=image_size), seed, "demos",
@@ -40,6 +42,7 @@ def record(spool_dir: str, task: str, env_id: str, prompts: list[str], max_steps
         control_hz=AS_FAST_AS_POSSIBLE_HZ,
         camera=camera,
         robot_name=lambda: robot,
+        new_episode_id=lambda: str(uuid.UUID(int=ids.getrandbits(128), version=4)),
     )
     for _ in range(episodes):
         runtime.run_episode(TaskAssigned(task=task, env_id=env_id, prompt=rng.choice(prompts), max_steps=max_steps,

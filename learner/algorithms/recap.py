@@ -240,7 +240,8 @@ class RECAP(Algorithm):
                 break
             columns = index.episode_columns(entry.index)
             self.cache[entry.episode_id] = (self.value_version,
-                                            value.predict(columns["image"], columns["state"], entry.prompt))
+                                            value.predict(columns["image"], columns["state"], entry.prompt,
+                                                          entry.env_id))
             done += entry.steps
         if done or self._dirty:
             self._recompute(index)

@@ -29,11 +29,13 @@ class PolicyAgent(Agent):
         self.name = f"v{version}" if version is not None else "learned"
         self.execute_steps = max(1, execute_steps)
         self._prompt = ""
+        self._env_id = ""
         self._chunk: Optional[np.ndarray] = None
         self._used = 0
 
     def reset(self, env_id: str, prompt: str) -> None:
         self._prompt = prompt
+        self._env_id = env_id  # the policy gets task inputs (reach's target) only where this environment states them
         self._chunk, self._used = None, 0
 
     def skipped(self, steps: int) -> None:
@@ -42,9 +44,10 @@ class PolicyAgent(Agent):
     def act(self, observation: Observation) -> Decision:
         if self._chunk is None or self._used >= min(self.execute_steps, len(self._chunk)):
             if self.guidance_beta is None:
-                chunk = self.policy.act(observation, self._prompt)
+                chunk = self.policy.act(observation, self._prompt, env_id=self._env_id)
             else:
-                chunk = self.policy.act(observation, self._prompt, guidance_beta=self.guidance_beta)
+                chunk = self.policy.act(observation, self._prompt, guidance_beta=self.guidance_beta,
+                                        env_id=self._env_id)
             self._chunk, self._used = chunk, 0
         action = np.asarray(self._chunk[self._used], dtype=np.float32)
         self._used += 1

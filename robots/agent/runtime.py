@@ -173,8 +173,12 @@ class Runtime:
         max_episodes: Optional[int] = None,
         idle_poll_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        new_episode_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ):
         self.make_env = make_env
+        # Robots: random uuid4s. Offline collection passes a seeded generator, so that a re-collected demo set has the
+        # same ids and the learner (which orders frames by episode id) pretrains identically.
+        self.new_episode_id = new_episode_id
         self.provider = agent if isinstance(agent, AgentProvider) else FixedAgent(agent)
         self.subscribers = list(subscribers)
         self.control_hz = control_hz
@@ -360,7 +364,7 @@ class Runtime:
         agent.reset(assignment.env_id, assignment.prompt)
         observation = env.reset()
         episode = Episode(
-            id=str(uuid.uuid4()),
+            id=self.new_episode_id(),
             task=assignment.task,
             env_id=assignment.env_id,
             prompt=assignment.prompt,

@@ -136,8 +136,9 @@ def test_normalisation_columns_come_only_from_trainable_frames(episodes, spy):
     for path in episodes:
         index.add_episode(path)
     spy.columns = []
-    states, actions = index.collect_columns(~index.online, 100, np.random.default_rng(0))
+    states, actions, env_ids = index.collect_columns(~index.online, 100, np.random.default_rng(0))
     assert states.shape == (4 * 6, 39) and actions.shape == (4 * 6, 4)
+    assert sorted(set(env_ids)) == ["push-v3", "reach-v3"] and len(env_ids) == 4 * 6
     assert "observation/image" not in {name for _, name in spy.columns}
 
 

@@ -150,8 +150,8 @@ def test_checkpoints_without_the_indicator_load_and_act_exactly_as_before(tmp_pa
     old = policy_from_tensors(tensors, meta, fake_embedder)
     assert old.indicator is None and old.config == policy.config
     obs = _obs(1)
-    reference = policy.act(obs, "reach the target")
-    np.testing.assert_array_equal(old.act(obs, "reach the target"), reference)
+    reference = policy.act(obs, "reach the target", env_id="reach-v3")
+    np.testing.assert_array_equal(old.act(obs, "reach the target", env_id="reach-v3"), reference)
     agent = PolicyAgent(old, 1)
     agent.reset("reach-v3", "reach the target")
     np.testing.assert_array_equal(agent.act(obs).action, reference[0])
@@ -159,7 +159,8 @@ def test_checkpoints_without_the_indicator_load_and_act_exactly_as_before(tmp_pa
     # A RECAP run starting from it adds a zero embedding: every indicator and beta still give the base's actions.
     old.enable_advantage_conditioning(guidance_beta=1.0, eval_guidance_beta=2.0)
     for beta in (1.0, 2.0):
-        np.testing.assert_allclose(old.act(obs, "reach the target", guidance_beta=beta), reference, atol=1e-6)
+        np.testing.assert_allclose(old.act(obs, "reach the target", guidance_beta=beta, env_id="reach-v3"), reference,
+                                   atol=1e-6)
     assert evaluation_guidance_beta(old) == 2.0
 
 
@@ -208,7 +209,7 @@ def test_a_conditioned_policy_prefers_the_good_actions(tiny_policy_config, fake_
         batch = {"image": torch.from_numpy(np.repeat(image[None], 64, 0)), "state": torch.from_numpy(states),
                  "action": torch.from_numpy(np.repeat(actions[:, None], 2, 1)),
                  "action_mask": torch.ones(64, 2, dtype=torch.bool), "prompt": ["reach the target"] * 64,
-                 "indicator": indicator}
+                 "env_id": ["reach-v3"] * 64, "indicator": indicator}
         loss = policy.loss(batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
@@ -216,7 +217,8 @@ def test_a_conditioned_policy_prefers_the_good_actions(tiny_policy_config, fake_
 
     test_states = rng.uniform(-1, 1, (50, 39)).astype(np.float32)
     target = good(test_states)
-    chosen = np.stack([policy.act({"image": image, "state": s}, "reach the target")[0] for s in test_states])
+    chosen = np.stack([policy.act({"image": image, "state": s}, "reach the target", env_id="reach-v3")[0]
+                       for s in test_states])
     to_good, to_bad = np.abs(chosen - target).mean(), np.abs(chosen + target).mean()
     assert to_good < 0.5 * to_bad, (to_good, to_bad)
     assert np.mean(np.sign(chosen) == np.sign(target)) > 0.8

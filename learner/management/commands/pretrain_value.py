@@ -81,9 +81,9 @@ class Command(BaseCommand):
         policy.prompts.ensure(index.prompts())
         everything = np.ones(index.num_frames, bool)
         if not policy.normalization_fitted:
-            states, actions = index.collect_columns(everything, config.norm_max_episodes,
-                                                    np.random.default_rng(config.seed))
-            policy.set_normalization(Normalization.fit(policy.config, states, actions))
+            states, actions, env_ids = index.collect_columns(everything, config.norm_max_episodes,
+                                                             np.random.default_rng(config.seed))
+            policy.set_normalization(Normalization.fit(policy.config, states, actions, env_ids))
 
         recap = RECAP(config)
         recap.trainable_mask(index)  # the value targets' returns come from this index

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from robots import demos, fleet, ingest
 from robots.agent.config import SIM_EXPERTS
+from robots.agent.seeding import stream_seed
 from robots.agent.spool import Spool
 from robots.models import Robot, Task
 
@@ -63,13 +64,15 @@ class Command(BaseCommand):
                 # One job per (task, slice) so both workers stay busy even with a single task.
                 per_job = max(1, opts["episodes"] // max(1, opts["workers"]))
                 futures = []
-                for t_i, name in enumerate(names):
+                for name in names:
                     task = tasks[name]
                     for j, start in enumerate(range(0, opts["episodes"], per_job)):
                         n = min(per_job, opts["episodes"] - start)
                         futures.append(pool.submit(
                             demos.record, tmp, task.name, task.env_id, list(task.prompts) or [task.name],
-                            task.max_steps, n, noise=opts["noise"], seed=opts["seed"] * 10_000 + t_i * 100 + j,
+                            task.max_steps, n, noise=opts["noise"],
+                            # per task and slice, whatever else this call collects: the same demos for a seed
+                            seed=stream_seed(opts["seed"], "demos", task.name, j, per_job),
                             image_size=opts["image_size"], camera=opts["camera"], robot=robot.name,
                             recover=opts["expert"] == "recovering"))
                 with tqdm(total=total, desc="demonstrations", unit="ep") as bar:
