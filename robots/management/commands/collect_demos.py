@@ -22,7 +22,7 @@ from robots import demos, fleet, ingest
 from robots.agent.config import SIM_EXPERTS
 from robots.agent.seeding import stream_seed
 from robots.agent.spool import Spool
-from robots.models import Robot, Task
+from robots.models import Episode, Robot, Task
 
 CHUNK = 8 * 1024 * 1024
 
@@ -54,6 +54,7 @@ class Command(BaseCommand):
             raise CommandError("--episodes must be >= 1")
         logging.getLogger("robots.ingest").setLevel(logging.WARNING)  # the progress bar says it
         robot = Robot.objects.filter(name=opts["robot"]).first() or fleet.register_robot(opts["robot"])[0]
+        self.already = 0
 
         with tempfile.TemporaryDirectory(prefix="sop-demos-") as tmp:
             spool = Spool(Path(tmp))
@@ -89,8 +90,11 @@ class Command(BaseCommand):
                         time.sleep(0.2)
                 for f in futures:
                     f.result()  # re-raise a worker's error
+        if self.already:
+            self.stdout.write(f"{self.already} of them were stored already (same --seed: the same demonstrations); "
+                              "use another --seed for new ones")
         self.stdout.write(self.style.SUCCESS(
-            f"stored {kept} offline demonstrations for {', '.join(names)}"
+            f"stored {kept - self.already} new offline demonstrations for {', '.join(names)}"
             + (f"; dropped {dropped} failed ones (--keep-failures keeps them)" if dropped else "")))
 
     def _ingest(self, robot, spool: Spool, episode_id: str, keep_failures: bool) -> bool:
@@ -98,6 +102,11 @@ class Command(BaseCommand):
         if not meta["success"] and not keep_failures:
             spool.remove(episode_id)
             return False
+        if Episode.objects.filter(pk=episode_id, status=Episode.Status.VERIFIED).exists():
+            # Episode ids are seeded: the same --seed re-records the same demonstrations, which are stored already.
+            self.already += 1
+            spool.remove(episode_id)
+            return True
         data = spool.payload(episode_id).read_bytes()
         episode, _ = ingest.open_upload(robot, meta)
         offset = episode.received_bytes
