@@ -88,6 +88,10 @@ class TrainConfig:
     # and the simulated robots, and a 2-thread OpenMP team then waits on a busy core (measured on a loaded machine:
     # 34-220 ms a step with 2 threads, 40-50 ms with 1; docs/policy.md). Use 2+ on a machine of its own.
     num_threads: int = 1
+    # Pin the learner's pace (learner steps per second; 0 = as fast as it goes). A study that compares fleet sizes
+    # pins it below what the learner reaches on the busiest configuration, so that every fleet size trains at the same
+    # rate and only the data differs (benchmarks/sop_study.py, Table B).
+    max_steps_per_s: float = 0.0
     augment_shift: int = 4  # random-shift augmentation: pad by this many pixels and crop back; 0 disables
     prefetch: bool = True  # load the next batch in a background thread while the current one trains
     max_open_episodes: int = 256  # LRU bound on open episode files: ~0.55 MiB each (HDF5 handle + small columns)
@@ -133,6 +137,8 @@ class TrainConfig:
             raise ConfigError(f"clip must satisfy 0 <= lo <= hi <= 1, got {self.clip}")
         if self.batch_size < 1 or self.window < 1 or self.max_open_episodes < 1:
             raise ConfigError("batch_size, window and max_open_episodes must be >= 1")
+        if self.max_steps_per_s < 0:
+            raise ConfigError("max_steps_per_s must be >= 0 (0: unpinned)")
         if self.checkpoint_every_steps < 1 or self.checkpoint_every_s <= 0:
             raise ConfigError("checkpoint_every_steps must be >= 1 and checkpoint_every_s > 0")
 

@@ -274,9 +274,15 @@ def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
             _index_for(run, preset.policy.horizon, preset.train.max_open_episodes)
         return stop_requested or clock() >= deadline
 
+    pace = preset.train.max_steps_per_s
+    round_start, round_first_step = clock(), trainer.step
     with trainer:
         while trainer.step < run.total_steps and not should_stop():
             stats = trainer.train_step()
+            if pace > 0:  # pinned: never ahead of max_steps_per_s over the round
+                ahead = (trainer.step - round_first_step) / pace - (clock() - round_start)
+                if ahead > 0:
+                    time.sleep(min(ahead, HEARTBEAT_S))
             if trainer.step % METRIC_EVERY_STEPS == 0:
                 _record_metric(run, trainer, stats)
             if progress is not None:
