@@ -107,8 +107,10 @@ class TrainConfig:
     positive_share: float = 0.4  # per task, this share of (non-intervention) frames gets I = positive
     indicator_dropout: float = 0.3  # probability that a training sample's indicator is replaced by "dropped"
     guidance_beta: float = 1.0  # CFG weight written into the checkpoints' policy config: what the robots use
-    eval_guidance_beta: float = 1.5  # CFG weight evaluation uses (1.5-2.5 in pi*0.6)
-    value_mode: str = "frozen"  # "frozen" (SOP): V fixed after pretraining; "refresh" (pi*0.6): V keeps training
+    # CFG weight evaluation uses. The same as the robots' by default: a checkpoint is measured as the fleet runs it
+    # (pi*0.6 uses 1.5-2.5; the study sweeps it once on saved checkpoints, benchmarks/sop_study.py).
+    eval_guidance_beta: float = 1.0
+    value_mode: str = "refresh"  # "refresh" (pi*0.6): V keeps training on all data; "frozen": V fixed once ready
     value_lr: float = 3e-4  # Adam learning rate of the value network
     value_path: str = ""  # a pretrained value file (manage.py pretrain_value); "" = pretrain inside the run
     value_pretrain_steps: int = 2000  # in-run value pretraining (first learner steps) when value_path is ""

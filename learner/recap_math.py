@@ -92,12 +92,31 @@ def two_hot(values: np.ndarray, bins: int) -> np.ndarray:
 # -- advantages ---------------------------------------------------------------------------------------------------
 
 
-def episode_advantages(values: np.ndarray, outcome: str, max_steps: int, c_fail: float, lookahead: int) -> np.ndarray:
+def next_takeover(intervention: np.ndarray) -> np.ndarray:
+    """int64 [T]: for each frame, the first frame >= it that an operator drove (T if none follows)."""
+    intervention = np.asarray(intervention, bool)
+    steps = len(intervention)
+    out = np.full(steps, steps, np.int64)
+    following = steps
+    for t in range(steps - 1, -1, -1):
+        if intervention[t]:
+            following = t
+        out[t] = following
+    return out
+
+
+def episode_advantages(values: np.ndarray, outcome: str, max_steps: int, c_fail: float, lookahead: int,
+                       takeover: Optional[np.ndarray] = None) -> np.ndarray:
     """A_t = sum_{k<N} r_{t+k} + V(o_{t+N}) - V(o_t) for every frame of one episode, float64 [T].
 
     Clipped at the end: for a terminal episode, when t+N >= T there is no future beyond the last step, so only the
     rewards count (the terminal reward is in r_{T-1}; no bootstrap). A truncated (aborted) episode has no terminal
     reward, and its lookahead stops at the last observed frame, bootstrapping from V(o_{T-1}).
+
+    ``takeover`` (``next_takeover`` of the episode's intervention mask): no credit crosses a takeover. A policy frame
+    whose lookahead reaches the frame b where an operator took over ends there as if the policy had failed at b
+    (rewards up to b, then the failure penalty, no bootstrap): what the operator did next is the operator's, not the
+    policy's. Without it the N steps before a takeover bootstrap from V inside the rescue and look good.
     """
     values = np.asarray(values, np.float64)
     steps = len(values)
@@ -113,7 +132,14 @@ def episode_advantages(values: np.ndarray, outcome: str, max_steps: int, c_fail:
     else:
         end = np.minimum(t + n, steps - 1)
         boot = values[end]
-    return cum[end] - cum[t] + boot - values
+    advantages = cum[end] - cum[t] + boot - values
+    if takeover is not None:
+        b = np.asarray(takeover, np.int64)
+        crossed = (b > t) & (b < steps) & (b < t + n)
+        failure = -float(c_fail) * max(1, int(max_steps)) / normaliser(max_steps, c_fail)
+        step_reward = -1.0 / normaliser(max_steps, c_fail)
+        advantages = np.where(crossed, (b - t) * step_reward + failure - values, advantages)
+    return advantages
 
 
 def task_thresholds(advantages: np.ndarray, task: np.ndarray, eligible: np.ndarray, share: float,
@@ -132,8 +158,8 @@ def task_thresholds(advantages: np.ndarray, task: np.ndarray, eligible: np.ndarr
 
 def indicators(advantages: np.ndarray, task: np.ndarray, thresholds: np.ndarray,
                intervention: np.ndarray) -> np.ndarray:
-    """int8 per frame: 1 = positive (A > eps_task, or an intervention step: always positive), 0 = negative,
-    -1 = unknown (no advantage yet and not an intervention)."""
+    """int8 per frame: 1 = positive (A > eps_task, or an expert frame: ``intervention`` marks the frames that are
+    always positive, i.e. operator corrections and demonstrations), 0 = negative, -1 = unknown (no advantage yet)."""
     eps = thresholds[task.astype(np.int64)] if len(task) else np.zeros(0)
     with np.errstate(invalid="ignore"):
         positive = advantages > eps

@@ -466,11 +466,14 @@ def checkpoint_file(version: int) -> Path:
 
 
 def evaluate(checkpoint: Checkpoint, tasks: Optional[Iterable[Task]] = None, episodes: Optional[int] = None,
-             progress: Optional[Callable[[str, int, int], None]] = None) -> list[Evaluation]:
+             progress: Optional[Callable[[str, int, int], None]] = None,
+             guidance_beta: Optional[float] = None) -> list[Evaluation]:
     """Run ``episodes`` episodes per task with the checkpoint's policy and no interventions; store the results.
 
     Every checkpoint is evaluated on the same held-out placements (the eval stream of SOP_EVAL_SEED): comparisons
-    between checkpoints are paired, and differences are the policy's, not the placements'."""
+    between checkpoints are paired, and differences are the policy's, not the placements'. ``guidance_beta``
+    overrides a RECAP checkpoint's evaluation beta for a sweep: those results are returned unsaved, so the stored
+    evaluation stays the one the checkpoint is run with."""
     from learner.evaluation import evaluate_policy
 
     episodes = episodes or settings.SOP_EVAL_EPISODES
@@ -478,13 +481,17 @@ def evaluate(checkpoint: Checkpoint, tasks: Optional[Iterable[Task]] = None, epi
     loaded = ckpt.load_checkpoint(settings.CHECKPOINT_DIR / checkpoint.path, expected_sha256=checkpoint.sha256,
                                   expected_size=checkpoint.size)
     results = []
+    store = guidance_beta is None
     for task in tasks:
-        evaluation, _ = Evaluation.objects.update_or_create(
-            checkpoint=checkpoint, task=task, defaults={"status": Evaluation.Status.RUNNING, "episodes": 0,
-                                                        "successes": 0, "mean_length": None})
+        if store:
+            evaluation, _ = Evaluation.objects.update_or_create(
+                checkpoint=checkpoint, task=task, defaults={"status": Evaluation.Status.RUNNING, "episodes": 0,
+                                                            "successes": 0, "mean_length": None})
+        else:
+            evaluation = Evaluation(checkpoint=checkpoint, task=task)
         try:
             outcome = evaluate_policy(loaded.policy, task.env_id, list(task.prompts) or [task.name], task.max_steps,
-                                      episodes, seed=settings.SOP_EVAL_SEED,
+                                      episodes, seed=settings.SOP_EVAL_SEED, guidance_beta=guidance_beta,
                                       progress=(lambda i, n, t=task.name: progress(t, i, n)) if progress else None)
         except Exception as exc:
             log.exception("evaluation of v%d on %s failed", checkpoint.version, task.name)
@@ -493,7 +500,8 @@ def evaluate(checkpoint: Checkpoint, tasks: Optional[Iterable[Task]] = None, epi
             evaluation.episodes, evaluation.successes = outcome.episodes, outcome.successes
             evaluation.mean_length, evaluation.status = outcome.mean_length, Evaluation.Status.DONE
         evaluation.finished_at = timezone.now()
-        evaluation.save()
+        if store:
+            evaluation.save()
         results.append(evaluation)
     return results
 

@@ -8,13 +8,14 @@ One learner step (``update``):
    files), at most ``value_frames_per_step`` frames per learner step, for episodes without values or with values
    from an older value version. Values are cached per episode and value version (in memory, and in the run's
    trainer state so that the next round does not recompute them); the stored episodes are never rewritten. Per-task
-   thresholds eps_task make ``positive_share`` of each task's non-intervention frames positive; intervention steps
-   are always positive. A frame without an advantage yet is trained with the indicator dropped.
+   thresholds eps_task make ``positive_share`` of each task's autonomous (policy-driven online) frames positive;
+   operator corrections and demonstrations are always positive, and no advantage credits a policy frame with what
+   happened after a takeover (``recap_math.episode_advantages``). A frame without an advantage yet is trained with the indicator dropped.
 3. Policy: L1 on the action chunk with the indicator I in the input; I is replaced by "dropped" with probability
    ``indicator_dropout`` (one model learns the conditional and the unconditional prediction).
-4. ``value_mode == "refresh"``: V also takes one step on the batch, and every ``value_refresh_every`` value updates
-   the value version is bumped (cached values then refresh incrementally). "frozen" (default, the SOP setting)
-   leaves V fixed once ready.
+4. ``value_mode == "refresh"`` (default): V keeps training, one step on every batch (all data, online episodes as
+   they arrive), and every ``value_refresh_every`` value updates the value version is bumped (cached values then
+   refresh incrementally). "frozen" leaves V fixed once ready (it then only knows the data of its first steps).
 """
 
 from __future__ import annotations
@@ -253,12 +254,17 @@ class RECAP(Algorithm):
         for entry in index.episodes:
             cached = self.cache.get(entry.episode_id)
             if cached is not None and len(cached[1]) == entry.steps:
-                self.advantages[entry.offset: entry.offset + entry.steps] = recap_math.episode_advantages(
-                    cached[1], entry.outcome, scales[entry.task], self.config.c_fail, self.config.advantage_lookahead)
-        task, intervention = index.task, index.intervention
-        self.thresholds = recap_math.task_thresholds(self.advantages, task, ~intervention, self.config.positive_share,
+                frames = slice(entry.offset, entry.offset + entry.steps)
+                self.advantages[frames] = recap_math.episode_advantages(
+                    cached[1], entry.outcome, scales[entry.task], self.config.c_fail, self.config.advantage_lookahead,
+                    takeover=recap_math.next_takeover(index.intervention[frames]))
+        task = index.task
+        # Expert frames are positive whatever V says: operator corrections and demonstrations (offline episodes);
+        # the thresholds are quantiles over the policy's own frames only.
+        expert = index.intervention | ~index.online
+        self.thresholds = recap_math.task_thresholds(self.advantages, task, ~expert, self.config.positive_share,
                                                      len(index.tasks))
-        self.indicator = recap_math.indicators(self.advantages, task, self.thresholds, intervention)
+        self.indicator = recap_math.indicators(self.advantages, task, self.thresholds, expert)
         self.positive_share = {}
         for m, name in enumerate(index.tasks):
             known = self.indicator[task == m]

@@ -57,6 +57,31 @@ def test_returns_are_normalised_by_the_tasks_max_length_and_the_failure_penalty(
             recap_math.episode_returns(7, outcome, 12, 0.5))
 
 
+def test_no_credit_crosses_a_takeover():
+    """Policy frames whose N-step window reaches a takeover end there as failures; the rescue is not theirs."""
+    values = np.full(10, -0.3)
+    intervention = np.zeros(10, bool)
+    intervention[6:8] = True  # the operator drove frames 6 and 7
+    takeover = recap_math.next_takeover(intervention)
+    assert takeover.tolist() == [6, 6, 6, 6, 6, 6, 6, 7, 10, 10]
+    plain = recap_math.episode_advantages(values, "success", 10, 1.0, 3)
+    cut = recap_math.episode_advantages(values, "success", 10, 1.0, 3, takeover=takeover)
+    s = 20.0  # M (1 + c_fail)
+    for t in (4, 5):  # windows [4, 7) and [5, 8) reach frame 6
+        assert cut[t] == pytest.approx(-(6 - t) / s - 10 / s + 0.3)
+        assert cut[t] < plain[t], "the frames before a takeover look worse than with the rescue's bootstrap"
+    np.testing.assert_array_equal(cut[:4], plain[:4])  # [t, t+3) ends before the takeover: unchanged
+    np.testing.assert_array_equal(cut[6:], plain[6:])  # the operator's frames and what follows the hand-back
+
+
+def test_demonstrations_and_corrections_are_always_positive():
+    advantages = np.array([-5.0, -5.0, 1.0, 0.0, np.nan])
+    task = np.zeros(5, np.int64)
+    expert = np.array([True, False, False, False, True])  # a demo frame with a terrible advantage; an unknown one
+    eps = recap_math.task_thresholds(advantages, task, ~expert, 0.5, 1)
+    assert recap_math.indicators(advantages, task, eps, expert).tolist() == [1, 0, 1, 0, 1]
+
+
 def test_two_hot_targets_keep_the_expected_value():
     values = np.array([-1.0, -0.5, -0.123, -0.0001, 0.0])
     target = recap_math.two_hot(values, 201)
@@ -176,6 +201,7 @@ def test_the_indicator_is_dropped_at_the_configured_rate(tmp_path, episodes, tin
     algo = trainer.algorithm
     assert (algo.indicator >= 0).all()
     assert (algo.indicator[index.intervention] == 1).all()
+    assert (algo.indicator[~index.online] == 1).all(), "demonstrations are expert data: always positive"
     seen = []
     original = policy.loss
     policy.loss = lambda batch, **kw: (seen.append(batch["indicator"].numpy().copy()), original(batch, **kw))[1]
@@ -320,7 +346,7 @@ def test_a_pretrained_value_file_is_loaded_and_frozen(tmp_path, episodes, tiny_p
     loaded, meta = load_value(path, fake_embedder)
     for (name, x), (_, y) in zip(value.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(x, y), name
-    config = _recap_config(tiny_train_config, value_path=str(path))
+    config = _recap_config(tiny_train_config, value_path=str(path), value_mode="frozen")
     index = FrameIndex(horizon=2)
     for p in episodes:
         index.add_episode(p)

@@ -22,12 +22,17 @@ class Command(BaseCommand):
         parser.add_argument("--checkpoint", type=int, metavar="VERSION", help="checkpoint version (default: what the fleet runs)")
         parser.add_argument("--tasks", help="comma-separated task names (default: the run's tasks)")
         parser.add_argument("--episodes", type=int, default=settings.SOP_EVAL_EPISODES)
+        parser.add_argument("--guidance-beta", type=float, metavar="BETA",
+                            help="RECAP checkpoints: evaluate with this guidance weight instead of the checkpoint's "
+                                 "(a sweep; the results are printed, not stored)")
 
     def handle(self, *args, **opts):
         checkpoint = (Checkpoint.objects.filter(version=opts["checkpoint"]).first() if opts["checkpoint"]
                       else services.current_checkpoint())
         if checkpoint is None:
             raise CommandError("no such checkpoint (pretrain one first: python manage.py pretrain)")
+        if opts["guidance_beta"] is not None and opts["guidance_beta"] < 0:
+            raise CommandError("--guidance-beta must be >= 0")
         tasks = None
         if opts["tasks"]:
             names = [t.strip() for t in opts["tasks"].split(",") if t.strip()]
@@ -39,7 +44,8 @@ class Command(BaseCommand):
         n_tasks = len(tasks) if tasks is not None else checkpoint.run.tasks.count()
         with tqdm(total=n_tasks * opts["episodes"], desc=f"evaluating v{checkpoint.version}", unit="ep") as bar:
             results = services.evaluate(checkpoint, tasks, opts["episodes"],
-                                        progress=lambda task, i, n: bar.update(1))
+                                        progress=lambda task, i, n: bar.update(1),
+                                        guidance_beta=opts["guidance_beta"])
         for ev in results:
             rate = f"{ev.success_rate:.2f}" if ev.success_rate is not None else "-"
             length = f"{ev.mean_length:.0f}" if ev.mean_length is not None else "-"
