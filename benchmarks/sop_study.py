@@ -34,13 +34,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
-from benchmarks.sop_experiment import _kill, demo_groups, log, parse_eval, wait_http  # noqa: E402
 from learner.stats import wilson_interval  # noqa: E402
 
 POST_TRAINED = ("reach", "drawer-open", "button-press-topdown", "window-open", "door-open")
@@ -51,7 +51,7 @@ FLEET = {"hg_dagger": 2, "recap": 2, "fleet1": 1, "fleet4": 4}
 ALGORITHM = {"hg_dagger": "hg_dagger", "recap": "recap", "fleet1": "hg_dagger", "fleet4": "hg_dagger"}
 
 FULL = dict(demos="reach=8,window-open=2,drawer-close=2,window-close=2,1", pretrain_steps=3000, budget_min=20.0,
-            pace=5.0, checkpoint_every=300, eval_episodes=50, curve_minutes=(5.0, 10.0, 15.0), hz=10.0)
+            pace=10.0, checkpoint_every=600, eval_episodes=50, curve_minutes=(5.0, 10.0, 15.0), hz=10.0)
 QUICK = dict(demos="1", pretrain_steps=60, budget_min=1.5, pace=5.0, checkpoint_every=100, eval_episodes=2,
              curve_minutes=(0.75,), hz=10.0)
 QUICK_TASKS, QUICK_HELD_OUT = ("reach",), ("window-close",)
@@ -378,11 +378,15 @@ agg = eps.aggregate(n=Count("id"), ok=Count("id", filter=Q(success=True)),
                     intervened=Count("id", filter=Q(intervention_count__gt=0)), ivs=Sum("intervention_steps"),
                     steps=Sum("steps"))
 demo = Episode.objects.filter(split="offline", status="verified").aggregate(steps=Sum("steps"))
+# the sampler's online weight w_on per task over the run (every 250 learner steps): is the mixing adaptive?
+from learner.models import TrainingMetric
+w_on = [[m.step, {{t: v.get("w_on") for t, v in (m.values.get("tasks") or {{}}).items()}}]
+        for m in TrainingMetric.objects.filter(run=run).order_by("step") if m.step % 250 == 0]
 print(json.dumps({{"run": run.pk, "learner_steps": run.step, "checkpoints": sorted(cps),
                   "online_episodes": agg["n"], "online_successes": agg["ok"],
                   "autonomous_successes": agg["auto"], "intervened_episodes": agg["intervened"],
                   "expert_steps_online": agg["ivs"] or 0, "online_steps": agg["steps"] or 0,
-                  "demo_steps": demo["steps"] or 0}}))
+                  "demo_steps": demo["steps"] or 0, "w_on": w_on}}))
 """
 
 
@@ -581,6 +585,62 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+
+def demo_groups(spec: str, tasks: list[str]) -> dict[int, list[str]]:
+    """'reach=8,window-open=2,1' -> {8: ['reach'], 2: ['window-open'], 1: [the other tasks]}."""
+    default, per_task = None, {}
+    for part in spec.split(","):
+        name, _, count = part.rpartition("=")
+        if name:
+            per_task[name.strip()] = int(count)
+        else:
+            default = int(count)
+    groups: dict[int, list[str]] = {}
+    for task in tasks:
+        count = per_task.get(task, default)
+        if count is None:
+            raise SystemExit(f"--demos gives no count for {task}")
+        groups.setdefault(count, []).append(task)
+    return groups
+
+
+def parse_eval(stdout: str) -> dict:
+    """``manage.py evaluate``'s per-task lines -> {task: {success, mean_length, episodes}}."""
+    tasks = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^(\S+)\s+success ([\d.]+)\s+mean length (\S+)\s+\((\d+) episodes\)", line)
+        if m:
+            tasks[m.group(1)] = {"success": float(m.group(2)),
+                                 "mean_length": None if m.group(3) == "-" else float(m.group(3)),
+                                 "episodes": int(m.group(4))}
+    return tasks
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"{url} did not answer")
+
+
+def _kill(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def log(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ PRESETS: dict[str, Preset] = {
     # Without any task input: image + language + hand state only (reach then has no way to know its target).
     "no_goal": Preset("no_goal", PolicyConfig(task_input_indices=(), task_input_envs=()), TrainConfig()),
     # The SOP study's base policy (docs/experiment.md): the default network, pretrained for 3000 BC steps on few
-    # demonstrations, so that the base is clearly imperfect (benchmarks/sop_base_tuning.py).
+    # demonstrations, so that the base is clearly imperfect (benchmarks/sop_study.py).
     "sop": Preset("sop", PolicyConfig(), TrainConfig(steps=3000)),
     # Tiny and fast, for tests: 16x16 images, two convs, 2-step chunks, batch 8, one thread, no background loading.
     "debug": Preset(

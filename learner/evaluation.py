@@ -7,6 +7,7 @@ import logging
 import random
 from typing import Callable, Optional
 
+from learner.policy import use_inference_threads
 from robots.agent.environment import MetaWorldEnvironment
 from robots.agent.learned import PolicyAgent
 from robots.agent.runtime import Runtime
@@ -38,6 +39,7 @@ def evaluate_policy(policy, env_id: str, prompts: list[str], max_steps: int, epi
     its checkpoint's ``eval_guidance_beta`` (robots collect data with ``guidance_beta``, usually 1)."""
     if guidance_beta is None:
         guidance_beta = evaluation_guidance_beta(policy)
+    use_inference_threads(1)  # as on the robots; several evaluations run side by side
     logging.getLogger("robots.agent").setLevel(logging.WARNING)
     rng = random.Random(seed)
     # The held-out placements: the seed tree's eval stream, disjoint from demonstrations and online episodes.

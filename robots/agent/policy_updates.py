@@ -66,7 +66,9 @@ class LoadedPolicy:
 def _default_loader(path, *, expected_sha256, expected_size, embedder):
     # Imported here: torch and the learner load only in agents that run checkpoints (--policy learned).
     from learner.checkpoints import load_checkpoint
+    from learner.policy import use_inference_threads
 
+    use_inference_threads(1)  # the control thread acts on one observation at a time: never an OpenMP team
     return load_checkpoint(path, expected_sha256=expected_sha256, expected_size=expected_size, embedder=embedder)
 
 
