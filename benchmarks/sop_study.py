@@ -68,7 +68,7 @@ def main() -> int:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--eval-seed", type=int, default=2601, help="root of the held-out placements (SOP_EVAL_SEED)")
-    p.add_argument("--plot", help="PNG path (default docs/img/sop_study.png, --quick: docs/img/sop_study_quick.png)")
+    p.add_argument("--plot", help="PNG path (default docs/img/<results file name>.png)")
     p.add_argument("--demos", help="demonstrations per task, e.g. 'reach=8,1' (default: the study's)")
     p.add_argument("--report-only", action="store_true", help="recompute the summaries and plots from the file")
     args = p.parse_args()
@@ -110,7 +110,7 @@ def main() -> int:
                 save(results_path, results)
     summarise(results)
     save(results_path, results)
-    plot(results, Path(args.plot or ROOT / "docs" / "img" / ("sop_study_quick.png" if args.quick else "sop_study.png")))
+    plot(results, Path(args.plot or ROOT / "docs" / "img" / f"{results_path.stem}.png"))
     if not args.quick and not args.results:
         (ROOT / "docs" / "study_results.md").write_text(tables(results))
     log(f"wrote {results_path}")
