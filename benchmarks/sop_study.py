@@ -11,7 +11,8 @@ Per seed: demonstrations of every task (post-trained and held-out) and a base po
 - ``hg_dagger``  SOP + HG-DAgger: robots run the policy with the simulated operator, the learner trains online;
 - ``offline``    HG-DAgger's loss on exactly the data the hg_dagger run collected, from the base, same steps, no loop;
 - ``recap``      SOP + RECAP (same robots, budget and pinned learner);
-- ``fleet1``, ``fleet4``: SOP + HG-DAgger with 1 and 4 robots (Table B; the 2-robot point is ``hg_dagger``).
+- ``fleet1``, ``fleet4``: SOP + HG-DAgger with 1 and 4 robots (Table B; the 2-robot point is ``hg_dagger``);
+- ``sampler``    the ablation: SOP + HG-DAgger with the mixing formula on relative losses.
 
 Every online run gets the same wall-clock budget and the same pinned learner pace (TrainConfig.max_steps_per_s), so
 fleet sizes differ only in the data they bring. After a run (never during one) its saved checkpoints are evaluated
@@ -45,10 +46,13 @@ from learner.stats import wilson_interval  # noqa: E402
 
 POST_TRAINED = ("reach", "drawer-open", "button-press-topdown", "window-open", "door-open")
 HELD_OUT = ("drawer-close", "window-close")  # only in the demonstrations: does post-training keep them?
-ROWS = ("base", "hg_dagger", "bc_long", "offline", "recap", "fleet1", "fleet4")  # run order: controls need hg_dagger
-TABLE_A = ("base", "bc_long", "offline", "hg_dagger", "recap")
-FLEET = {"hg_dagger": 2, "recap": 2, "fleet1": 1, "fleet4": 4}
-ALGORITHM = {"hg_dagger": "hg_dagger", "recap": "recap", "fleet1": "hg_dagger", "fleet4": "hg_dagger"}
+ROWS = ("base", "hg_dagger", "bc_long", "offline", "recap", "fleet1", "fleet4", "sampler")  # controls need hg_dagger
+TABLE_A = ("base", "bc_long", "offline", "hg_dagger", "recap", "sampler")
+FLEET = {"hg_dagger": 2, "recap": 2, "fleet1": 1, "fleet4": 4, "sampler": 2}
+ALGORITHM = {"hg_dagger": "hg_dagger", "recap": "recap", "fleet1": "hg_dagger", "fleet4": "hg_dagger",
+             "sampler": "hg_dagger"}
+# the ablation: SOP's mixing formula on relative losses (raw losses leave w_on at ~0.5, docs/experiment.md)
+OVERRIDES = {"sampler": {"sampler_losses": "relative"}}
 
 FULL = dict(demos="reach=8,window-open=2,drawer-close=2,window-close=2,1", pretrain_steps=3000, budget_min=20.0,
             pace=10.0, checkpoint_every=600, eval_episodes=50, curve_minutes=(5.0, 10.0, 15.0), hz=10.0)
@@ -108,11 +112,21 @@ def main() -> int:
                 results["runs"][key] = study.row(row, results["runs"])
                 summarise(results)
                 save(results_path, results)
+    for key, run in results["runs"].items():  # runs from before the placement check: check their data now
+        data = work / f"seed-{run['seed']}" / run["row"]
+        if run["row"] in FLEET and "placements" not in run and (data / "db.sqlite3").exists():
+            run["placements"] = Seed(run["seed"], data.parent, tasks, held_out, knobs, args).placements(data)
     summarise(results)
     save(results_path, results)
     plot(results, Path(args.plot or ROOT / "docs" / "img" / f"{results_path.stem}.png"))
     if not args.quick and not args.results:
         (ROOT / "docs" / "study_results.md").write_text(tables(results))
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        begin, end = "<!-- sop-study:begin -->", "<!-- sop-study:end -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            readme.write_text(head + begin + "\n" + headline(results) + end + rest.split(end, 1)[1])
     log(f"wrote {results_path}")
     return 0
 
@@ -257,12 +271,17 @@ class Seed:
         log(f"v{version}: " + ", ".join(f"{t} {found[t]['success']:.2f}" for t in tasks))
         return {t: found[t] for t in tasks}
 
+    def placements(self, data: Path) -> dict:
+        """Per post-trained task: how many distinct placements the online episodes had, and how many of them (and
+        of the demonstrations') are among the evaluation placements: the seeding, checked on the run's own data."""
+        return self.shell(data, _PLACEMENTS.format(tasks=self.tasks, n=self.knobs["eval_episodes"]))
+
     def offline(self, data: Path, row: str, algorithm: str, steps: int) -> dict:
         worker = spawn(data, "worker", self.env(data), [PY, "-m", "celery", "-A", "sop_web", "worker", "-l", "INFO",
                                                         "--concurrency", "1", "-Q", "default,learner"])
         try:
             run = self.shell(data, _START.format(algorithm=algorithm, tasks=self.all_tasks, steps=max(1, steps),
-                                                 every=10**9, pace=0.0))
+                                                 every=10**9, pace=0.0, extra={}))
             while True:
                 time.sleep(10)
                 state = self.shell(data, _RUN_STATE.format(run=run))
@@ -288,6 +307,8 @@ class Seed:
         timeline, run = [], None
         try:
             wait_http(f"{url}/healthz")
+            # before any robot connects: a robot without assignments would be given any task, held-out ones too
+            self.manage(data, "shell", "-c", _ASSIGN.format(tasks=self.tasks))
             for i in range(1, robots + 1):
                 out = self.manage(data, "add_robot", f"robot-{i}")
                 token = re.search(r"\b(sop_\S+)", out).group(1)
@@ -295,9 +316,9 @@ class Seed:
                     PY, "-m", "robots.agent", "--server", url, "--spool", str(data / "spool" / f"robot-{i}"),
                     "--policy", "learned", "--fallback", "idle", "--sim-operator", "--hz", str(knobs["hz"]),
                     "--seed", str(self.seed * 100 + i)]))
-            self.manage(data, "shell", "-c", _ASSIGN.format(tasks=self.tasks))
             run = self.shell(data, _START.format(algorithm=algorithm, tasks=self.all_tasks, steps=10**7,
-                                                 every=knobs["checkpoint_every"], pace=knobs["pace"]))
+                                                 every=knobs["checkpoint_every"], pace=knobs["pace"],
+                                                 extra=OVERRIDES.get(row, {})))
             t_online = time.time()
             log(f"{row}: run {run} ({algorithm}), {robots} robots, {knobs['budget_min']} min, "
                 f"learner pinned at {knobs['pace']} steps/s")
@@ -316,6 +337,7 @@ class Seed:
                 time.sleep(5)
             stop(children)
         summary = self.shell(data, _SUMMARY.format(run=run))
+        summary["placements"] = self.placements(data)
         return {"row": row, "seed": self.seed, "algorithm": algorithm, "robots": robots,
                 "minutes": round(minutes, 2), "robot_hours": round(robots * minutes / 60, 3), **summary,
                 # over the whole online phase: the pinned pace is an upper bound, a loaded machine falls below it
@@ -335,7 +357,7 @@ from learner.models import Checkpoint
 run = services.start_run({algorithm!r}, {tasks!r}, total_steps={steps}, preset="sop",
                          base_checkpoint=Checkpoint.objects.get(version=1),
                          overrides={{"checkpoint_every_steps": {every}, "checkpoint_every_s": 1e9,
-                                     "max_steps_per_s": {pace}}})
+                                     "max_steps_per_s": {pace}, **{extra!r}}})
 print(run.pk)
 """
 
@@ -363,6 +385,34 @@ print(json.dumps({{"version": cp.version if cp else None, "step": run.step, "epi
                   "loop_hz": [round(r.loop_hz, 2) for r in Robot.objects.filter(name__startswith="robot-")]}}))
 """
 
+_PLACEMENTS = """
+import json
+import numpy as np
+from django.conf import settings
+from robots.agent.environment import MetaWorldEnvironment
+from robots.agent.seeding import stream_seed
+from robots.episode_file import EpisodeReader
+from robots.models import Episode, Task
+
+def key(state):  # object and goal position at the first frame: the placement
+    return tuple(np.round(np.concatenate([state[4:7], state[36:39]]).astype(np.float64), 4).tolist())
+
+out = {{}}
+for task in Task.objects.filter(name__in={tasks!r}):
+    online, demos = [], []
+    for e in Episode.objects.filter(task=task, status="verified").exclude(split="eval"):
+        with EpisodeReader(settings.PAYLOAD_DIR / e.payload_path) as reader:
+            state = reader.column("observation/state", 0, 1)[0]
+        (online if e.split == "online" else demos).append(key(state))
+    env = MetaWorldEnvironment(task.env_id, image_size=16, seed=stream_seed(settings.SOP_EVAL_SEED, "eval", task.env_id))
+    held_out = {{key(env.reset()["state"]) for _ in range({n})}}
+    env.close()
+    out[task.name] = {{"online_episodes": len(online), "distinct_online": len(set(online)),
+                      "online_in_eval": len(set(online) & held_out), "online_in_demos": len(set(online) & set(demos)),
+                      "demos_in_eval": len(set(demos) & held_out), "eval_placements": len(held_out)}}
+print(json.dumps(out))
+"""
+
 _SUMMARY = """
 import json
 from django.db.models import Count, Q, Sum
@@ -378,6 +428,7 @@ agg = eps.aggregate(n=Count("id"), ok=Count("id", filter=Q(success=True)),
                     intervened=Count("id", filter=Q(intervention_count__gt=0)), ivs=Sum("intervention_steps"),
                     steps=Sum("steps"))
 demo = Episode.objects.filter(split="offline", status="verified").aggregate(steps=Sum("steps"))
+by_task = {{r["task__name"]: r["n"] for r in eps.values("task__name").annotate(n=Count("id"))}}
 # the sampler's online weight w_on per task over the run (every 250 learner steps): is the mixing adaptive?
 from learner.models import TrainingMetric
 w_on = [[m.step, {{t: v.get("w_on") for t, v in (m.values.get("tasks") or {{}}).items()}}]
@@ -386,7 +437,7 @@ print(json.dumps({{"run": run.pk, "learner_steps": run.step, "checkpoints": sort
                   "online_episodes": agg["n"], "online_successes": agg["ok"],
                   "autonomous_successes": agg["auto"], "intervened_episodes": agg["intervened"],
                   "expert_steps_online": agg["ivs"] or 0, "online_steps": agg["steps"] or 0,
-                  "demo_steps": demo["steps"] or 0, "w_on": w_on}}))
+                  "demo_steps": demo["steps"] or 0, "online_episodes_by_task": by_task, "w_on": w_on}}))
 """
 
 
@@ -477,7 +528,7 @@ def time_to(curve: list[dict], level: float):
 
 NAMES = {"base": "base BC", "bc_long": "BC trained as long", "offline": "offline (same data, no loop)",
          "hg_dagger": "SOP + HG-DAgger", "recap": "SOP + RECAP", "fleet1": "SOP + HG-DAgger, 1 robot",
-         "fleet4": "SOP + HG-DAgger, 4 robots"}
+         "fleet4": "SOP + HG-DAgger, 4 robots", "sampler": "SOP + HG-DAgger, relative-loss sampler (ablation)"}
 
 
 def _cell(stat: dict | None) -> str:
@@ -536,10 +587,37 @@ def tables(results: dict) -> str:
         lines.append(f"| {robots} | {','.join(map(str, e['seeds']))} | {_cell(e.get('post_trained'))} | "
                      f"{times(0.8)} | {times(0.9)} | {speedup.get(str(robots), '-')} | "
                      f"{', '.join(f'{h:.1f}' for h in hz) or '-'} | {', '.join(f'{x:.2f}' for x in sps) or '-'} |")
+    lines += ["", "## The sampler's online weight w_on per task (min-max over each run, after its first 1000 steps)",
+              "", "| run | " + " | ".join(post) + " |", "|---|" + "---|" * len(post)]
+    for key, run in sorted(results["runs"].items()):
+        if not run.get("w_on"):
+            continue
+        cells = []
+        for t in post:
+            values = [w[t] for step, w in run["w_on"] if step >= 1000 and w.get(t) is not None]
+            cells.append(f"{min(values):.2f}-{max(values):.2f}" if values else "-")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines += ["", "Time to a level is interpolated between evaluated checkpoints (minutes "
               f"{', '.join(f'{m:g}' for m in protocol['curve_minutes'])} and the end); '> budget' means the run "
               "never reached it. The speed-up compares mean times over the seeds that reached the level.", ""]
     return "\n".join(lines)
+
+
+def headline(results: dict) -> str:
+    """The README's summary table (between its sop-study markers), from the results file only."""
+    summary, protocol = results.get("summary", {}), results["protocol"]
+    lines = ["| row | seeds | post-trained tasks: mean [95 % t over seeds] | pooled Wilson 95 % | held-out tasks |",
+             "|---|---|---|---|---|"]
+    for row in TABLE_A + ("fleet1", "fleet4"):
+        e = summary.get(row)
+        if not e:
+            lines.append(f"| {NAMES[row]} | not run yet | | | |")
+            continue
+        pooled = e.get("post_trained", {}).get("pooled_wilson")
+        lines.append(f"| {NAMES[row]} | {','.join(map(str, e['seeds']))} | {_cell(e.get('post_trained'))} | "
+                     + (f"[{pooled[0]:.2f}, {pooled[1]:.2f}]" if pooled else "-") + f" | {_cell(e.get('held_out'))} |")
+    return ("\n".join(lines) + f"\n\n{protocol['eval_episodes']} held-out placements per task and checkpoint; "
+            "generated by `benchmarks/sop_study.py` from `benchmarks/results/sop_study.json`.\n")
 
 
 def save(path: Path, results: dict) -> None:

@@ -81,6 +81,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 500  # call on_checkpoint every N steps (~12 s at 40 steps/s) ...
     checkpoint_every_s: float = 60.0  # ... or after this many seconds since the last one, whichever comes first
     sampler_a: float = 2.0  # a > 1 in w_on = exp(a*l_on) / (exp(a*l_on) + exp(l_off)); unpublished in SOP
+    # "raw": the formula on the windowed losses as they are (SOP); "relative": on losses divided by their mean, which
+    # makes it adapt whatever the loss scale (learner/sampler.py online_weight; the study's "sampler" row)
+    sampler_losses: str = "raw"
     window: int = 200  # W: sliding window of learner steps over which online/offline losses are averaged
     clip: tuple[float, float] = (0.2, 0.8)  # w_on is clipped to this range when a task has both kinds of data
     seed: int = 0  # seeds sampling, augmentation and the policy's initial weights
@@ -130,6 +133,8 @@ class TrainConfig:
             raise ConfigError("value_bins must be >= 2, advantage_lookahead >= 1 and c_fail >= 0")
         if self.guidance_beta < 0 or self.eval_guidance_beta < 0:
             raise ConfigError("guidance betas must be >= 0")
+        if self.sampler_losses not in ("raw", "relative"):
+            raise ConfigError(f"sampler_losses must be 'raw' or 'relative', not {self.sampler_losses!r}")
         if self.sampler_a <= 1.0:
             raise ConfigError("sampler_a must be > 1 (the SOP formula favours online data at equal losses)")
         if not 0.0 <= self.ema_decay < 1.0:

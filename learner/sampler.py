@@ -18,9 +18,20 @@ import numpy as np
 OFFLINE, ONLINE = 0, 1
 
 
-def online_weight(l_on: float, l_off: float, a: float, clip: tuple[float, float] = (0.2, 0.8)) -> float:
+def online_weight(l_on: float, l_off: float, a: float, clip: tuple[float, float] = (0.2, 0.8),
+                  relative: bool = False) -> float:
     """The SOP formula, clipped. exp(a*l_on)/(exp(a*l_on)+exp(l_off)) == sigmoid(a*l_on - l_off), which never
-    overflows."""
+    overflows.
+
+    ``relative``: the losses are first divided by their mean, (l_on + l_off) / 2. On raw losses the formula only
+    moves when losses are O(1): with the L1 losses of this policy (0.05-0.3) it stays at 0.50-0.55 whatever the
+    ratio (measured: w_on 0.505-0.58 in a study run, docs/experiment.md), so "adaptive" does nothing. Relative
+    losses make it scale-free: equal losses give sigmoid(a - 1) (0.73 at a = 2), online twice as hard as offline
+    sigmoid(2) -> the clip's top, online half as hard sigmoid(0) = 0.5."""
+    if relative:
+        scale = 0.5 * (l_on + l_off)
+        if scale > 0:
+            l_on, l_off = l_on / scale, l_off / scale
     z = a * l_on - l_off
     w = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
     return min(max(w, clip[0]), clip[1])
@@ -28,7 +39,7 @@ def online_weight(l_on: float, l_off: float, a: float, clip: tuple[float, float]
 
 def task_online_weight(
     has_online: bool, has_offline: bool, l_on: Optional[float], l_off: Optional[float], a: float,
-    clip: tuple[float, float] = (0.2, 0.8),
+    clip: tuple[float, float] = (0.2, 0.8), relative: bool = False,
 ) -> float:
     """w_on for one task, including the cases where the formula does not apply."""
     if not has_online:
@@ -37,7 +48,7 @@ def task_online_weight(
         return 1.0
     if l_on is None or l_off is None:
         return 0.5 * (clip[0] + clip[1])
-    return online_weight(l_on, l_off, a, clip)
+    return online_weight(l_on, l_off, a, clip, relative)
 
 
 class LossWindow:
@@ -107,14 +118,15 @@ def build_groups(
 
 
 def mixture_weights(
-    groups: list[tuple[np.ndarray, np.ndarray]], means: np.ndarray, a: float, clip: tuple[float, float]
+    groups: list[tuple[np.ndarray, np.ndarray]], means: np.ndarray, a: float, clip: tuple[float, float],
+    relative: bool = False,
 ) -> np.ndarray:
     """w_on for every task from its data and its windowed mean losses ([num_tasks, 2], NaN = no loss yet)."""
     weights = np.zeros(len(groups))
     for m, (offline, online) in enumerate(groups):
         l_off = means[m, OFFLINE] if m < len(means) and not np.isnan(means[m, OFFLINE]) else None
         l_on = means[m, ONLINE] if m < len(means) and not np.isnan(means[m, ONLINE]) else None
-        weights[m] = task_online_weight(len(online) > 0, len(offline) > 0, l_on, l_off, a, clip)
+        weights[m] = task_online_weight(len(online) > 0, len(offline) > 0, l_on, l_off, a, clip, relative)
     return weights
 
 

@@ -140,7 +140,8 @@ class Trainer:
 
     def online_weights(self) -> np.ndarray:
         """Current w_on per task (index order)."""
-        return mixture_weights(self._groups, self.window.means(), self.config.sampler_a, self.config.clip)
+        return mixture_weights(self._groups, self.window.means(), self.config.sampler_a, self.config.clip,
+                               self.config.sampler_losses == "relative")
 
     def _plan(self) -> np.ndarray:
         return sample_frames(self.rng, self._groups, self.online_weights(), self.config.batch_size,

@@ -40,6 +40,10 @@ def test_the_quick_study_runs_every_stage_and_resumes(tmp_path):
     online = runs["hg_dagger/seed-0"]
     assert online["robots"] == 2 and online["online_episodes"] > 0 and online["learner_steps"] > 0
     assert online["expert_steps_online"] > 0, "the simulated operator corrected the base policy"
+    assert set(online["online_episodes_by_task"]) <= set(protocol["post_trained_tasks"]), "held-out tasks ran online"
+    for task, seen in online["placements"].items():  # the seed tree, checked on the run's own episodes
+        assert seen["distinct_online"] == seen["online_episodes"] > 0
+        assert seen["online_in_eval"] == seen["online_in_demos"] == seen["demos_in_eval"] == 0
     assert online["learner_steps_per_s"] <= protocol["pace"] * 1.05, "the learner ran ahead of its pinned pace"
     assert online["loop_hz"] and all(len(hz) == 2 for hz in online["loop_hz"])
     assert online["curve"][0]["version"] == 1 and online["curve"][-1]["version"] > 1

@@ -116,3 +116,14 @@ def test_sampled_online_share_follows_the_formula_from_windowed_losses():
         off, on = groups[m]
         mine = frames[(frames >= off.min()) & (frames <= on.max())]
         assert np.isin(mine, on).mean() == pytest.approx(expected, abs=0.01)
+
+
+def test_relative_losses_make_the_weight_adapt_whatever_the_loss_scale():
+    # raw: small L1 losses barely move the weight, whatever their ratio
+    assert abs(online_weight(0.10, 0.05, 2.0) - online_weight(0.05, 0.10, 2.0)) < 0.06
+    for scale in (0.01, 1.0, 100.0):  # relative: the same ratio gives the same weight at any scale
+        assert online_weight(0.10 * scale, 0.10 * scale, 2.0, (0.0, 1.0), relative=True) == pytest.approx(
+            1 / (1 + np.exp(-1.0)))
+        assert online_weight(0.10 * scale, 0.05 * scale, 2.0, relative=True) == 0.8  # online harder: clip's top
+        assert online_weight(0.05 * scale, 0.10 * scale, 2.0, relative=True) == pytest.approx(0.5)
+    assert online_weight(0.0, 0.0, 2.0, relative=True) == online_weight(0.0, 0.0, 2.0)  # no division by zero
