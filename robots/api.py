@@ -22,7 +22,7 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import ingest, selectors
+from . import ingest, metrics, selectors
 from .auth import IsOperator, IsRobot, RobotTokenAuthentication
 from .exceptions import PayloadTooLarge, SopError
 from .models import Episode
@@ -205,6 +205,7 @@ class RobotEpisodePayloadView(RobotAPIView):
         except RequestDataTooBig:  # a body without Content-Length (chunked) past DATA_UPLOAD_MAX_MEMORY_SIZE
             raise PayloadTooLarge(f"chunk exceeds {settings.SOP_MAX_UPLOAD_CHUNK_BYTES} bytes") from None
         episode = ingest.append_upload(request.auth, episode_id, int(raw), body)
+        metrics.inc("sop_ingest_bytes_total", len(body))
         return Response(_upload_state(episode))
 
 

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from . import control, events, fleet, ingest, protocol, selectors
+from . import control, events, fleet, ingest, metrics, protocol, selectors
 from .auth import authenticate_token, hash_token, token_from_scope
 from .exceptions import SopError
 from .protocol import CloseCode, ErrorCode, ProtocolError
@@ -125,6 +125,7 @@ class RobotConsumer(GuardedConsumer):
         await self._broadcast_state()
 
     async def on_status(self, msg: protocol.Status):
+        metrics.inc("sop_heartbeats_total")
         ok, repairs = await database_sync_to_async(self._store_status)(msg)
         if not ok:
             return await self._close_revoked()

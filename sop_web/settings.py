@@ -86,6 +86,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "sop_web.observability.UploadMetricsMiddleware",  # first: counts the final response to robot uploads
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -202,6 +203,8 @@ SOP_MAX_EPISODE_DECODED_BYTES = env_int("SOP_MAX_EPISODE_DECODED_BYTES", 4 * SOP
 SOP_MAX_OPEN_UPLOADS = env_int("SOP_MAX_OPEN_UPLOADS", 8)  # per robot, unfinished uploads with bytes on the server
 SOP_MAX_PARTIAL_BYTES_PER_ROBOT = env_int("SOP_MAX_PARTIAL_BYTES_PER_ROBOT", 2 * SOP_MAX_EPISODE_BYTES)
 SOP_HEARTBEAT_S = float(env_str("SOP_HEARTBEAT_S", "2.0"))
+# Bearer token a Prometheus scraper sends to /metrics/prometheus (console users need none); "" = console users only
+SOP_METRICS_TOKEN = env_str("SOP_METRICS_TOKEN")
 SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat for this long -> shown offline
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
 SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)

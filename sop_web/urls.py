@@ -13,6 +13,7 @@ from rest_framework.authentication import SessionAuthentication
 
 from robots import views as robot_views
 from robots.auth import IsOperator
+from sop_web import observability
 
 
 def _api(request) -> bool:
@@ -57,6 +58,8 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", robot_views.healthz, name="healthz"),
+    path("readyz", observability.readyz, name="readyz"),
+    path("metrics/prometheus", observability.prometheus, name="prometheus"),
     path("api/schema/", SchemaView.as_view(), name="api-schema"),
     path("api/", include("robots.urls")),
     path("api/", include("learner.urls")),

@@ -60,6 +60,8 @@ ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
     "audit": (VIEWER, ("GET",)),
     "login": (PUBLIC, ("GET", "POST")),
     "healthz": (PUBLIC, ("GET",)),
+    "readyz": (PUBLIC, ("GET",)),  # booleans only (tests/ops/test_observability.py)
+    "prometheus": (VIEWER, ("GET",)),  # or a scraper's SOP_METRICS_TOKEN (tests/ops)
     "api-schema": (VIEWER, ("GET",)),
     "robot-episodes": (ROBOT, ("POST",)),
     "robot-episode": (OWN_ROBOT, ("GET",)),
