@@ -32,6 +32,7 @@ from learner.policy import build_policy
 from robots import protocol
 from robots import fleet
 from robots.models import AuditEvent, Episode, Task
+from sop_web.logformat import ids
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
         _release(run, failures=failures, message=f"retrying after a transient error ({failures}): {exc}"[:500])
         return "retry"
     except Exception as exc:
-        log.exception("training run %s failed", run.pk)
+        log.exception("training run %s failed", run.pk, extra=ids(run=run.pk))
         _release(run, status=TrainingRun.Status.FAILED, finished_at=timezone.now(), message=f"failed: {exc}"[:500])
         return "done"
 
@@ -391,7 +392,8 @@ def publish_checkpoint(run: Optional[TrainingRun], trainer, state_path: Optional
         except BaseException:
             _discard(saved)
             raise
-        log.info("published checkpoint v%d (run %s, step %d)", version, run.pk if run else "-", trainer.step)
+        log.info("published checkpoint v%d (run %s, step %d)", version, run.pk if run else "-", trainer.step,
+                 extra=ids(run=run.pk if run else None, checkpoint=version))
         return checkpoint
     raise LearnerError("could not allocate a checkpoint version (too much contention)")
 

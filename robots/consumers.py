@@ -24,6 +24,7 @@ from .auth import authenticate_token, hash_token, token_from_scope
 from .exceptions import SopError
 from .protocol import CloseCode, ErrorCode, ProtocolError
 from .sockets import BadFrameBudget, GuardedConsumer
+from sop_web.logformat import ids
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class RobotConsumer(GuardedConsumer):
             await self.close()
             return
         await self.accept()
-        log.info("robot %s connected from %s", robot.name, _client(self.scope))
+        log.info("robot %s connected from %s", robot.name, _client(self.scope), extra=ids(robot=robot.name))
         await self._broadcast_state()
 
     async def disconnect(self, code):
@@ -80,7 +81,7 @@ class RobotConsumer(GuardedConsumer):
                 await step()
             except Exception:
                 log.exception("robot %s: disconnect step %s failed", self.robot.name, step.__name__)
-        log.info("robot %s disconnected (code %s)", self.robot.name, code)
+        log.info("robot %s disconnected (code %s)", self.robot.name, code, extra=ids(robot=self.robot.name))
 
     async def _mark_offline(self):
         await database_sync_to_async(fleet.robot_disconnected)(self.robot, self.connected_at)

@@ -26,6 +26,7 @@ from . import events, protocol, roles
 from .exceptions import SopError
 from .models import ControlLease, Episode, Robot
 from .protocol import Outcome
+from sop_web.logformat import ids
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,8 @@ def set_estop(robot: Robot, engaged: bool, user) -> None:
                      detail={"engaged": bool(engaged), "via": "console", "seq": seq})
         events.to_robot_on_commit(robot.pk, protocol.ControlEstop(engaged=bool(engaged), by=name, seq=seq))
         events.broadcast_state_on_commit(robot.pk)
-    log.warning("robot %s: e-stop %s by %s", robot.name, "ENGAGED" if engaged else "cleared", name)
+    log.warning("robot %s: e-stop %s by %s", robot.name, "ENGAGED" if engaged else "cleared", name,
+                extra=ids(robot=robot.name))
 
 
 def reconcile(robot: Robot, msg: protocol.Status) -> list[protocol.Message]:

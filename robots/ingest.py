@@ -40,6 +40,7 @@ from .exceptions import (
 from .models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task
 from .protocol import ControlSource, Outcome, RobotState, Split
 from .values import db_count, db_version, from_unix
+from sop_web.logformat import ids
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,8 @@ def _finish(robot: Robot, episode: Episode, token: str) -> Episode:
         except BaseException:
             os.replace(dest, path)  # the row did not change: the bytes go back to where the next attempt looks
             raise
-    log.info("episode %s of robot %s verified (%d steps, %s)", episode.id, robot.name, episode.steps, episode.outcome)
+    log.info("episode %s of robot %s verified (%d steps, %s)", episode.id, robot.name, episode.steps, episode.outcome,
+             extra=ids(robot=robot.name, episode=episode.id))
     return episode
 
 
@@ -516,7 +518,8 @@ def _reject(episode: Episode, token: str, error: SopError):
     partial_path(episode.id).unlink(missing_ok=True)
     _locked(episode, token).update(status=Episode.Status.REJECTED, received_bytes=0, error=str(error.detail)[:500])
     episode.status, episode.received_bytes, episode.error = Episode.Status.REJECTED, 0, str(error.detail)[:500]
-    log.warning("episode %s of robot %s rejected: %s", episode.id, episode.robot_id, error.detail)
+    log.warning("episode %s of robot %s rejected: %s", episode.id, episode.robot_id, error.detail,
+                extra=ids(episode=episode.id))
     raise error
 
 

@@ -297,9 +297,12 @@ SOP_SERVE_STATIC = env_bool("SOP_SERVE_STATIC", True)  # one-machine deployments
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+                   "json": {"()": "sop_web.logformat.JsonFormatter"}},
     "filters": {"client_errors": {"()": "sop_web.logfilters.ClientErrorsWithoutTraceback"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["client_errors"]}},
+    # SOP_LOG_FORMAT=json: one JSON object a line with robot/episode/run ids (sop_web/logformat.py)
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["client_errors"],
+                             "formatter": "json" if env_str("SOP_LOG_FORMAT") == "json" else "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
 }
