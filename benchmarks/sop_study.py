@@ -193,8 +193,16 @@ class Seed:
             out["final"] = self.evaluate(data, 1, self.all_tasks)
             out["curve"] = [{"minutes": 0.0, "version": 1, **self.curve_point(out["final"])}]
         elif row in FLEET:
-            data = self.copy_of_base(row)
-            out = self.online(data, row)
+            data = self.root / row
+            online_file = data / "online.json"  # the timed phase is done: an interrupted evaluation resumes from here
+            if online_file.exists():
+                out = json.loads(online_file.read_text())
+                log(f"{row}, seed {self.seed}: online phase done earlier (run {out['run']}), evaluating")
+            else:
+                data = self.copy_of_base(row)
+                out = self.online(data, row)
+                online_file.write_text(json.dumps(out))
+            out = dict(out)
             checkpoints = out.pop("checkpoints")
             final = checkpoints[-1][0]
             out["final"] = self.evaluate(data, final, self.all_tasks)
