@@ -113,6 +113,8 @@ def main() -> int:
                 summarise(results)
                 save(results_path, results)
     for key, run in results["runs"].items():  # runs from before the placement check: check their data now
+        if run.get("timeline"):  # and measure the pace between snapshots (older runs divided by the whole run)
+            run["learner_steps_per_s"] = timeline_rate(run["timeline"]) or run["learner_steps_per_s"]
         data = work / f"seed-{run['seed']}" / run["row"]
         if run["row"] in FLEET and "placements" not in run and (data / "db.sqlite3").exists():
             run["placements"] = Seed(run["seed"], data.parent, tasks, held_out, knobs, args).placements(data)
@@ -203,6 +205,7 @@ class Seed:
                 out = self.online(data, row)
                 online_file.write_text(json.dumps(out))
             out = dict(out)
+            out["learner_steps_per_s"] = timeline_rate(out["timeline"]) or out["learner_steps_per_s"]
             checkpoints = out.pop("checkpoints")
             final = checkpoints[-1][0]
             out["final"] = self.evaluate(data, final, self.all_tasks)
@@ -348,7 +351,7 @@ class Seed:
         summary["placements"] = self.placements(data)
         return {"row": row, "seed": self.seed, "algorithm": algorithm, "robots": robots,
                 "minutes": round(minutes, 2), "robot_hours": round(robots * minutes / 60, 3), **summary,
-                # over the whole online phase: the pinned pace is an upper bound, a loaded machine falls below it
+                # whole run, stop included (an upper bound); row() replaces it with the rate between snapshots
                 "learner_steps_per_s": round(summary["learner_steps"] / (60 * minutes), 2),
                 "loop_hz": [s["loop_hz"] for s in timeline], "timeline": timeline}
 
@@ -520,6 +523,14 @@ def summarise(results: dict) -> None:
     if 1 in fleet:
         table["fleet_speedup_time_to_0.8"] = {str(k): round(fleet[1] / v, 2) for k, v in fleet.items() if v}
     results["summary"] = table
+
+
+def timeline_rate(timeline: list[dict]):
+    """Learner steps/s between the first and the last snapshot of the online phase: both are read the same way, so
+    the start-up before the first and the stop after the last (when the run's step still moves) do not count."""
+    if len(timeline) < 2 or timeline[-1]["t_min"] <= timeline[0]["t_min"]:
+        return None
+    return round((timeline[-1]["step"] - timeline[0]["step"]) / (60 * (timeline[-1]["t_min"] - timeline[0]["t_min"])), 2)
 
 
 def time_to(curve: list[dict], level: float):
