@@ -17,6 +17,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections import Counter
 from typing import Iterable
 
 from django.conf import settings
@@ -148,8 +149,7 @@ def render() -> str:
     family("sop_robots_online", "gauge", "Robots with an open socket.",
            [_sample("sop_robots_online", sum(r["connected"] for r in robots))])
     family("sop_robots", "gauge", "Registered robots (not revoked) by state.",
-           [_sample("sop_robots", n, [("state", s)]) for s, n in
-            sorted(Robot.objects.filter(revoked_at__isnull=True).values_list("state").annotate(n=Count("id")))])
+           [_sample("sop_robots", n, [("state", s)]) for s, n in sorted(Counter(r["state"] for r in robots).items())])
     online = [r for r in robots if r["connected"]]
     for name, field, help_text in (
             ("sop_robot_loop_hz", "loop_hz", "Control loop rate a robot reports (its last heartbeat)."),
