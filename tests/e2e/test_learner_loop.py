@@ -26,9 +26,9 @@ def demos(transactional_db):
     return task
 
 
-def debug_run(task, steps: int, every: int) -> TrainingRun:
+def debug_run(task, steps: int, every: int, **overrides) -> TrainingRun:
     return services.start_run("bc", [task], preset="debug", from_scratch=True, total_steps=steps,
-                              overrides={"checkpoint_every_steps": every, "checkpoint_every_s": 1e9})
+                              overrides={"checkpoint_every_steps": every, "checkpoint_every_s": 1e9, **overrides})
 
 
 def run_of(run: TrainingRun) -> TrainingRun:
@@ -41,7 +41,9 @@ def versions(run: TrainingRun) -> list[int]:
 
 def test_a_worker_trains_in_rounds_and_publishes_checkpoints(launcher, demos):
     worker = launcher.worker("worker", SOP_TRAINING_ROUND_S="2")  # several rounds, each resuming the last
-    run = debug_run(demos, steps=60, every=20)
+    # Pinned to 15 steps/s, 60 steps take >= 4 s: more than one 2 s round however fast the machine is (a quiet CI
+    # host once trained all 60 unpinned steps inside the first round).
+    run = debug_run(demos, steps=60, every=20, max_steps_per_s=15)
 
     wait_for(lambda: run_of(run).status == TrainingRun.Status.FINISHED, 180, "run finished", procs=(worker,))
     run = run_of(run)
