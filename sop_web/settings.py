@@ -10,7 +10,8 @@ import json
 import os
 import secrets
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+
+import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -124,30 +125,30 @@ TEMPLATES = [
 
 
 def _database(url: str) -> dict:
-    if not url:
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": DATA_DIR / "db.sqlite3",
-            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
-            # A file, not :memory:, so that test servers and agents started as subprocesses share the test database.
-            "TEST": {"NAME": DATA_DIR / "test.sqlite3"},
-        }
-    u = urlparse(url)
-    if u.scheme == "sqlite":  # sqlite:////absolute/path.sqlite3 (test servers started as subprocesses use this)
-        return {**_database(""), "NAME": unquote(u.path), "TEST": {"NAME": unquote(u.path)}}
-    if u.scheme not in ("postgres", "postgresql"):
-        raise ValueError(f"DATABASE_URL scheme {u.scheme!r} not supported (use postgresql:// or sqlite:///)")
-    return {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": unquote(u.path.lstrip("/")),
-        "USER": unquote(u.username or ""),
-        "PASSWORD": unquote(u.password or ""),
-        "HOST": u.hostname or "",
-        "PORT": str(u.port or ""),
-        # Reuse connections: a fresh PostgreSQL connection per request was 12% of the ingest server's time.
-        "CONN_MAX_AGE": env_int("SOP_DB_CONN_MAX_AGE", 60),
-        "CONN_HEALTH_CHECKS": True,
+    """DATABASE_URL parsed by dj-database-url, so query options (``?sslmode=verify-full&sslrootcert=...``) reach the
+    driver as OPTIONS instead of being dropped. Empty = the embedded SQLite file under SOP_DATA_DIR."""
+    sqlite = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": DATA_DIR / "db.sqlite3",
+        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
+        # A file, not :memory:, so that test servers and agents started as subprocesses share the test database.
+        "TEST": {"NAME": DATA_DIR / "test.sqlite3"},
     }
+    if not url:
+        return sqlite
+    try:
+        # Reuse connections: a fresh PostgreSQL connection per request was 12% of the ingest server's time.
+        cfg = dj_database_url.parse(url, conn_max_age=env_int("SOP_DB_CONN_MAX_AGE", 60), conn_health_checks=True)
+    except ValueError as exc:
+        raise ValueError(f"DATABASE_URL is not a database URL ({exc}); use postgresql:// or sqlite:///") from None
+    if cfg["ENGINE"] == "django.db.backends.sqlite3":  # sqlite:////absolute/path.sqlite3 (test servers use this)
+        if not cfg["NAME"] or cfg["NAME"] == ":memory:":
+            raise ValueError("DATABASE_URL=sqlite:// needs a file path (sqlite:////abs/path.sqlite3): child processes "
+                             "must share the database")
+        return {**sqlite, "NAME": cfg["NAME"], "TEST": {"NAME": cfg["NAME"]}}
+    if cfg["ENGINE"] != "django.db.backends.postgresql":
+        raise ValueError(f"DATABASE_URL engine {cfg['ENGINE']!r} is not supported (use postgresql:// or sqlite:///)")
+    return cfg
 
 
 DATABASES = {"default": _database(env_str("DATABASE_URL"))}
@@ -206,6 +207,9 @@ SOP_HEARTBEAT_S = float(env_str("SOP_HEARTBEAT_S", "2.0"))
 # Bearer token a Prometheus scraper sends to /metrics/prometheus (console users need none); "" = console users only
 SOP_METRICS_TOKEN = env_str("SOP_METRICS_TOKEN")
 SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat for this long -> shown offline
+# A heartbeat that changes only volatile columns (last_seen, step, loop Hz/p99, spool, video fps) is written to the
+# database at most this often; consoles get it live. Kept well under SOP_ROBOT_SILENT_S.
+SOP_STATUS_WRITE_S = min(float(env_str("SOP_STATUS_WRITE_S", "5")), SOP_ROBOT_SILENT_S / 4)
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
 SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)
 SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an evaluation
@@ -283,6 +287,18 @@ LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
+
+# ---- TLS behind a terminating proxy (docs/deploy.md). Only set SOP_TLS=1 when every request reaches this process
+# through a proxy that *overwrites* X-Forwarded-Proto: otherwise a client could claim https itself.
+SOP_TLS = env_bool("SOP_TLS", False)
+if SOP_TLS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("SOP_SSL_REDIRECT", True)
+    # The proxy's and the orchestrator's probes speak plain HTTP to the process: no redirect for them.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics/prometheus$"]
+    SECURE_HSTS_SECONDS = env_int("SOP_HSTS_SECONDS", 0)  # opt-in: a wrong HSTS header locks browsers out for its life
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
