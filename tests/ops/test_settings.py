@@ -74,8 +74,11 @@ def test_tls_proxy_mode_redirects_plain_http_except_the_probes(tmp_path):
             "r = c.get('/login/'); print(r.status_code, r.get('Location')); "
             "print(c.get('/login/', headers={'x-forwarded-proto': 'https'}).status_code); "
             "print(c.get('/healthz').status_code in (200, 503))")
+    # The child's database is the embedded default in tmp_path: under CI, DATABASE_URL names a PostgreSQL database that
+    # only exists as pytest-django's test copy, and neither a login page nor the probe's answer depends on it.
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "DJANGO_SETTINGS_MODULE": "sop_web.settings", "SOP_DATA_DIR": str(tmp_path),
+                         env={**env, "DJANGO_SETTINGS_MODULE": "sop_web.settings", "SOP_DATA_DIR": str(tmp_path),
                               "SOP_TLS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()[-3:]
