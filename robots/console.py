@@ -61,11 +61,14 @@ class ConsoleConsumer(GuardedConsumer):
         self.offer_bucket = TokenBucket(OFFER_RATE, OFFER_BURST)
         self.leases: dict[str, tuple[int, str]] = {}  # robot name -> (lease id, robot group): leases held here
         self.sessions: dict[str, tuple[str, str]] = {}  # WebRTC session -> (robot name, robot group)
+        self.state_as_of: dict[str, float] = {}  # robot name -> as_of of the newest state sent to the browser
         # Join before reading the fleet: a change made meanwhile arrives as an event (maybe twice, never lost).
         await self.channel_layer.group_add(events.CONSOLE_GROUP, self.channel_name)
         await self.channel_layer.group_add(events.user_group(user.pk), self.channel_name)
         await self.accept()
-        await self.send_json(await database_sync_to_async(selectors.console_hello)(user))
+        hello = await database_sync_to_async(selectors.console_hello)(user)
+        self.state_as_of.update({r["name"]: r["as_of"] for r in hello["robots"]})
+        await self.send_json(hello)
         log.info("console %s (%s) connected from %s", user.get_username(), self.role, _client(self.scope))
 
     async def disconnect(self, code):
@@ -186,10 +189,21 @@ class ConsoleConsumer(GuardedConsumer):
 
     async def robot_state(self, event):
         state = event["robot"]
+        # States come from several readers (each server process's coalesced heartbeats, control changes): one read
+        # before a change may arrive after the change's own. The newest read wins; an older one is dropped.
+        name, as_of = state.get("name"), state.get("as_of", 0.0)
+        if as_of < self.state_as_of.get(name, 0.0):
+            return
+        self.state_as_of[name] = as_of
         if not state.get("connected"):  # its video sessions died with its socket
             for session in [s for s, (name, _) in self.sessions.items() if name == state.get("name")]:
                 del self.sessions[session]
         await self.send_json({"type": "robot.state", "robot": event["robot"]})
+
+    async def robot_states(self, event):
+        """A coalesced batch from a server process's robot sockets (robots/livestate.py): one frame per robot."""
+        for state in event["robots"]:
+            await self.robot_state({"robot": state})
 
     async def robot_removed(self, event):
         await self.send_json({"type": "robot.removed", "robot": event["robot"]})

@@ -207,6 +207,8 @@ class RobotView(Struct):
     episodes_today: int
     success_rate_today: Optional[float]
     interventions_today: int
+    as_of: float = dataclasses.field(metadata=spec(description="server time (unix s) the state was read at; a "
+                                                               "console keeps the newest state per robot"))
 
 
 @CONSOLE.register

@@ -6,7 +6,9 @@ service. A bad frame gets a typed ``error`` back and the socket stays open, up t
 It also relays the operator console's messages (docs/console.md) that robots/control.py and robots/console.py send to
 the robot's group: takeover, release, e-stop, teleop commands, labels and WebRTC signalling; a ``webrtc.answer`` goes
 back to the one console socket that sent the offer. After each connect, disconnect and heartbeat the robot's state is
-broadcast to the consoles (at most once per heartbeat unless something the console shows changed).
+broadcast to the consoles (at most once per heartbeat unless something the console shows changed), coalesced with the
+other robots of the process (robots/livestate.py). A heartbeat costs one database read; the row is written only when
+more than its volatile columns changed (fleet.StatusWriter).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections import OrderedDict
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from . import control, events, fleet, ingest, metrics, protocol, selectors
+from . import control, events, fleet, ingest, livestate, metrics, protocol
 from .auth import authenticate_token, hash_token, token_from_scope
 from .exceptions import SopError
 from .protocol import CloseCode, ErrorCode, ProtocolError
@@ -57,6 +59,7 @@ class RobotConsumer(GuardedConsumer):
         await self.channel_layer.group_add(robot.group_name, self.channel_name)
         await self.channel_layer.group_add(events.FLEET_GROUP, self.channel_name)
         self.robot, self.token_hash = robot, hash_token(raw)
+        self.writer = fleet.StatusWriter(robot, self.token_hash)
         self.connected_at = await database_sync_to_async(fleet.robot_connected)(robot, self.token_hash)
         if self.connected_at is None:
             log.warning("robot %s refused: token revoked during the handshake", robot.name)
@@ -91,6 +94,7 @@ class RobotConsumer(GuardedConsumer):
             await self._answer_console(console, session, error="robot disconnected")
 
     async def _final_state(self):
+        self.writer.live = {}  # offline: the row (robot_disconnected) is the truth now, not the last heartbeat
         await self._broadcast_state(force=True)
 
     async def receive(self, text_data=None, bytes_data=None):
@@ -138,10 +142,12 @@ class RobotConsumer(GuardedConsumer):
             self.last_state_key = key  # a change skipped by the rate limit is still a change at the next heartbeat
 
     def _store_status(self, msg: protocol.Status):
-        if not fleet.robot_status(self.robot, msg, self.token_hash):
+        # One read per heartbeat (token, latch, lease; it also ends an expired lease), a write only when something
+        # beyond the volatile columns changed or SOP_STATUS_WRITE_S passed (fleet.StatusWriter).
+        snapshot = self.writer.store(msg)
+        if snapshot is None:
             return False, None
-        control.expire_leases(self.robot)  # every heartbeat checks its robot's lease: no worker needed for that
-        return True, control.reconcile(self.robot, msg)
+        return True, control.reconcile(self.robot, msg, snapshot)
 
     async def on_episode_started(self, msg: protocol.EpisodeStarted):
         await database_sync_to_async(ingest.episode_started)(self.robot, msg)
@@ -246,9 +252,8 @@ class RobotConsumer(GuardedConsumer):
                 self.pending_state = asyncio.ensure_future(self._broadcast_later(interval - (now - self.last_state_at)))
             return changed
         self.last_state_at = now
-        state = await database_sync_to_async(selectors.robot_state)(self.robot.pk)
-        if state is not None:
-            await self.channel_layer.group_send(events.CONSOLE_GROUP, {"type": "robot.state", "robot": state})
+        # coalesced with the other robots of this process: one query and one group send per flush (robots/livestate.py)
+        livestate.request(self.channel_layer, self.robot.pk, self.writer.live)
         return True
 
     async def _reject(self, exc: ProtocolError):

@@ -18,7 +18,7 @@ from typing import Optional
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, OuterRef, Subquery
 from django.utils import timezone
 from rest_framework import status
 
@@ -293,7 +293,23 @@ def set_estop(robot: Robot, engaged: bool, user) -> None:
                 extra=ids(robot=robot.name))
 
 
-def reconcile(robot: Robot, msg: protocol.Status) -> list[protocol.Message]:
+def control_snapshot(robot: Robot, token_hash: Optional[str] = None) -> Optional[dict]:
+    """What a heartbeat is reconciled against, in one query: the robot's e-stop latch and its active lease (id,
+    expiry, operator, reason; None when there is none). With ``token_hash`` the row must still carry that token and
+    no revocation: None then means the socket's token is gone (a revocation check for free)."""
+    active = ControlLease.objects.filter(robot_id=OuterRef("pk"), ended_at__isnull=True).order_by("pk")
+    rows = Robot.objects.filter(pk=robot.pk)
+    if token_hash is not None:
+        rows = rows.filter(token_hash=token_hash, revoked_at__isnull=True)
+    return rows.annotate(**{
+        f"lease_{field}": Subquery(active.values(column)[:1])
+        for field, column in (("id", "pk"), ("expires_at", "expires_at"), ("operator", "operator_name"),
+                              ("reason", "reason"))
+    }).values("estopped", "estopped_by", "estop_seq", "lease_id", "lease_expires_at", "lease_operator",
+              "lease_reason").first()
+
+
+def reconcile(robot: Robot, msg: protocol.Status, snapshot: Optional[dict] = None) -> list[protocol.Message]:
     """Compare a heartbeat with what the server asked the robot to obey; return what to send it again.
 
     Delivery through the channel layer is at most once, so every heartbeat repairs what was lost:
@@ -304,18 +320,25 @@ def reconcile(robot: Robot, msg: protocol.Status) -> list[protocol.Message]:
     - the robot latched itself (an operator's e-stop over the WebRTC data channel, while the server had none): the
       server adopts the latch, audits it, and acknowledges it with a numbered ``control.estop``. Clearing it is then
       an operator's decision like any other e-stop. Fail safe: a latch the server cannot explain is kept, not cleared.
-    Every message is idempotent on the robot, so sending one twice is harmless.
+    Every message is idempotent on the robot, so sending one twice is harmless. A lease past its expiry ends here
+    (no worker needed for that). ``snapshot`` is control_snapshot(robot), read by the caller (the robot socket reads it
+    with the token check); a heartbeat that agrees with it costs no further query.
     """
-    replies: list[protocol.Message] = []
-    release = stale_release(robot, msg.lease)
-    if release is not None:
-        replies.append(release)
-    lease = active_lease(robot.pk)
-    if lease is not None and msg.lease != lease.pk and not msg.estopped:
-        replies.append(protocol.ControlTakeover(lease=lease.pk, operator=lease.operator_name, reason=lease.reason))
-    row = Robot.objects.filter(pk=robot.pk).values("estopped", "estopped_by", "estop_seq").first()
+    row = snapshot if snapshot is not None else control_snapshot(robot)
     if row is None:
-        return replies
+        return []
+    if row["lease_id"] is not None and row["lease_expires_at"] < timezone.now():
+        expire_leases(robot)
+        row = control_snapshot(robot) or row
+    replies: list[protocol.Message] = []
+    lease_id = row["lease_id"]
+    if msg.lease is not None and msg.lease != lease_id:
+        release = stale_release(robot, msg.lease)
+        if release is not None:
+            replies.append(release)
+    if lease_id is not None and msg.lease != lease_id and not msg.estopped:
+        replies.append(protocol.ControlTakeover(lease=lease_id, operator=row["lease_operator"],
+                                                reason=row["lease_reason"]))
     latched, seq = row["estopped"], row["estop_seq"]
     if latched and not msg.estopped:
         log.warning("robot %s runs although its e-stop is latched (seq %d): sending the latch again", robot.name, seq)

@@ -119,11 +119,11 @@ def _control_state(robot: Robot) -> list[protocol.Message]:
     return replies
 
 
-def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
-    """Store a heartbeat. Returns False when the socket's token is no longer valid (revoked or rotated)."""
+def status_fields(msg: protocol.Status) -> dict[str, Any]:
+    """The Robot columns a heartbeat sets (the reported task aside: see _write_status)."""
     if msg.state == RobotState.OFFLINE.value:
         raise SopError("state 'offline' is set by the server, not reported by robots")
-    fields: dict[str, Any] = dict(
+    return dict(
         connected=True,
         last_seen=timezone.now(),
         state=msg.state,
@@ -143,10 +143,57 @@ def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
         video_fps=msg.video_fps,
         viewers=db_count(msg.viewers),
     )
-    if msg.task is not None:
-        fields["current_task"] = Subquery(Task.objects.filter(name=msg.task).values("pk")[:1])
-    # Filtering on the token makes every heartbeat a revocation check for free: no row updated = token gone.
+
+
+# Columns that move on (almost) every heartbeat. A robot socket keeps them in memory (StatusWriter.live), the consoles
+# see them from there, and the row gets them with the next change of any other column or every SOP_STATUS_WRITE_S.
+VOLATILE_FIELDS = ("last_seen", "current_step", "loop_hz", "loop_p99_ms", "spool_pending", "video_fps")
+
+
+def _write_status(robot: Robot, fields: dict[str, Any], task: Optional[str], token_hash: str) -> bool:
+    if task is not None:
+        fields = {**fields, "current_task": Subquery(Task.objects.filter(name=task).values("pk")[:1])}
+    # Filtering on the token makes every write a revocation check for free: no row updated = token gone.
     return Robot.objects.filter(pk=robot.pk, token_hash=token_hash, revoked_at__isnull=True).update(**fields) == 1
+
+
+def robot_status(robot: Robot, msg: protocol.Status, token_hash: str) -> bool:
+    """Store a whole heartbeat. Returns False when the socket's token is no longer valid (revoked or rotated)."""
+    return _write_status(robot, status_fields(msg), msg.task, token_hash)
+
+
+class StatusWriter:
+    """One robot socket's heartbeats, stored cheaply: the row is written when something other than the volatile
+    columns changed (state, task, episode, driver, lease, e-stop, policy, viewers...) and at least every
+    ``write_every_s`` (so last_seen never looks silent to mark_silent_robots_offline); in between, one read per
+    heartbeat (control.control_snapshot) re-checks the token and fetches the latch and lease for reconciliation.
+    ``live`` holds the latest volatile values for the console broadcast."""
+
+    def __init__(self, robot: Robot, token_hash: str, write_every_s: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.robot, self.token_hash, self.clock = robot, token_hash, clock
+        self.write_every_s = settings.SOP_STATUS_WRITE_S if write_every_s is None else write_every_s
+        self.live: dict[str, Any] = {}
+        self.writes = 0
+        self._key: Optional[tuple] = None
+        self._written_at = float("-inf")
+
+    def store(self, msg: protocol.Status) -> Optional[dict]:
+        """Store one heartbeat; returns the control snapshot to reconcile it with, or None when the token is gone."""
+        fields = status_fields(msg)
+        key = (msg.task, *(v for k, v in fields.items() if k not in VOLATILE_FIELDS))
+        now = self.clock()
+        if key != self._key or now - self._written_at >= self.write_every_s:
+            if not _write_status(self.robot, fields, msg.task, self.token_hash):
+                return None
+            self._key, self._written_at = key, now
+            self.writes += 1
+        self.live = {k: fields[k] for k in VOLATILE_FIELDS}
+        return control.control_snapshot(self.robot, self.token_hash)
+
+    def forget(self) -> None:
+        """The row was changed behind this writer's back (e.g. marked offline): write the next heartbeat in full."""
+        self._key = None
 
 
 def robot_disconnected(robot: Robot, connected_at: dt.datetime) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from typing import Iterable, Optional
 
 from django.conf import settings
@@ -81,9 +82,13 @@ def robot_episode(robot: Robot, episode_id) -> Episode:
 # ---------------------------------------------------------------- what consoles see (docs/console.md)
 
 
-def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
+def robot_states(robot_ids: Optional[Iterable[int]] = None,
+                 overlays: Optional[dict[int, dict]] = None) -> list[dict]:
     """Robot states as docs/console.md defines them (RobotSerializer + lease, e-stop, deadman, operator, video and
-    today's counters), JSON-ready. Revoked robots are left out. Two queries whatever the number of robots."""
+    today's counters), JSON-ready. Revoked robots are left out. Two queries whatever the number of robots.
+    ``overlays`` (robot id -> column values) are laid over the rows: what a robot socket holds in memory and has not
+    written yet (fleet.StatusWriter.live)."""
+    as_of = time.time()  # before the read: a state read after a change committed is always newer than one before
     start = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
     today = Q(episodes__ended_at__gte=start)
     robots = list_robots().filter(revoked_at__isnull=True, token_hash__isnull=False).annotate(
@@ -94,6 +99,9 @@ def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
     if robot_ids is not None:
         robots = robots.filter(pk__in=list(robot_ids))
     robots = list(robots)
+    for robot in robots:
+        for field, value in (overlays or {}).get(robot.pk, {}).items():
+            setattr(robot, field, value)
     reported = {r.reported_lease for r in robots if r.reported_lease}
     relevant = ControlLease.objects.filter(Q(ended_at__isnull=True, robot_id__in=[r.pk for r in robots])
                                            | Q(pk__in=reported))
@@ -120,6 +128,7 @@ def robot_states(robot_ids: Optional[Iterable[int]] = None) -> list[dict]:
             "reported_estopped": robot.reported_estopped,
             "reported_lease": robot.reported_lease,
             "mismatch": mismatches(robot, lease, ended.get(robot.reported_lease)),
+            "as_of": round(as_of, 6),
         })
     return json.loads(json.dumps(states, cls=DjangoJSONEncoder))  # plain types for the channel layer (msgpack)
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from robots import auth, fleet, ingest, protocol, tasking
 from robots.exceptions import ForbiddenEpisode, UnknownTask
-from robots.models import AuditEvent, Episode, Robot, Task, TaskAssignment
+from robots.models import AuditEvent, ControlLease, Episode, Robot, Task, TaskAssignment
 
 pytestmark = pytest.mark.django_db
 
@@ -163,6 +163,57 @@ def test_a_heartbeat_updates_live_fields_and_checks_the_token(robot, task):
     assert live == ("running", task, 7, "operator", 9.8, True)
     fleet.revoke_robot(robot)
     assert fleet.robot_status(robot, status, auth.hash_token(token)) is False
+
+
+def test_a_heartbeat_that_moves_only_volatile_columns_is_not_written_until_the_interval(robot, task,
+                                                                                          django_assert_num_queries):
+    robot, token = robot
+    now = [100.0]
+    writer = fleet.StatusWriter(robot, auth.hash_token(token), write_every_s=5.0, clock=lambda: now[0])
+    episode = str(uuid.uuid4())
+
+    def beat(step, **kw):
+        return writer.store(protocol.Status(state="running", task="drawer-open", episode_id=episode, step=step,
+                                            loop_hz=9.9, **kw))
+
+    with django_assert_num_queries(2):  # the first heartbeat is written (one UPDATE) and reconciled (one read)
+        assert beat(10)["lease_id"] is None
+    with django_assert_num_queries(1):  # only the step moved: the control snapshot read, nothing written
+        snapshot = beat(20)
+    assert snapshot["estopped"] is False and writer.live["current_step"] == 20
+    robot.refresh_from_db()
+    assert (robot.current_step, robot.current_task, robot.state) == (10, task, "running")
+    with django_assert_num_queries(2):  # a change a console or a safety check reads: written at once
+        beat(30, deadman=True)
+    robot.refresh_from_db()
+    assert (robot.deadman, robot.current_step) == (True, 30)
+    now[0] += 5.0  # the interval passed: the volatile columns are written too (last_seen never looks silent)
+    with django_assert_num_queries(2):
+        beat(40, deadman=True)
+    robot.refresh_from_db()
+    assert robot.current_step == 40 and writer.writes == 3
+    fleet.revoke_robot(robot)
+    assert beat(50, deadman=True) is None, "an unwritten heartbeat still checks the token"
+
+
+def test_a_heartbeat_ends_an_expired_lease_and_repairs_what_the_robot_missed(robot, operator):
+    from robots import control, roles
+
+    robot, token = robot
+    roles.set_role(operator, roles.OPERATOR)
+    fleet.robot_connected(robot, auth.hash_token(token))
+    robot.refresh_from_db()
+    lease = control.acquire_lease(robot, operator, "stuck", "chan-a")
+    writer = fleet.StatusWriter(robot, auth.hash_token(token))
+    missed = protocol.Status(state="running", lease=None)
+    repairs = control.reconcile(robot, missed, writer.store(missed))
+    assert [type(r).__name__ for r in repairs] == ["ControlTakeover"] and repairs[0].lease == lease.pk
+    ControlLease.objects.filter(pk=lease.pk).update(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    obeying = protocol.Status(state="running", lease=lease.pk, operator="alice", control_source="operator")
+    repairs = control.reconcile(robot, obeying, writer.store(obeying))
+    lease.refresh_from_db()
+    assert lease.end_reason == "timeout" and lease.ended_at is not None
+    assert [(type(r).__name__, r.lease) for r in repairs] == [("ControlRelease", lease.pk)]
 
 
 def test_a_rejected_checkpoint_reported_by_the_robot_is_shown_until_it_clears(robot, task):
