@@ -28,6 +28,7 @@ from robots.api import (
 from robots.auth import IsRobot, RobotTokenAuthentication
 from robots.exceptions import SopError
 from robots.serializers import MAX_DB_INT
+from sop_web.files import accel_redirect
 
 
 class NotFound(SopError):
@@ -57,7 +58,8 @@ class RobotCheckpointFileView(APIView):
             raise NotFound(str(exc)) from None
         if not path.exists():
             raise NotFound(f"checkpoint v{version} is registered but its file is missing")
-        return FileResponse(open(path, "rb"), content_type="application/octet-stream", filename=path.name)
+        return (accel_redirect(path, "application/octet-stream", filename=path.name)
+                or FileResponse(open(path, "rb"), content_type="application/octet-stream", filename=path.name))
 
 
 class CheckpointSerializer(serializers.ModelSerializer):

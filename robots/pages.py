@@ -28,6 +28,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
+from sop_web.files import accel_redirect
+
 from . import catalog, control, tasking
 from .episode_file import EpisodeFileError, EpisodeReader
 from .models import AuditEvent, Episode, Robot, Task, TaskAssignment
@@ -399,7 +401,7 @@ def episode_video(request, episode_id):
             encode_episode_video(source, target, _control_hz(episode))
         except EpisodeFileError as exc:
             raise Http404(f"The episode's payload is unreadable: {exc}") from None
-    response = _ranged_file(request, target, "video/mp4")
+    response = accel_redirect(target, "video/mp4") or _ranged_file(request, target, "video/mp4")
     response["Cache-Control"] = "private, max-age=86400"
     return response
 

@@ -309,6 +309,7 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static", ("frontend", BASE_DIR / "frontend")]
 STATIC_ROOT = DATA_DIR / "static"
 SOP_SERVE_STATIC = env_bool("SOP_SERVE_STATIC", True)  # one-machine deployments serve static files from daphne
+SOP_ACCEL_REDIRECT = env_bool("SOP_ACCEL_REDIRECT", False)  # behind nginx: it sends checkpoints and MP4s (sop_web/files.py)
 
 LOGGING = {
     "version": 1,

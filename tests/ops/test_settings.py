@@ -85,3 +85,18 @@ def test_tls_proxy_mode_redirects_plain_http_except_the_probes(tmp_path):
     assert lines[0] == "301 https://localhost/login/"
     assert lines[1] == "200"  # the proxy said https: served
     assert lines[2] == "True"  # the probe is not redirected
+
+
+def test_every_environment_variable_the_server_reads_is_documented():
+    """The README's configuration table is the operator's one list: a setting read from the environment and missing
+    there is a setting nobody can find."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    read = re.compile(r"""(?:env_str|env_bool|env_int|os\.environ\.get|os\.getenv)\(\s*["']([A-Z][A-Z0-9_]+)["']""")
+    names = {name for package in ("sop_web", "robots", "learner") for path in (root / package).rglob("*.py")
+             if "agent" not in path.parts for name in read.findall(path.read_text())}
+    assert {"DATABASE_URL", "SOP_DATA_DIR", "SOP_TRAINING_ROUND_S"} <= names  # the scan itself works
+    readme = (root / "README.md").read_text()
+    assert sorted(n for n in names if f"`{n}`" not in readme) == []
