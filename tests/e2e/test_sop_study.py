@@ -4,6 +4,7 @@ robots with the simulated operator, a pinned learner, evaluation from saved chec
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from urllib.parse import urlparse
@@ -44,7 +45,12 @@ def test_the_quick_study_runs_every_stage_and_resumes(tmp_path):
     for task, seen in online["placements"].items():  # the seed tree, checked on the run's own episodes
         assert seen["distinct_online"] == seen["online_episodes"] > 0
         assert seen["online_in_eval"] == seen["online_in_demos"] == seen["demos_in_eval"] == 0
-    assert online["learner_steps_per_s"] <= protocol["pace"] * 1.05, "the learner ran ahead of its pinned pace"
+    # The snapshots read the run's step from its row, which the worker refreshes every SOP_TRAINING_HEARTBEAT_S: the
+    # rate between two of them may read high by up to one heartbeat's worth of steps over the window (more than 5 %
+    # of a quick run's ~1 minute), never more.
+    window_s = 60 * (online["timeline"][-1]["t_min"] - online["timeline"][0]["t_min"])
+    staleness = float(os.environ.get("SOP_TRAINING_HEARTBEAT_S", "5")) / window_s
+    assert online["learner_steps_per_s"] <= protocol["pace"] * (1.05 + staleness), "the learner ran ahead of its pace"
     assert online["loop_hz"] and all(len(hz) == 2 for hz in online["loop_hz"])
     assert online["curve"][0]["version"] == 1 and online["curve"][-1]["version"] > 1
     assert runs["bc_long/seed-0"]["learner_steps"] == online["learner_steps"], "the control trains as long"
