@@ -200,6 +200,14 @@ socket.on("hello", (hello) => {
   scheduleAllocation();
 });
 socket.on("robot.state", (msg) => { applyState(msg.robot); renderSummary(); });
+// volatile values of robots whose heartbeats changed nothing else: merged into the last state of each
+socket.on("robot.live", (msg) => {
+  for (const live of msg.robots || []) {
+    const tile = tiles.get(live.name);
+    if (tile && tile.state) applyState({ ...tile.state, ...live });
+  }
+  renderSummary();
+});
 socket.on("robot.removed", (msg) => removeTile(typeof msg.robot === "string" ? msg.robot : msg.robot?.name));
 socket.on("error", (msg) => {
   if (msg.code === "forbidden" || msg.code === "unknown_robot" || msg.code === "malformed" || msg.code === "invalid") {

@@ -99,6 +99,13 @@ socket.on("robot.state", (msg) => {
   render();
 });
 
+socket.on("robot.live", (msg) => {
+  const live = (msg.robots || []).find((r) => r.name === ROBOT);
+  if (!live || !state) return;
+  state = { ...state, ...live };
+  render();
+});
+
 socket.on("robot.removed", (msg) => {
   const name = typeof msg.robot === "string" ? msg.robot : msg.robot?.name;
   if (name === ROBOT) {

@@ -205,6 +205,14 @@ class ConsoleConsumer(GuardedConsumer):
         for state in event["robots"]:
             await self.robot_state({"robot": state})
 
+    async def robot_live(self, event):
+        """Volatile values of several robots (robots/livestate.py), one frame; a value older than the robot's last
+        state is dropped (that state already carries newer ones)."""
+        newest = self.state_as_of
+        fresh = [live for live in event["robots"] if live.get("as_of", 0.0) >= newest.get(live.get("name"), 0.0)]
+        if fresh:
+            await self.send_json({"type": "robot.live", "robots": fresh})
+
     async def robot_removed(self, event):
         await self.send_json({"type": "robot.removed", "robot": event["robot"]})
 

@@ -238,6 +238,34 @@ class RobotState(wire.Message):
     robot: RobotView
 
 
+@dataclasses.dataclass(frozen=True)
+class LiveView(Struct):
+    """A robot's volatile values from its latest heartbeat, without a database read: what moves on every heartbeat
+    while nothing else the console shows has changed."""
+
+    name: str = dataclasses.field(metadata=spec(pattern=NAME_PATTERN, max_len=100))
+    last_seen: Optional[str] = dataclasses.field(metadata=_TIME)
+    current_step: int
+    loop_hz: float
+    loop_p99_ms: float
+    spool_pending: int
+    video_fps: float
+    as_of: float = dataclasses.field(metadata=spec(description="server time (unix s) the heartbeat arrived at; "
+                                                               "older than the robot's last robot.state: ignored"))
+
+
+@CONSOLE.register
+@dataclasses.dataclass(frozen=True)
+class RobotLive(wire.Message):
+    """Volatile values of robots whose heartbeats changed nothing else (at most once a heartbeat per robot),
+    several robots to a frame. Merged into the robot's last ``robot.state``."""
+
+    TYPE = "robot.live"
+    DIRECTION = _TO_BROWSER
+    MAX_BYTES = MAX_SERVER_FRAME_BYTES
+    robots: list[LiveView] = dataclasses.field(metadata=spec(max_items=100_000))
+
+
 @CONSOLE.register
 @dataclasses.dataclass(frozen=True)
 class RobotRemoved(wire.Message):

@@ -7,8 +7,9 @@ It also relays the operator console's messages (docs/console.md) that robots/con
 the robot's group: takeover, release, e-stop, teleop commands, labels and WebRTC signalling; a ``webrtc.answer`` goes
 back to the one console socket that sent the offer. After each connect, disconnect and heartbeat the robot's state is
 broadcast to the consoles (at most once per heartbeat unless something the console shows changed), coalesced with the
-other robots of the process (robots/livestate.py). A heartbeat costs one database read; the row is written only when
-more than its volatile columns changed (fleet.StatusWriter).
+other robots of the process (robots/livestate.py). A heartbeat that only moves volatile columns and agrees with the
+control snapshot the socket read at most SOP_CONTROL_RECHECK_S ago costs no database work; the row is written only when
+more than its volatile columns changed or every SOP_STATUS_WRITE_S (fleet.StatusWriter).
 """
 
 from __future__ import annotations
@@ -127,23 +128,29 @@ class RobotConsumer(GuardedConsumer):
     async def on_hello(self, msg: protocol.Hello):
         for reply in await database_sync_to_async(fleet.robot_hello)(self.robot, msg):
             await self._send(reply)
+        self.writer.recheck()
         await self._broadcast_state()
 
     async def on_status(self, msg: protocol.Status):
         metrics.inc("sop_heartbeats_total")
-        ok, repairs = await database_sync_to_async(self._store_status)(msg)
-        if not ok:
-            return await self._close_revoked()
-        for repair in repairs:  # what the robot should obey but does not report (a lost message): sent again
-            await self._send(repair)
+        if self.writer.unchanged(msg):  # only volatile columns moved and it agrees with a fresh snapshot: no database
+            repairs = []
+        else:
+            ok, repairs = await database_sync_to_async(self._store_status)(msg)
+            if not ok:
+                return await self._close_revoked()
+            for repair in repairs:  # what the robot should obey but does not report (a lost message): sent again
+                await self._send(repair)
+            if repairs:
+                self.writer.recheck()
         key = (msg.state, msg.task, msg.episode_id, msg.control_source, msg.lease, msg.operator, msg.deadman,
                msg.estopped, msg.estop_local, msg.policy_version, msg.policy_error, msg.viewers, bool(repairs))
         if await self._broadcast_state(changed=key != self.last_state_key):
             self.last_state_key = key  # a change skipped by the rate limit is still a change at the next heartbeat
 
     def _store_status(self, msg: protocol.Status):
-        # One read per heartbeat (token, latch, lease; it also ends an expired lease), a write only when something
-        # beyond the volatile columns changed or SOP_STATUS_WRITE_S passed (fleet.StatusWriter).
+        # One read (token, latch, lease; it also ends an expired lease), a write only when something beyond the
+        # volatile columns changed or SOP_STATUS_WRITE_S passed (fleet.StatusWriter).
         snapshot = self.writer.store(msg)
         if snapshot is None:
             return False, None
@@ -183,14 +190,18 @@ class RobotConsumer(GuardedConsumer):
     async def policy_updated(self, event):
         await self._relay(event)
 
-    # operator console (robots/control.py, robots/console.py): relayed as they are
+    # operator console (robots/control.py, robots/console.py): relayed as they are. After a lease or e-stop change
+    # the next heartbeat is checked against a fresh control snapshot, not the one the socket holds.
     async def control_takeover(self, event):
+        self.writer.recheck()
         await self._relay(event)
 
     async def control_release(self, event):
+        self.writer.recheck()
         await self._relay(event)
 
     async def control_estop(self, event):
+        self.writer.recheck()
         await self._relay(event)
 
     async def control_command(self, event):
@@ -252,8 +263,12 @@ class RobotConsumer(GuardedConsumer):
                 self.pending_state = asyncio.ensure_future(self._broadcast_later(interval - (now - self.last_state_at)))
             return changed
         self.last_state_at = now
-        # coalesced with the other robots of this process: one query and one group send per flush (robots/livestate.py)
-        livestate.request(self.channel_layer, self.robot.pk, self.writer.live)
+        # coalesced with the other robots of this process (robots/livestate.py): a change is one query and one group
+        # send per flush for all of them; a heartbeat that moved only volatile values is sent without a query
+        if changed or force:
+            livestate.request(self.channel_layer, self.robot.pk, self.writer.live)
+        else:
+            livestate.request_live(self.channel_layer, self.robot.pk, self.robot.name, self.writer.live)
         return True
 
     async def _reject(self, exc: ProtocolError):

@@ -13,12 +13,13 @@ racing for one robot get one lease and one ``held`` error, whatever the interlea
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from typing import Optional
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, OuterRef, Subquery
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 from rest_framework import status
 
@@ -293,20 +294,61 @@ def set_estop(robot: Robot, engaged: bool, user) -> None:
                 extra=ids(robot=robot.name))
 
 
+_SNAPSHOT_COLUMNS = ("estopped", "estopped_by", "estop_seq", "lease_id", "lease_expires_at", "lease_operator",
+                     "lease_reason")
+
+
+@functools.cache
+def _snapshot_sql(with_token: bool) -> str:
+    # Plain SQL, built once: the same query through the ORM (four Subquery annotations) cost ~2.5 ms of CPU to
+    # compile per heartbeat against ~0.1 ms to run. One active lease per robot at most (a partial unique constraint),
+    # so the join gives one row; SQLite and PostgreSQL alike.
+    robot, lease = Robot._meta.db_table, ControlLease._meta.db_table
+    token = " AND r.token_hash = %s AND r.revoked_at IS NULL" if with_token else ""
+    return (f"SELECT r.estopped, r.estopped_by, r.estop_seq, l.id, l.expires_at, l.operator_name, l.reason "
+            f"FROM {robot} r LEFT JOIN {lease} l ON l.robot_id = r.id AND l.ended_at IS NULL "
+            f"WHERE r.id = %s{token} ORDER BY l.id LIMIT 1")
+
+
+def _aware(value) -> Optional[dt.datetime]:
+    """A timestamp as a raw cursor returns it (PostgreSQL: aware; SQLite: naive UTC or text) -> aware UTC."""
+    if value is None or isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
 def control_snapshot(robot: Robot, token_hash: Optional[str] = None) -> Optional[dict]:
     """What a heartbeat is reconciled against, in one query: the robot's e-stop latch and its active lease (id,
     expiry, operator, reason; None when there is none). With ``token_hash`` the row must still carry that token and
     no revocation: None then means the socket's token is gone (a revocation check for free)."""
-    active = ControlLease.objects.filter(robot_id=OuterRef("pk"), ended_at__isnull=True).order_by("pk")
-    rows = Robot.objects.filter(pk=robot.pk)
-    if token_hash is not None:
-        rows = rows.filter(token_hash=token_hash, revoked_at__isnull=True)
-    return rows.annotate(**{
-        f"lease_{field}": Subquery(active.values(column)[:1])
-        for field, column in (("id", "pk"), ("expires_at", "expires_at"), ("operator", "operator_name"),
-                              ("reason", "reason"))
-    }).values("estopped", "estopped_by", "estop_seq", "lease_id", "lease_expires_at", "lease_operator",
-              "lease_reason").first()
+    params = [robot.pk] + ([token_hash] if token_hash is not None else [])
+    with connection.cursor() as cursor:
+        cursor.execute(_snapshot_sql(token_hash is not None), params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    snapshot = dict(zip(_SNAPSHOT_COLUMNS, row))
+    snapshot["estopped"] = bool(snapshot["estopped"])
+    snapshot["lease_expires_at"] = _aware(snapshot["lease_expires_at"])
+    return snapshot
+
+
+def agrees(msg: protocol.Status, snapshot: dict) -> bool:
+    """Whether ``reconcile(robot, msg, snapshot)`` would send nothing and change nothing: the robot reports exactly
+    what the snapshot says it must obey (no lease or the active one, unexpired; the latch as the server holds it).
+    Pure, no query: a heartbeat that agrees with a fresh snapshot needs no database (fleet.StatusWriter)."""
+    lease_id = snapshot["lease_id"]
+    if lease_id is not None and snapshot["lease_expires_at"] < timezone.now():
+        return False  # reconcile ends it
+    if msg.lease is not None and msg.lease != lease_id:
+        return False  # the robot obeys a lease that is not the active one: its release again
+    if lease_id is not None and msg.lease != lease_id and not msg.estopped:
+        return False  # a lease the robot does not report: its takeover again
+    if snapshot["estopped"]:
+        return msg.estopped and not msg.estop_local  # else the latch (or its acknowledgement) again
+    return not msg.estopped  # else a clear again, or the robot's own latch adopted
 
 
 def reconcile(robot: Robot, msg: protocol.Status, snapshot: Optional[dict] = None) -> list[protocol.Message]:

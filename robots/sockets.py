@@ -4,6 +4,10 @@ Channels runs one consumer instance per socket. An exception that escapes a hand
 the socket with 1011 and the instance's ``disconnect`` bookkeeping (robot shown offline, leases ended) never runs.
 ``GuardedConsumer.dispatch`` catches it, logs it with its traceback and answers the frame with a ``server_error``
 (the socket stays open); a failure inside the disconnect handler still stops the instance.
+
+Unlike channels' own dispatch, it does not hop to a thread to close stale database connections before every frame:
+these consumers touch the database only through ``database_sync_to_async``, which does that in its own thread, and a
+heartbeat that needs no database (robots/fleet.py StatusWriter) should not pay for a thread hop either.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.consumer import get_handler_name
 
 try:  # daphne's websocket library: sending to a socket that closed a moment ago (an event raced the disconnect)
     from autobahn.exception import Disconnected as PeerGone
@@ -31,7 +36,10 @@ class GuardedConsumer(AsyncWebsocketConsumer):
     async def dispatch(self, message):
         kind = message.get("type", "?") if isinstance(message, dict) else "?"
         try:
-            await super().dispatch(message)
+            handler = getattr(self, get_handler_name(message), None)
+            if handler is None:
+                raise ValueError(f"No handler for message type {kind}")
+            await handler(message)
         except StopConsumer:
             raise
         except PeerGone:

@@ -210,6 +210,10 @@ SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat 
 # A heartbeat that changes only volatile columns (last_seen, step, loop Hz/p99, spool, video fps) is written to the
 # database at most this often; consoles get it live. Kept well under SOP_ROBOT_SILENT_S.
 SOP_STATUS_WRITE_S = min(float(env_str("SOP_STATUS_WRITE_S", "5")), SOP_ROBOT_SILENT_S / 4)
+# A robot socket re-reads its robot's control state (token, e-stop latch, lease) at least this often; in between, a
+# heartbeat that agrees with it costs no query. Control messages also trigger a re-read, so this bounds only the repair
+# of a control message the channel layer lost.
+SOP_CONTROL_RECHECK_S = float(env_str("SOP_CONTROL_RECHECK_S", str(SOP_STATUS_WRITE_S)))
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
 SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)
 SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an evaluation

@@ -15,7 +15,8 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from robots import control, fleet, protocol, roles
+from robots import console_protocol, control, fleet, protocol, roles
+from robots.console_protocol import CONSOLE
 from robots.models import AuditEvent, ControlLease, Robot
 from sop_web.asgi import application
 
@@ -459,6 +460,25 @@ async def test_robot_state_reaches_consoles_on_connect_status_and_disconnect(rob
     state = (await next_of(viewer, "robot.state"))["robot"]
     assert (state["connected"], state["state"]) == (False, "offline")
     await close(viewer)
+
+
+async def test_a_heartbeat_that_moves_only_volatile_values_reaches_consoles_as_robot_live(robot, task, cast, settings):
+    settings.SOP_HEARTBEAT_S = 0.2  # an unchanged heartbeat is shown at most once per 0.9 heartbeat intervals
+    viewer, _ = await console(cast[3])
+    bot = await robot_socket(robot[1])
+    beat = dict(v=1, type="status", state="running", task="drawer-open", loop_hz=9.5, spool_pending=3)
+    await send(bot, step=4, **beat)
+    state = await next_of(viewer, "robot.state")
+    while state["robot"]["state"] != "running":
+        state = await next_of(viewer, "robot.state")
+    await asyncio.sleep(0.5)  # past a state broadcast that a change too soon after the connect's may have deferred
+    await send(bot, step=9, **beat)
+    live = await next_of(viewer, "robot.live")
+    (mine,) = [r for r in live["robots"] if r["name"] == "sim-01"]
+    assert (mine["current_step"], mine["loop_hz"], mine["spool_pending"]) == (9, 9.5, 3)
+    assert mine["as_of"] >= state["robot"]["as_of"] and mine["last_seen"].endswith("Z")
+    CONSOLE.decode(json.dumps(live), accept=(console_protocol.RobotLive,))  # the published schema holds
+    await close(bot, viewer)
 
 
 BAD = {

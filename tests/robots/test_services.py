@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.utils import timezone
 
 from robots import auth, fleet, ingest, protocol, tasking
@@ -169,31 +170,81 @@ def test_a_heartbeat_that_moves_only_volatile_columns_is_not_written_until_the_i
                                                                                           django_assert_num_queries):
     robot, token = robot
     now = [100.0]
-    writer = fleet.StatusWriter(robot, auth.hash_token(token), write_every_s=5.0, clock=lambda: now[0])
+    writer = fleet.StatusWriter(robot, auth.hash_token(token), write_every_s=5.0, recheck_s=3.0, clock=lambda: now[0])
     episode = str(uuid.uuid4())
 
-    def beat(step, **kw):
-        return writer.store(protocol.Status(state="running", task="drawer-open", episode_id=episode, step=step,
-                                            loop_hz=9.9, **kw))
+    def status(step, **kw):
+        return protocol.Status(state="running", task="drawer-open", episode_id=episode, step=step, loop_hz=9.9, **kw)
 
-    with django_assert_num_queries(2):  # the first heartbeat is written (one UPDATE) and reconciled (one read)
-        assert beat(10)["lease_id"] is None
-    with django_assert_num_queries(1):  # only the step moved: the control snapshot read, nothing written
-        snapshot = beat(20)
-    assert snapshot["estopped"] is False and writer.live["current_step"] == 20
+    first = status(10)
+    assert not writer.unchanged(first), "nothing read yet: the first heartbeat goes to the database"
+    with django_assert_num_queries(3):  # the task's id (once per reported task), the write, the control snapshot
+        assert writer.store(first)["lease_id"] is None
+    with django_assert_num_queries(0):  # only the step moved and the snapshot is fresh: no database at all
+        assert writer.unchanged(status(20))
+    assert writer.live["current_step"] == 20
     robot.refresh_from_db()
     assert (robot.current_step, robot.current_task, robot.state) == (10, task, "running")
-    with django_assert_num_queries(2):  # a change a console or a safety check reads: written at once
-        beat(30, deadman=True)
+    assert not writer.unchanged(status(30, deadman=True)), "a change a console or a safety check reads"
+    with django_assert_num_queries(2):  # ... is written at once, and the snapshot read again
+        writer.store(status(30, deadman=True))
     robot.refresh_from_db()
     assert (robot.deadman, robot.current_step) == (True, 30)
-    now[0] += 5.0  # the interval passed: the volatile columns are written too (last_seen never looks silent)
+    now[0] += 3.0  # the snapshot is recheck_s old: read again (nothing written)
+    assert not writer.unchanged(status(35, deadman=True))
+    with django_assert_num_queries(1):
+        writer.store(status(35, deadman=True))
+    writer.recheck()  # a control message went to the robot: the next heartbeat is checked afresh
+    assert not writer.unchanged(status(36, deadman=True))
+    writer.store(status(36, deadman=True))
+    now[0] += 2.0  # the write interval passed: the volatile columns are written too (last_seen never looks silent)
+    assert not writer.unchanged(status(40, deadman=True))
     with django_assert_num_queries(2):
-        beat(40, deadman=True)
+        writer.store(status(40, deadman=True))
     robot.refresh_from_db()
     assert robot.current_step == 40 and writer.writes == 3
+    # the precompiled volatile write stores last_seen as the ORM does (SQLite compares the stored text)
+    recent = timezone.now() - dt.timedelta(seconds=30)
+    assert Robot.objects.filter(pk=robot.pk, last_seen__gte=recent, last_seen__lte=timezone.now()).exists()
     fleet.revoke_robot(robot)
-    assert beat(50, deadman=True) is None, "an unwritten heartbeat still checks the token"
+    assert writer.store(status(50, deadman=True)) is None, "a heartbeat that reaches the database checks the token"
+
+
+def test_agrees_is_exactly_when_reconcile_would_send_and_change_nothing(robot, operator):
+    """control.agrees lets a heartbeat skip the database: it must never say yes where reconcile would act."""
+    from robots import control, roles
+
+    robot, token = robot
+    roles.set_role(operator, roles.OPERATOR)
+    fleet.robot_connected(robot, auth.hash_token(token))
+    robot.refresh_from_db()
+    lease = control.acquire_lease(robot, operator, "stuck", "chan-a")
+    later = timezone.now() + dt.timedelta(seconds=30)
+    earlier = timezone.now() - dt.timedelta(seconds=1)
+    checked = 0
+    for lease_id, expires in ((None, None), (lease.pk, later), (lease.pk, earlier)):
+        for latched in (False, True):
+            for reported_lease in (None, lease.pk, lease.pk + 1000):
+                for estopped, local in ((False, False), (True, False), (True, True)):
+                    snapshot = {"estopped": latched, "estopped_by": "alice" if latched else "", "estop_seq": 1,
+                                "lease_id": lease_id, "lease_expires_at": expires, "lease_operator": "alice",
+                                "lease_reason": "stuck"}
+                    msg = protocol.Status(state="running", lease=reported_lease, estopped=estopped,
+                                          estop_local=local, estop_seq=1)
+                    if lease_id is None and reported_lease == lease.pk:
+                        continue  # the snapshot says no lease while the row has one: not a state a read gives
+                    events_before = AuditEvent.objects.count()
+                    with transaction.atomic():  # the rows say what the snapshot says (reconcile may re-read them)
+                        if lease_id is not None:
+                            ControlLease.objects.filter(pk=lease.pk).update(expires_at=expires)
+                        Robot.objects.filter(pk=robot.pk).update(estopped=latched, estop_seq=1)
+                        replies = control.reconcile(robot, msg, dict(snapshot))
+                        changed = AuditEvent.objects.count() != events_before or ControlLease.objects.filter(
+                            pk=lease.pk, ended_at__isnull=False).exists()
+                        transaction.set_rollback(True)  # each case from the same rows
+                    assert control.agrees(msg, snapshot) == (not replies and not changed), (snapshot, msg, replies)
+                    checked += 1
+    assert checked > 40
 
 
 def test_a_heartbeat_ends_an_expired_lease_and_repairs_what_the_robot_missed(robot, operator):
