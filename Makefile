@@ -16,10 +16,15 @@ $(CHARTJS):
 	mkdir -p $(@D)
 	cp var/npm/node_modules/chart.js/dist/chart.umd.js $@
 
-# torch first and pinned: installing a torch dependant first makes pip resolve a multi-GB CUDA build.
+# torch first and pinned: installing a torch dependant first makes pip resolve a multi-GB CUDA build. Which build of
+# torch is yours to choose: TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU only, ~200 MB) or .../whl/cu126 (CUDA);
+# unset, pip's own configuration decides (PyPI's default wheel is the CUDA one on x86_64 Linux).
+TORCH_INDEX ?=
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $$(grep -E '^(torch|numpy)==' requirements.txt)
+	$(PY) -m pip install -q --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		$$(grep -E '^torch==' requirements.txt)
+	$(PY) -m pip install -q --disable-pip-version-check $$(grep -E '^numpy==' requirements.txt)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
