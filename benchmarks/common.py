@@ -118,21 +118,26 @@ def _system_busy_s() -> tuple[float, float]:
     return (total - idle) / hz, total / hz
 
 
-class CpuMeter:
-    """CPU used by named pids and by the whole machine between ``start()`` and ``stop()``."""
+def _cpu_s(pids: int | list[int]) -> float:
+    return sum(_proc_cpu_s(p) for p in ([pids] if isinstance(pids, int) else pids))
 
-    def __init__(self, pids: dict[str, int]):
+
+class CpuMeter:
+    """CPU used by named pids (or lists of pids, summed) and by the whole machine between ``start()`` and
+    ``stop()``."""
+
+    def __init__(self, pids: dict[str, int | list[int]]):
         self.pids = pids
 
     def start(self) -> "CpuMeter":
         self._t0 = time.monotonic()
-        self._p0 = {name: _proc_cpu_s(pid) for name, pid in self.pids.items()}
+        self._p0 = {name: _cpu_s(pid) for name, pid in self.pids.items()}
         self._s0 = _system_busy_s()
         return self
 
     def stop(self) -> dict:
         wall = time.monotonic() - self._t0
-        p1 = {name: _proc_cpu_s(pid) for name, pid in self.pids.items()}
+        p1 = {name: _cpu_s(pid) for name, pid in self.pids.items()}
         s1 = _system_busy_s()
         out = {"wall_s": round(wall, 3)}
         for name in self.pids:
@@ -244,27 +249,61 @@ class BenchServer:
                              **{**run, "env": self.env(DJANGO_SETTINGS_MODULE="sop_web.settings")})
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def start(self, timeout: float = 60.0, extra_cmd_prefix: Optional[list[str]] = None) -> str:
-        port = free_port()
-        cmd = [*(extra_cmd_prefix or []), PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-               "sop_web.asgi:application"]
+    def start(self, timeout: float = 60.0, extra_cmd_prefix: Optional[list[str]] = None, nodes: int = 1) -> str:
+        """One daphne process (``url`` is its own), or ``nodes`` > 1 of them behind nginx as docs/deploy.md runs
+        them (``url`` is the proxy's; ``node_pids`` and ``proxy_pids`` for CPU meters)."""
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
+        self.nodes = []
+        for _ in range(nodes):
+            port = free_port()
+            cmd = [*(extra_cmd_prefix or []), PYTHON, "-m", "daphne", "--proxy-headers", "-b", "127.0.0.1", "-p",
+                   str(port), "sop_web.asgi:application"]
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            self.nodes.append((proc, f"http://127.0.0.1:{port}"))
+        self.proc = self.nodes[0][0]
+        for proc, url in self.nodes:
+            self._wait_healthy(proc, url, timeout, "daphne")
+        self.url = self.nodes[0][1]
+        if nodes > 1:
+            port = free_port()
+            conf = self.workdir / "nginx.conf"
+            subprocess.run([PYTHON, "manage.py", "proxy_config", "--listen", f"127.0.0.1:{port}", "--prefix",
+                            str(self.workdir / "nginx"), "--output", str(conf),
+                            *[a for _, url in self.nodes for a in ("--node", url.removeprefix("http://"))]],
+                           cwd=ROOT, env=self.env(), check=True, capture_output=True)
+            self.proxy = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-g", "daemon off;"], stdout=self._log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.url = f"http://127.0.0.1:{port}"
+            self._wait_healthy(self.proxy, self.url, timeout, "nginx")
+        return self.url
+
+    def _wait_healthy(self, proc: subprocess.Popen, url: str, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daphne exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if http_ok(f"{self.url}/healthz"):
-                return self.url
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{self.log_tail()}")
+            if http_ok(f"{url}/healthz"):
+                return
             time.sleep(0.2)
-        raise RuntimeError(f"daphne did not answer /healthz within {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(f"{what} did not answer /healthz within {timeout}s:\n{self.log_tail()}")
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def node_pids(self) -> list[int]:
+        return [proc.pid for proc, _ in self.nodes]
+
+    @property
+    def proxy_pids(self) -> list[int]:
+        """nginx's master and workers (its own process group)."""
+        if getattr(self, "proxy", None) is None:
+            return []
+        out = subprocess.run(["pgrep", "-g", str(self.proxy.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -276,8 +315,11 @@ class BenchServer:
         return sorted((self.payload_dir / "episodes").glob("*/*.h5"))
 
     def stop_daphne(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            stop_process_group(self.proc)
+        if getattr(self, "proxy", None) is not None and self.proxy.poll() is None:
+            stop_process_group(self.proxy)
+        for proc, _ in getattr(self, "nodes", []):
+            if proc.poll() is None:
+                stop_process_group(proc)
         if self.proc is not None:
             self._log.close()
 

@@ -68,7 +68,7 @@ class ConsoleConsumer(GuardedConsumer):
         await self.accept()
         hello = await database_sync_to_async(selectors.console_hello)(user)
         self.state_as_of.update({r["name"]: r["as_of"] for r in hello["robots"]})
-        await self.send_json(hello)
+        await self._send_hello(hello)
         log.info("console %s (%s) connected from %s", user.get_username(), self.role, _client(self.scope))
 
     async def disconnect(self, code):
@@ -271,6 +271,22 @@ class ConsoleConsumer(GuardedConsumer):
     async def _leave_groups(self):
         await self.channel_layer.group_discard(events.CONSOLE_GROUP, self.channel_name)
         await self.channel_layer.group_discard(events.user_group(self.user.pk), self.channel_name)
+
+    async def _send_hello(self, hello: dict[str, Any]):
+        """The hello, its robots split over ``robot.list`` frames of at most HELLO_FRAME_BYTES each (a fleet of
+        thousands does not fit the server's largest websocket message)."""
+        chunks, chunk, size = [], [], 0
+        for robot in hello["robots"]:
+            n = len(json.dumps(robot, separators=(",", ":"), ensure_ascii=False).encode())
+            if chunk and size + n > cp.HELLO_FRAME_BYTES:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(robot)
+            size += n
+        chunks.append(chunk)
+        await self.send_json({**hello, "robots": chunks[0], "more": len(chunks) > 1})
+        for i, rest in enumerate(chunks[1:], start=2):
+            await self.send_json({"type": "robot.list", "robots": rest, "more": i < len(chunks)})
 
     async def send_json(self, content: dict[str, Any]):
         await self.send(text_data=json.dumps(content, separators=(",", ":"), ensure_ascii=False))

@@ -19,6 +19,8 @@ from .wire import NAME_PATTERN, UUID_PATTERN, Struct, spec
 
 MAX_FRAME_BYTES = 64 * 1024  # browser -> server; an offer's SDP (printable ASCII, at most MAX_SDP) fits
 MAX_SERVER_FRAME_BYTES = 16 * 1024 * 1024  # server -> browser: a hello lists the whole fleet
+# daphne refuses to send a websocket message over 1 MiB; a hello's robots are split into frames of at most this much
+HELLO_FRAME_BYTES = 512 * 1024
 MAX_DC_BYTES = 2048  # data channel messages are tiny
 
 ERROR_CODES = ("malformed", "invalid", "unknown_robot", "forbidden", "held", "not_holder", "robot_offline",
@@ -225,6 +227,21 @@ class Hello(wire.Message):
     lease_timeout_s: float
     deadman_ms: int
     robots: list[RobotView] = dataclasses.field(metadata=spec(max_items=100_000))
+    more: bool = dataclasses.field(default=False, metadata=spec(
+        description="more robots follow in robot.list frames; the fleet is complete with the one whose more is false"))
+
+
+@CONSOLE.register
+@dataclasses.dataclass(frozen=True)
+class RobotList(wire.Message):
+    """The rest of the hello's robots, when the fleet does not fit one frame (a websocket message is at most
+    HELLO_FRAME_BYTES here): the browser's socket (frontend/console/socket.js) joins them into one hello."""
+
+    TYPE = "robot.list"
+    DIRECTION = _TO_BROWSER
+    MAX_BYTES = MAX_SERVER_FRAME_BYTES
+    robots: list[RobotView] = dataclasses.field(metadata=spec(max_items=100_000))
+    more: bool
 
 
 @CONSOLE.register

@@ -120,6 +120,19 @@ export class ConsoleSocket {
 
   dispatch(msg) {
     if (!msg || typeof msg.type !== "string") return;
+    // A large fleet's hello comes in parts: the hello with `more`, then robot.list frames until one without.
+    // Subscribers see one complete hello.
+    if (msg.type === "hello" && msg.more) {
+      this._partialHello = { ...msg, robots: [...(msg.robots || [])] };
+      return;
+    }
+    if (msg.type === "robot.list") {
+      if (!this._partialHello) return;
+      this._partialHello.robots.push(...(msg.robots || []));
+      if (msg.more) return;
+      msg = { ...this._partialHello, more: false };
+      this._partialHello = null;
+    }
     if (msg.type === "hello") {
       this.hello = msg;
       this.attempt = 0; // a full handshake: the next outage starts from the shortest delay again

@@ -74,3 +74,28 @@ test("waitFor resolves on a matching message and times out otherwise", async () 
   await assert.rejects(socket.waitFor("pong", () => true, 10));
   socket.stop();
 });
+
+test("a hello in parts (robot.list frames) reaches subscribers once, complete", () => {
+  FakeWS.instances.length = 0;
+  const socket = new ConsoleSocket({ url: "ws://x/ws/console/", WebSocketImpl: FakeWS, pingMs: 1e6 });
+  const hellos = [];
+  socket.on("hello", (h) => hellos.push(h));
+  const lists = [];
+  socket.on("robot.list", (m) => lists.push(m));
+  socket.start();
+  const ws = FakeWS.instances[0];
+  ws.open();
+  ws.receive({ type: "hello", user: "alice", role: "viewer", ice_servers: [], lease_timeout_s: 5, deadman_ms: 250,
+               robots: [{ name: "a" }], more: true });
+  assert.equal(hellos.length, 0, "not before the last part");
+  ws.receive({ type: "robot.list", robots: [{ name: "b" }], more: true });
+  ws.receive({ type: "robot.list", robots: [{ name: "c" }], more: false });
+  assert.equal(hellos.length, 1);
+  assert.deepEqual(hellos[0].robots.map((r) => r.name), ["a", "b", "c"]);
+  assert.equal(hellos[0].more, false);
+  assert.equal(socket.user, "alice");
+  assert.equal(lists.length, 0, "the parts are the socket's business");
+  ws.receive({ type: "robot.list", robots: [{ name: "stray" }], more: false }); // no hello in progress: ignored
+  assert.equal(hellos.length, 1);
+  socket.stop?.();
+});

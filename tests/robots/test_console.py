@@ -515,3 +515,25 @@ async def test_a_flood_of_bad_frames_closes_the_console_socket(robot, cast, sett
     while (output := await comm.receive_output(timeout=TIMEOUT))["type"] != "websocket.close":
         pass
     assert output["code"] == protocol.CloseCode.TOO_MANY_ERRORS
+
+
+async def test_a_fleet_too_large_for_one_frame_comes_as_a_hello_in_parts(cast, monkeypatch):
+    """daphne sends no websocket message over 1 MiB, ~1,200 robots' states: the hello's robots are split."""
+    names = [f"arm-{i:02d}" for i in range(7)]
+    for name in names:
+        await database_sync_to_async(fleet.register_robot)(name)
+    monkeypatch.setattr(console_protocol, "HELLO_FRAME_BYTES", 2500)  # ~2-3 robot states a frame
+    comm = await console_socket(cast[3])
+    ok, _ = await comm.connect(timeout=TIMEOUT)
+    assert ok
+    OPEN.append(comm)
+    frames = [await comm.receive_json_from(timeout=TIMEOUT)]
+    while frames[-1]["more"]:
+        frames.append(await comm.receive_json_from(timeout=TIMEOUT))
+        assert frames[-1]["type"] == "robot.list"
+    assert frames[0]["type"] == "hello" and len(frames) >= 3
+    assert sorted(r["name"] for f in frames for r in f["robots"]) == names
+    for frame in frames:
+        assert len(json.dumps(frame).encode()) < 2500 + 2000  # one robot over the budget at most, plus the envelope
+        CONSOLE.decode(json.dumps(frame))  # each part valid as published
+    await close(comm)
