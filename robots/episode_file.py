@@ -751,6 +751,22 @@ def _check_chunks(name: str, dsid: h5py.h5d.DatasetID, shape: tuple, chunks: tup
 # ---------------------------------------------------------------------------------------------- reader
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameLayout:
+    """The byte layout of one episode file's per-step data (EpisodeReader.frame_layout): what reading a step costs
+    without HDF5 is one pread per column. ``raw[i]``: image chunk i is stored uncompressed, else LZF."""
+
+    file_size: int
+    frame_shape: tuple[int, ...]
+    offsets: np.ndarray  # int64 [steps]: file offset of each image chunk
+    sizes: np.ndarray  # uint32 [steps]: its stored size
+    raw: np.ndarray  # bool [steps]
+    state_offset: int  # float32 [steps, state_dim], C order
+    state_dim: int
+    action_offset: int  # float32 [steps, action_dim], C order
+    action_dim: int
+
+
 class EpisodeReader:
     """Lazy, read-only access to one episode file. Opening validates the file like ``inspect_file`` (attributes,
     dataset headers, chunk index, and the small control_source / success columns) but reads no frame.
@@ -806,6 +822,35 @@ class EpisodeReader:
             timestamps=f["timestamp"][:],
             segments=list(self.meta["segments"]),
         )
+
+    def frame_layout(self) -> Optional["FrameLayout"]:
+        """Where each step's bytes lie in the file, for a reader that fetches single steps without HDF5 (the
+        learner's loader, learner/buffer.py): every image chunk's byte offset and size, and the offsets of the
+        contiguous state and action columns. None when this file is not laid out that way (then read through HDF5)."""
+        image, state, action = self._f["observation/image"], self._f["observation/state"], self._f["action"]
+        steps = self.steps
+        if (image.chunks != (1, *image.shape[1:]) or image.dtype != np.uint8 or image.compression not in (None, "lzf")
+                or state.chunks is not None or action.chunks is not None
+                or state.dtype != np.float32 or action.dtype != np.float32 or steps == 0):
+            return None
+        state_offset, action_offset = state.id.get_offset(), action.id.get_offset()
+        if state_offset is None or action_offset is None:
+            return None
+        offsets = np.full(steps, -1, np.int64)
+        sizes = np.zeros(steps, np.uint32)
+        raw = np.full(steps, image.compression is None)
+
+        def visit(info) -> None:  # StoreInfo(chunk_offset, filter_mask, byte_offset, size)
+            i = info.chunk_offset[0]
+            offsets[i], sizes[i] = info.byte_offset, info.size
+            raw[i] |= info.filter_mask != 0  # LZF skipped (a chunk it could not shrink is stored as it is)
+
+        image.id.chunk_iter(visit)
+        if (offsets < 0).any():
+            return None  # a frame without a chunk (never written): nothing to read directly
+        return FrameLayout(file_size=self.path.stat().st_size, frame_shape=tuple(image.shape[1:]), offsets=offsets,
+                           sizes=sizes, raw=raw, state_offset=int(state_offset), state_dim=int(state.shape[1]),
+                           action_offset=int(action_offset), action_dim=int(action.shape[1]))
 
     def close(self) -> None:
         self._f.close()

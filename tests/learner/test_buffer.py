@@ -56,26 +56,70 @@ def test_indexing_reads_only_attributes_and_the_control_source_column(episodes, 
     assert sorted(spy.opened) == sorted(map(str, episodes))  # each file once, to read its attributes
 
 
-def test_only_sampled_episodes_are_ever_opened_for_payloads(episodes, spy):
+def test_only_sampled_episodes_are_ever_opened_for_payloads_and_never_through_hdf5(episodes, spy):
     index = FrameIndex(horizon=2)
     for path in episodes:
         index.add_episode(path)
     spy.opened, spy.columns = [], []
     wanted = index.episodes[3]
     batch = index.load_batch(np.array([wanted.offset + 1, wanted.offset + 4]))
-    assert spy.opened == [str(wanted.path)]
-    assert batch["image"].shape == (2, 16, 16, 3) and index.opens == 1
+    assert spy.opened == [] and spy.columns == []  # the recorded byte layout: preads, no HDF5 open
+    assert batch["image"].shape == (2, 16, 16, 3) and index.opens == 1 and list(index._direct) == [wanted.index]
     index.load_batch(np.array([wanted.offset]))
     assert index.opens == 1  # still open in the LRU
 
 
-def test_the_lru_bounds_the_number_of_open_files(episodes):
+def test_the_lrus_bound_the_number_of_open_files(episodes, monkeypatch):
     index = FrameIndex(horizon=2, max_open_episodes=2)
+    index.max_open_descriptors = 3
     for path in episodes:
         index.add_episode(path)
     for entry in index.episodes:
         index.load_batch(np.array([entry.offset]))
-    assert len(index._lru) == 2 and index.opens == len(episodes)
+    assert len(index._direct) == 3 and index.opens == len(episodes)
+    # files without a usable layout go through HDF5, in their own LRU
+    monkeypatch.setattr(EpisodeReader, "frame_layout", lambda self: None)
+    hdf5 = FrameIndex(horizon=2, max_open_episodes=2)
+    for path in episodes:
+        hdf5.add_episode(path)
+    for entry in hdf5.episodes:
+        hdf5.load_batch(np.array([entry.offset]))
+    assert len(hdf5._lru) == 2 and not hdf5._direct and hdf5.opens == len(episodes)
+
+
+def test_direct_reads_give_exactly_what_hdf5_gives(episodes, monkeypatch):
+    direct = FrameIndex(horizon=3)
+    for path in episodes:
+        direct.add_episode(path)
+    monkeypatch.setattr(EpisodeReader, "frame_layout", lambda self: None)
+    hdf5 = FrameIndex(horizon=3)
+    for path in episodes:
+        hdf5.add_episode(path)
+    ids = np.random.default_rng(0).integers(0, len(direct), 40)
+    a, b = direct.load_batch(ids), hdf5.load_batch(ids)
+    for key in ("image", "state", "action", "action_mask", "task", "online", "intervention", "frame_id"):
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+
+
+def test_an_incompressible_frame_stored_raw_is_read_too(tmp_path):
+    path = make_episode(tmp_path / "noise.h5", steps=5, image_size=16)
+    with h5py.File(path, "r+") as f:  # random pixels: LZF cannot shrink them, so HDF5 stores the chunks as they are
+        noise = np.random.default_rng(1).integers(0, 256, f["observation/image"].shape, dtype=np.uint8)
+        f["observation/image"][...] = noise
+    index = FrameIndex(horizon=1)
+    index.add_episode(path)
+    assert index._layouts[0].raw.all()
+    np.testing.assert_array_equal(index.load_batch(np.arange(5))["image"].numpy(), noise)
+
+
+def test_a_file_changed_since_it_was_indexed_is_refused(tmp_path):
+    path = make_episode(tmp_path / "a.h5", steps=6, image_size=16)
+    index = FrameIndex(horizon=1)
+    index.add_episode(path)
+    with open(path, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(ValueError, match="changed since it was indexed"):
+        index.load_batch(np.array([0]))
 
 
 def test_the_index_footprint_does_not_grow_with_image_size(tmp_path):
