@@ -145,7 +145,8 @@ class RobotConsumer(GuardedConsumer):
                 self.writer.recheck()
         key = (msg.state, msg.task, msg.episode_id, msg.control_source, msg.lease, msg.operator, msg.deadman,
                msg.estopped, msg.estop_local, msg.policy_version, msg.policy_error, msg.viewers, bool(repairs))
-        if await self._broadcast_state(changed=key != self.last_state_key):
+        revived, self.writer.revived = self.writer.revived, False
+        if await self._broadcast_state(changed=key != self.last_state_key or revived):
             self.last_state_key = key  # a change skipped by the rate limit is still a change at the next heartbeat
 
     def _store_status(self, msg: protocol.Status):

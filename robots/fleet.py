@@ -169,7 +169,7 @@ def _volatile_sql() -> str:
     # the write a revocation check, as in _write_status.
     columns = ", ".join(f"{Robot._meta.get_field(name).column} = %s" for name in VOLATILE_FIELDS)
     return (f"UPDATE {Robot._meta.db_table} SET {columns} "
-            f"WHERE id = %s AND token_hash = %s AND revoked_at IS NULL")
+            f"WHERE id = %s AND token_hash = %s AND revoked_at IS NULL AND connected = %s")
 
 
 class StatusWriter:
@@ -196,6 +196,7 @@ class StatusWriter:
         self.writes = 0
         self.reads = 0
         self.snapshot: Optional[dict] = None
+        self.revived = False  # a write brought back a row marked offline: consoles need the whole state again
         self._key: Optional[tuple] = None
         self._written_at = float("-inf")
         self._read_at = float("-inf")
@@ -237,8 +238,12 @@ class StatusWriter:
         if volatile_only:  # the common write (the interval passed, nothing else moved): one precompiled statement
             with connection.cursor() as cursor:
                 values = [Robot._meta.get_field(k).get_db_prep_save(fields[k], connection) for k in VOLATILE_FIELDS]
-                cursor.execute(_volatile_sql(), values + [self.robot.pk, self.token_hash])
-                return cursor.rowcount == 1
+                cursor.execute(_volatile_sql(), values + [self.robot.pk, self.token_hash, True])
+                if cursor.rowcount == 1:
+                    return True
+            # no row: the token is gone, or the row was marked offline behind this socket's back (a stall longer
+            # than SOP_ROBOT_SILENT_S): the whole heartbeat is written, which tells the two apart
+            self.revived = True
         if task is not None:
             if self._task[0] != task:  # looked up when the reported task changes, not on every write
                 self._task = (task, Task.objects.filter(name=task).values_list("pk", flat=True).first())
@@ -251,10 +256,6 @@ class StatusWriter:
         """A control message went to the robot (or a reconciliation repaired one): read the snapshot again at the
         next heartbeat instead of trusting the one in hand."""
         self._read_at = float("-inf")
-
-    def forget(self) -> None:
-        """The row was changed behind this writer's back (e.g. marked offline): write the next heartbeat in full."""
-        self._key = None
 
 
 def robot_disconnected(robot: Robot, connected_at: dt.datetime) -> bool:

@@ -206,7 +206,15 @@ def test_a_heartbeat_that_moves_only_volatile_columns_is_not_written_until_the_i
     # the precompiled volatile write stores last_seen as the ORM does (SQLite compares the stored text)
     recent = timezone.now() - dt.timedelta(seconds=30)
     assert Robot.objects.filter(pk=robot.pk, last_seen__gte=recent, last_seen__lte=timezone.now()).exists()
+    # marked offline behind the socket's back (its heartbeats stalled past SOP_ROBOT_SILENT_S): the next write
+    # brings the whole row back, not just the volatile columns
+    Robot.objects.filter(pk=robot.pk).update(connected=False, state="offline")
+    now[0] += 5.0
+    writer.store(status(45, deadman=True))
+    robot.refresh_from_db()
+    assert (robot.connected, robot.state, robot.current_step) == (True, "running", 45) and writer.revived
     fleet.revoke_robot(robot)
+    now[0] += 5.0
     assert writer.store(status(50, deadman=True)) is None, "a heartbeat that reaches the database checks the token"
 
 
