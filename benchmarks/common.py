@@ -249,16 +249,18 @@ class BenchServer:
                              **{**run, "env": self.env(DJANGO_SETTINGS_MODULE="sop_web.settings")})
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def start(self, timeout: float = 60.0, extra_cmd_prefix: Optional[list[str]] = None, nodes: int = 1) -> str:
+    def start(self, timeout: float = 60.0, extra_cmd_prefix: Optional[list[str]] = None, nodes: int = 1,
+              app: str = "sop_web.asgi:application", **env) -> str:
         """One daphne process (``url`` is its own), or ``nodes`` > 1 of them behind nginx as docs/deploy.md runs
-        them (``url`` is the proxy's; ``node_pids`` and ``proxy_pids`` for CPU meters)."""
+        them (``url`` is the proxy's; ``node_pids`` and ``proxy_pids`` for CPU meters). ``app``: the ASGI app daphne
+        serves (ingest.py's floor serves benchmarks.ingest_floor:app); ``env``: extra environment for it."""
         self._log = open(self.log_path, "ab")
         self.nodes = []
         for _ in range(nodes):
             port = free_port()
             cmd = [*(extra_cmd_prefix or []), PYTHON, "-m", "daphne", "--proxy-headers", "-b", "127.0.0.1", "-p",
-                   str(port), "sop_web.asgi:application"]
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
+                   str(port), app]
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(**env), stdout=self._log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
             self.nodes.append((proc, f"http://127.0.0.1:{port}"))
         self.proc = self.nodes[0][0]

@@ -137,6 +137,28 @@ def pooled(passes: list[dict]) -> dict:
     }
 
 
+def measure_floor(server: common.BenchServer, tokens: dict[str, str], prepare, per_robot: int, chunk: int,
+                  args) -> dict:
+    """The measured passes again, against benchmarks/ingest_floor.py on the same daphne and machine; then the real
+    server is started again for the passes that follow."""
+    server.stop_daphne()
+    token_file = server.workdir / "floor-tokens.json"
+    token_file.write_text(json.dumps(list(tokens.values())))
+    server.start(app="benchmarks.ingest_floor:app", SOP_FLOOR_TOKENS=token_file)
+    try:
+        passes = []
+        for rep in range(args.repeat):
+            measured = prepare(per_robot)
+            print(f"floor pass {rep + 1}/{args.repeat} ...", flush=True)
+            passes.append(run_pass(server, tokens, measured, chunk, args.duration))
+            print(f"  {passes[-1]['episodes_per_s']} episodes/s, server {passes[-1]['cpu']['server_cores']} cores",
+                  flush=True)
+        return pooled(passes)
+    finally:
+        server.stop_daphne()
+        server.start()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--uploaders", type=int, default=8, help="concurrent uploaders = robots (default 8)")
@@ -156,6 +178,9 @@ def main() -> int:
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="py-spy the server in a second pass: when below the goal (auto), always, never")
     parser.add_argument("--profile-episodes", type=int, default=120)
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the measured passes against the bare upload app on the same daphne "
+                             "(benchmarks/ingest_floor.py) and report the ratio")
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir (printed) for inspection")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -233,6 +258,11 @@ def main() -> int:
         print(json.dumps({k: res[k] for k in ("episodes_verified", "episodes_per_s", "episodes_per_s_each",
                                               "MB_per_s", "upload_s", "post_s")}, indent=None))
         result["goal"]["met"] = res["episodes_per_s"] >= GOAL_EPISODES_PER_S
+        if args.floor:
+            result["floor"] = measure_floor(server, tokens, prepare, per_robot, chunk, args)
+            result["ratio_to_floor"] = round(res["episodes_per_s"] / result["floor"]["episodes_per_s"], 3)
+            print(f"floor: {result['floor']['episodes_per_s']} episodes/s; the server reaches "
+                  f"{result['ratio_to_floor']} of it", flush=True)
 
         sweep = {}
         for k in [int(x) for x in args.sweep.split(",") if x.strip()]:
