@@ -67,3 +67,52 @@ class NetNamespace:
         _ip("netns", "del", self.name, check=False)  # removes the veth pair with it
         _ip("link", "del", self.host_if, check=False)
         self.created = False
+
+
+class Network:
+    """Several hosts on one machine: a Linux bridge in the root namespace (``gateway`` is its address, which the
+    test process uses to reach everyone) and one namespace per host, each with its own address on the bridge's
+    subnet. Every packet stays on this machine. ``host(name)`` adds one; ``delete()`` removes them all."""
+
+    def __init__(self, tag: str | None = None):
+        n = os.getpid() % 200 + 20
+        self.tag = tag or f"sopn{os.getpid() % 100000}"
+        self.bridge = f"{self.tag}br"[:15]
+        self.subnet = f"10.78.{n}"
+        self.gateway = f"{self.subnet}.1"
+        self.hosts: dict[str, "Host"] = {}
+
+    def create(self) -> "Network":
+        self.delete()
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        return self
+
+    def host(self, name: str) -> "Host":
+        index = len(self.hosts) + 10
+        host = Host(f"{self.tag}-{name}", f"{self.subnet}.{index}", f"{self.tag}v{index}"[:15])
+        _ip("netns", "add", host.namespace)
+        self.hosts[name] = host
+        _ip("link", "add", host.host_if, "type", "veth", "peer", "name", "eth0", "netns", host.namespace)
+        _ip("link", "set", host.host_if, "master", self.bridge)
+        _ip("link", "set", host.host_if, "up")
+        for args in (("link", "set", "lo", "up"), ("addr", "add", f"{host.addr}/24", "dev", "eth0"),
+                     ("link", "set", "eth0", "up"), ("route", "add", "default", "via", self.gateway, "dev", "eth0")):
+            _ip("netns", "exec", host.namespace, "ip", *args)
+        return host
+
+    def delete(self) -> None:
+        for host in self.hosts.values():
+            _ip("netns", "del", host.namespace, check=False)
+            _ip("link", "del", host.host_if, check=False)
+        self.hosts = {}
+        _ip("link", "del", self.bridge, check=False)
+
+
+class Host:
+    def __init__(self, namespace: str, addr: str, host_if: str):
+        self.namespace, self.addr, self.host_if = namespace, addr, host_if
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace, *cmd]

@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 FAST = ("--hz", "20", "--image-size", "64", "--no-video")
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+# the tests' data lives under private temp directories: nginx's workers read it as the user running the test
+NGINX_USER = ("--user", "root") if os.geteuid() == 0 else ()
 
 
 def require_nginx() -> None:
@@ -80,7 +82,7 @@ def proxied(launcher, tmp_path):
     call_command("collectstatic", "--noinput", verbosity=0)
     port = free_port()
     conf = tmp_path / "nginx.conf"
-    call_command("proxy_config", "--listen", f"127.0.0.1:{port}", "--prefix", str(tmp_path / "nginx"),
+    call_command("proxy_config", *NGINX_USER, "--listen", f"127.0.0.1:{port}", "--prefix", str(tmp_path / "nginx"),
                  "--output", str(conf), *[arg for n in nodes for arg in ("--node", f"127.0.0.1:{n.port}")])
     proxy = launcher.start("nginx", [NGINX, "-c", str(conf), "-g", "daemon off;"])
     url = f"http://127.0.0.1:{port}"

@@ -14,7 +14,10 @@ def test_the_config_names_every_node_and_the_internal_file_locations(tmp_path, s
                  "--prefix", str(tmp_path / "nginx"), "--output", str(out))
     text = out.read_text()
     assert "server 10.0.0.1:8001 " in text and "server [::1]:8002 " in text and "listen 127.0.0.1:8080;" in text
-    assert "@@" not in text
+    assert "@@" not in text and "\nuser " not in text  # nginx's own default user unless one is named
+    call_command("proxy_config", "--node", "10.0.0.1:8001", "--user", "www-data", "--prefix", str(tmp_path / "nginx"),
+                 "--output", str(out))
+    assert "\nuser www-data;\n" in out.read_text()
     for area in ("checkpoints", "videos"):  # internal: nginx serves them only on a node's X-Accel-Redirect
         block = text.split(f"location {ACCEL_PREFIX}/{area}/ {{", 1)[1].split("}", 1)[0]
         assert "internal;" in block
@@ -25,6 +28,7 @@ def test_the_config_names_every_node_and_the_internal_file_locations(tmp_path, s
     ([], "at least one web node"),
     (["--node", "evil;host:80"], "not host:port"),
     (["--node", "a:80", "--listen", "80; include /etc/passwd"], "is not"),
+    (["--node", "a:80", "--user", "www-data; daemon off"], "not a user name"),
 ])
 def test_a_bad_argument_is_refused_before_anything_is_written(tmp_path, args, message):
     with pytest.raises(CommandError, match=message):

@@ -15,7 +15,10 @@ NODE = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 LISTEN = re.compile(r"((\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):)?[0-9]{1,5}( ssl)?")
 
 
-def render(nodes: list[str], listen: str, prefix: Path) -> str:
+USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def render(nodes: list[str], listen: str, prefix: Path, user: str | None = None) -> str:
     for node in nodes:
         if not NODE.fullmatch(node):
             raise CommandError(f"web node {node!r} is not host:port")
@@ -23,8 +26,13 @@ def render(nodes: list[str], listen: str, prefix: Path) -> str:
         raise CommandError("name at least one web node (--node host:port)")
     if not LISTEN.fullmatch(listen):
         raise CommandError(f"--listen {listen!r} is not [host:]port")
+    if user is not None and not USER.fullmatch(user):
+        raise CommandError(f"--user {user!r} is not a user name")
     areas = accel_areas()
     values = {
+        # nginx's workers read the static files, checkpoints and videos: as this user (nginx's default when started
+        # as root is "nobody", which needs read access to SOP_DATA_DIR and every directory above it)
+        "USER": f"user {user};\n" if user else "",
         "NODES_COUNT": str(len(nodes)),
         "SERVERS": "\n".join(f"        server {n} max_fails=1 fail_timeout=5s;" for n in nodes),
         "LISTEN": listen,
@@ -52,10 +60,12 @@ class Command(BaseCommand):
         parser.add_argument("--prefix", type=Path, default=None,
                             help="directory for nginx's pid, logs and temp files (default SOP_DATA_DIR/nginx)")
         parser.add_argument("--output", type=Path, default=None, help="write here instead of printing")
+        parser.add_argument("--user", default=None,
+                            help="the user nginx's worker processes run as (nginx -c as root; default: nginx's own)")
 
-    def handle(self, *args, node, listen, prefix, output, **options):
+    def handle(self, *args, node, listen, prefix, output, user, **options):
         prefix = (prefix or Path(settings.DATA_DIR) / "nginx").resolve()
-        text = render(node, listen, prefix)
+        text = render(node, listen, prefix, user)
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         for area in accel_areas().values():
