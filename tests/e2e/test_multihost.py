@@ -30,7 +30,8 @@ from robots.models import ControlLease, Episode, Robot, Task, TaskAssignment
 from robots.roles import OPERATOR, set_role
 
 from . import netns
-from .conftest import console_socket, free_port, http_ok, test_database_url, wait_for
+from .conftest import console_socket, free_port, http_ok, wait_for
+from .conftest import test_database_url as database_url  # (a test_ name would be collected as a test)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -72,10 +73,11 @@ class Deployment:
         self.launcher, self.net, self.tmp = launcher, net, tmp_path
         self.hosts = {name: net.host(name) for name in ("proxy", "web-a", "web-b", "worker", "robot-1", "robot-2")}
         self.url = f"http://{self.hosts['proxy'].addr}:8080"
-        env = {"ALLOWED_HOSTS": f"{self.hosts['proxy'].addr},127.0.0.1,localhost",
+        addrs = ",".join(h.addr for h in self.hosts.values())  # the proxy's (robots, consoles) and the nodes' (probes)
+        env = {"ALLOWED_HOSTS": f"{addrs},127.0.0.1,localhost",
                "SOP_SERVE_STATIC": "0", "SOP_ACCEL_REDIRECT": "1"}
         forwards = []
-        db, redis = test_database_url(), settings.REDIS_URL
+        db, redis = database_url(), settings.REDIS_URL
         if urlparse(db).hostname in ("127.0.0.1", "localhost"):
             port = free_port()
             forwards += [net.gateway, str(port), str(urlparse(db).port or 5432)]
