@@ -7,6 +7,7 @@ parameter CNN on 64x64 images with batch 64 trains at ~40 steps/s there); ``debu
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping, TypeVar
 
 # Meta-World's 39-d observation: hand xyz (0:3), gripper opening (3), object poses (4:18), the previous frame's copy
@@ -53,8 +54,20 @@ class PolicyConfig:
     advantage_conditioning: bool = False
     guidance_beta: float = 1.0  # classifier-free guidance weight the robots use (1 = the conditional pass only)
     eval_guidance_beta: float = 1.0  # ... and the one evaluation uses (learner/evaluation.py)
+    # Settings of a plug-in policy (docs/policy.md "Bring your own policy"): JSON values its class reads; the fields
+    # above are the built-in small_vla's and a plug-in may ignore them.
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
 
     def __post_init__(self):
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise ConfigError("options must be a JSON object")
+        try:
+            size = len(json.dumps(dict(self.options)))
+        except (TypeError, ValueError):
+            raise ConfigError("options must hold JSON values only") from None
+        if size > 16_384:
+            raise ConfigError("options are limited to 16 KiB of JSON")
+        object.__setattr__(self, "options", dict(self.options))
         if self.guidance_beta < 0 or self.eval_guidance_beta < 0:
             raise ConfigError("guidance_beta and eval_guidance_beta must be >= 0")
         if self.loss not in ("l1", "mse"):

@@ -33,6 +33,7 @@ from learner import queue, services
 from learner.algorithms import NAMES as ALGORITHMS
 from learner.config import PRESETS
 from learner.models import Checkpoint, Evaluation, TrainingMetric, TrainingRun
+from learner.policy import available_policies
 from robots.models import AuditEvent, Episode, Robot, Task
 from robots.roles import can_operate, is_admin
 
@@ -52,6 +53,15 @@ class StartRunForm(forms.Form):
     steps = forms.IntegerField(required=False, min_value=1, max_value=CONTINUOUS_STEPS - 1,
                                widget=forms.NumberInput(attrs={"placeholder": "learner steps, e.g. 3000"}))
     from_scratch = forms.BooleanField(required=False, label="From scratch (ignore the deployed checkpoint)")
+    policy = forms.ChoiceField(required=False, label="Policy", help_text="the preset's, or an installed plug-in "
+                               "(docs/policy.md, \"Bring your own policy\"); another policy than the deployed "
+                               "checkpoint's trains from scratch")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the packages installed now (a plug-in installed while the server runs shows up on the next page load)
+        self.fields["policy"].choices = [("", "the preset's (small_vla)")] + [
+            (name, f"{name} ({origin})") for name, origin in sorted(available_policies().items())]
 
     def clean(self):
         data = super().clean()
@@ -103,7 +113,8 @@ def training_start(request):
         steps = CONTINUOUS_STEPS if data["mode"] == "continuous" else data["steps"]
         try:
             run = services.start_run(data["algorithm"], list(data["tasks"]), preset=data["preset"], total_steps=steps,
-                                     from_scratch=data["from_scratch"], user=request.user)
+                                     from_scratch=data["from_scratch"], policy=data["policy"] or None,
+                                     user=request.user)
         except services.LearnerError as exc:
             form.add_error(None, str(exc))
         else:

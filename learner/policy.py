@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
+import re
 from typing import Any, Optional, TypedDict
 
 import numpy as np
@@ -325,15 +327,50 @@ class SmallVLA(Policy):
         return {"loss": loss, "per_sample": per_sample.detach()}
 
 
-POLICIES: dict[str, type[Policy]] = {"small_vla": SmallVLA}
+POLICIES: dict[str, type[Policy]] = {"small_vla": SmallVLA}  # built in; plug-ins come from ENTRY_POINT_GROUP
+ENTRY_POINT_GROUP = "sop.policies"
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def available_policies() -> dict[str, str]:
+    """Policy names this process can build: the built-in ones and every installed package's ``sop.policies`` entry
+    point (name -> where it comes from). What the console and the CLI offer."""
+    from importlib.metadata import entry_points
+
+    found = {name: "built in" for name in POLICIES}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, f"{ep.value} ({ep.dist.name if ep.dist else 'installed'})")
+    return found
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The Policy implementation a config names (docs/policy.md "Bring your own policy"): a built-in name, the name
+    of an entry point in the ``sop.policies`` group of an installed package (how a team's package plugs in, on the
+    learner and on every robot alike), or a ``package.module:Class`` path to an importable class. Whatever is found
+    must subclass ``Policy``. A name only ever resolves to code already installed where it runs."""
+    if name in POLICIES:
+        return POLICIES[name]
+    from importlib.metadata import entry_points
+
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    try:
+        if matches:
+            cls = matches[0].load()
+        elif _DOTTED.fullmatch(name):
+            module, attr = name.split(":")
+            cls = getattr(importlib.import_module(module), attr)
+        else:
+            raise ValueError(f"unknown policy {name!r}; known: {sorted(available_policies())}")
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"policy {name!r} cannot be loaded here: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise ValueError(f"policy {name!r} is {cls!r}, not a learner.policy.Policy")
+    return cls
 
 
 def build_policy(config: PolicyConfig, embedder: Optional[Embedder] = None, seed: Optional[int] = None) -> Policy:
     """A fresh policy from its config; ``seed`` makes the initial weights reproducible without touching global RNG."""
-    try:
-        cls = POLICIES[config.name]
-    except KeyError:
-        raise ValueError(f"unknown policy {config.name!r}; known: {sorted(POLICIES)}") from None
+    cls = policy_class(config.name)
     if seed is None:
         return cls(config, embedder)
     with torch.random.fork_rng(devices=[]):

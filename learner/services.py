@@ -28,7 +28,7 @@ from learner.algorithms import get_algorithm
 from learner.buffer import FrameIndex
 from learner.config import ConfigError, Preset, get_preset, to_dict
 from learner.models import Checkpoint, Deployment, Evaluation, TrainingMetric, TrainingRun
-from learner.policy import build_policy
+from learner.policy import build_policy, policy_class
 from robots import protocol
 from robots import fleet
 from robots.models import AuditEvent, Episode, Task
@@ -59,11 +59,16 @@ def start_run(
     total_steps: Optional[int] = None,
     base_checkpoint: Optional[Checkpoint] = None,
     from_scratch: bool = False,
+    policy: Optional[str] = None,
+    policy_options: Optional[dict[str, Any]] = None,
     user=None,
     enqueue: bool = True,
 ) -> TrainingRun:
     """Create a run and queue it on the ``learner`` queue (after commit). By default it fine-tunes the checkpoint the
-    fleet currently runs; ``from_scratch`` starts from fresh weights (as pretraining does)."""
+    fleet currently runs; ``from_scratch`` starts from fresh weights (as pretraining does). ``policy`` names another
+    policy implementation (a built-in name, a plug-in's ``sop.policies`` entry point or ``module:Class``; docs/policy.md
+    "Bring your own policy") and ``policy_options`` its settings; a run of another policy than the base checkpoint's
+    starts from scratch."""
     task_objs = [t if isinstance(t, Task) else Task.objects.filter(name=t).first() for t in tasks]
     if not task_objs or any(t is None for t in task_objs):
         raise LearnerError("a run needs one or more existing tasks")
@@ -75,11 +80,19 @@ def start_run(
         train = to_dict(base.train) | {"algorithm": algorithm} | limits | dict(overrides or {})
         if total_steps is not None:
             train["steps"] = int(total_steps)
-        config = Preset.from_dict({"name": base.name, "policy": to_dict(base.policy), "train": train})
+        policy_config = to_dict(base.policy) | ({"name": policy} if policy else {}) | (
+            {"options": dict(policy_options)} if policy_options else {})
+        config = Preset.from_dict({"name": base.name, "policy": policy_config, "train": train})
+        policy_class(config.policy.name)  # a typo or a package missing here fails now, not on the worker later
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise LearnerError(str(exc)) from None
     if base_checkpoint is None and not from_scratch:
         base_checkpoint = current_checkpoint()
+    if base_checkpoint is not None and policy:
+        base_policy = (base_checkpoint.config or {}).get("policy", {}).get("name", "small_vla")
+        if base_policy != config.policy.name:
+            raise LearnerError(f"the base checkpoint v{base_checkpoint.version} is a {base_policy} policy; a "
+                               f"{config.policy.name} run starts from scratch (from_scratch)")
     with transaction.atomic():
         run = TrainingRun.objects.create(
             algorithm=algorithm, preset=preset, config=config.to_dict(), base_checkpoint=base_checkpoint,

@@ -7,6 +7,7 @@ The run is queued on the ``learner`` Celery queue (a worker must be running: ``m
 
 from __future__ import annotations
 
+import json
 import time
 
 from django.core.management.base import BaseCommand, CommandError
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from learner import services
 from learner.algorithms import NAMES as ALGORITHMS
 from learner.models import TrainingRun
+from learner.policy import available_policies
 
 
 class Command(BaseCommand):
@@ -26,10 +28,19 @@ class Command(BaseCommand):
         parser.add_argument("--steps", type=int, help="learner steps (default: the preset's)")
         parser.add_argument("--preset", default="default")
         parser.add_argument("--from-scratch", action="store_true", help="fresh weights instead of the fleet's policy")
+        parser.add_argument("--policy", help="the policy implementation: a built-in name, an installed plug-in's "
+                                             "sop.policies entry point, or module:Class (default: the preset's)")
+        parser.add_argument("--policy-option", action="append", default=[], metavar="KEY=JSON",
+                            help="a setting of the policy (its options), e.g. hidden=256 or layers='[64, 64]'")
+        parser.add_argument("--list-policies", action="store_true", help="print the policies this install can build")
         parser.add_argument("--follow", action="store_true", help="show progress until the run ends")
         parser.add_argument("--stop", type=int, metavar="RUN_ID", help="stop a run instead of starting one")
 
     def handle(self, *args, **opts):
+        if opts["list_policies"]:
+            for name, origin in sorted(available_policies().items()):
+                self.stdout.write(f"{name}: {origin}")
+            return
         if opts["stop"]:
             run = TrainingRun.objects.filter(pk=opts["stop"]).first()
             if run is None:
@@ -42,7 +53,8 @@ class Command(BaseCommand):
         tasks = [t.strip() for t in opts["tasks"].split(",") if t.strip()]
         try:
             run = services.start_run(opts["algorithm"], tasks, preset=opts["preset"], total_steps=opts["steps"],
-                                     from_scratch=opts["from_scratch"])
+                                     from_scratch=opts["from_scratch"], policy=opts["policy"],
+                                     policy_options=_options(opts["policy_option"]))
         except services.LearnerError as exc:
             raise CommandError(str(exc)) from None
         base = f"from v{run.base_checkpoint.version}" if run.base_checkpoint else "from scratch"
@@ -61,3 +73,17 @@ class Command(BaseCommand):
                     break
                 time.sleep(1.0)
         self.stdout.write(f"run {run.pk} {run.status}: {run.message}")
+
+
+def _options(pairs: list[str]) -> dict:
+    """KEY=JSON pairs; a value that is not JSON is taken as a string."""
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--policy-option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
