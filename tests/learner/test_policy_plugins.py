@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,12 @@ PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "sop_toy_policy"
 
 
 def install_plugin(target: Path) -> Path:
-    """pip-installs the toy policy package from tests/plugins/ into ``target`` (no network, no other packages)."""
+    """pip-installs the toy policy package from tests/plugins/ into ``target`` (no network, no other packages). It
+    builds from a copy: a build writes build/ and *.egg-info/ beside the sources."""
+    source = target.parent / f"{target.name}-src"
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(target), str(PLUGIN)], capture_output=True, text=True,
+                           "--no-index", "--target", str(target), str(source)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return target
