@@ -29,6 +29,7 @@ from learner.buffer import FrameIndex
 from learner.config import ConfigError, Preset, get_preset, to_dict
 from learner.models import Checkpoint, Deployment, Evaluation, TrainingMetric, TrainingRun
 from learner.policy import build_policy, policy_class
+from learner.tensorboard import open_sink
 from robots import protocol
 from robots import fleet
 from robots.models import AuditEvent, Episode, Task
@@ -221,6 +222,14 @@ def run_round(run: TrainingRun, round_s: float = ROUND_S, clock: Callable[[], fl
     round), "wait" (no data yet; retry later), "retry" (a transient error; retry after ``retry_delay``) or "done"
     (finished, stopped, failed, or claimed by another worker)."""
     try:
+        return _run_round(run, round_s, clock, progress)
+    finally:
+        _close_tensorboard(run)  # flushed: the events of the round are on disk when it ends
+
+
+def _run_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
+               progress: Optional[Callable[[int, dict[str, Any]], None]]) -> str:
+    try:
         return _train_round(run, round_s, clock, progress)
     except ClaimLost:
         log.warning("training run %s was claimed by another worker; this one stops without writing", run.pk)
@@ -353,6 +362,27 @@ def _record_metric(run: TrainingRun, trainer, stats: dict[str, Any]) -> None:
         "tasks": metrics["tasks"],
     }
     TrainingMetric.objects.update_or_create(run=run, step=trainer.step, defaults={"values": values})
+    sink = _tensorboard(run)
+    if sink is not None:
+        sink.write(trainer.step, values)
+
+
+_sinks: dict[int, Any] = {}  # run id -> this worker's TensorBoard sink for it, open for the length of a round
+
+
+def _tensorboard(run: TrainingRun):
+    """The run's TensorBoard sink (SOP_TENSORBOARD_DIR/run-<id>), or None when it is off or not installed."""
+    if not settings.SOP_TENSORBOARD_DIR:
+        return None
+    if run.pk not in _sinks:
+        _sinks[run.pk] = open_sink(Path(settings.SOP_TENSORBOARD_DIR) / f"run-{run.pk}")
+    return _sinks[run.pk]
+
+
+def _close_tensorboard(run: TrainingRun) -> None:
+    sink = _sinks.pop(run.pk, None)
+    if sink is not None:
+        sink.close()
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -215,6 +215,9 @@ SOP_STATUS_WRITE_S = min(float(env_str("SOP_STATUS_WRITE_S", "5")), SOP_ROBOT_SI
 # of a control message the channel layer lost.
 SOP_CONTROL_RECHECK_S = float(env_str("SOP_CONTROL_RECHECK_S", str(SOP_STATUS_WRITE_S)))
 SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past this the socket is closed
+# Training scalars also as TensorBoard event files (learner/tensorboard.py), one directory per run; "" turns it off.
+# Written only where the tensorboard package is installed.
+SOP_TENSORBOARD_DIR = env_str("SOP_TENSORBOARD_DIR", str(DATA_DIR / "tensorboard"))
 SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)
 SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an evaluation
 SOP_EVAL_SEED = env_int("SOP_EVAL_SEED", 2601)  # root of the held-out evaluation placements, one set for every checkpoint
