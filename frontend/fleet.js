@@ -181,7 +181,8 @@ function renderSummary() {
   const total = sum("verified_episode_count");
   set("online", `${robots.filter((r) => r.connected).length} / ${robots.length}`);
   set("episodes", total);
-  set("success", total ? pct(sum("successful_episode_count") / total) : "–");
+  const rated = sum("rated_online_count"); // the fleet's own work: an operator's rescue is not the policy's success
+  set("autonomous", rated ? pct(sum("autonomous_success_count") / rated) : "–");
   set("spool", sum("spool_pending"));
 }
 

@@ -194,6 +194,10 @@ class RobotView(Struct):
     episode_count: int
     verified_episode_count: int
     successful_episode_count: int
+    rated_online_count: int = dataclasses.field(metadata=spec(
+        description="online episodes that ended in success, failure or timeout"))
+    autonomous_success_count: int = dataclasses.field(metadata=spec(
+        description="of those, successes without any intervention"))
     estopped: bool = dataclasses.field(metadata=spec(description="the server's latch, or the robot's own report"))
     estopped_by: str = dataclasses.field(metadata=spec(max_len=MAX_NAME))
     estopped_at: Optional[str] = dataclasses.field(metadata=_TIME)

@@ -33,12 +33,12 @@ from sop_web.files import accel_redirect
 from . import catalog, control, tasking
 from .episode_file import EpisodeFileError, EpisodeReader
 from .models import AuditEvent, Episode, Robot, Task, TaskAssignment
-from .protocol import ControlSource, Outcome, Split
+from .protocol import RATED_OUTCOMES, ControlSource, Outcome, Split
 from .roles import can_operate, is_admin
 
 PAGE_SIZE = 50
 RECENT_EPISODES = 50  # a task's "recent success rate" is over its last this many finished episodes
-RATED = (Outcome.SUCCESS.value, Outcome.FAILURE.value, Outcome.TIMEOUT.value)  # aborted episodes are not rated
+RATED = tuple(o.value for o in RATED_OUTCOMES)  # aborted episodes are not rated
 
 
 def require_admin(request) -> None:
@@ -480,7 +480,10 @@ def metrics_payload(range_name: str = "all", now: dt.datetime | None = None) -> 
     """Everything the metrics page charts, from database aggregates over online episodes that ended.
 
     Success rate = successes / (success + failure + timeout): aborted episodes (shutdown, e-stop) are not rated.
-    Throughput counts every ended online episode per hour, failures, timeouts and aborts included.
+    Autonomous success rate = successes without any intervention / the same rated episodes: what the policy achieves
+    on its own, the number SOP improves; assisted success = successes with at least one intervention (an operator's
+    rescue), so success = autonomous + assisted. Throughput counts every ended online episode per hour, failures,
+    timeouts and aborts included.
     """
     now = now or timezone.now()
     ended = Episode.objects.filter(split=Split.ONLINE.value, ended_at__isnull=False).exclude(outcome="")
@@ -491,24 +494,26 @@ def metrics_payload(range_name: str = "all", now: dt.datetime | None = None) -> 
     tasks = list(Task.objects.filter(pk__in=ended.values("task")).order_by("name").values_list("id", "name"))
     names = dict(tasks)
     result = {"range": range_name, "tasks": [n for _, n in tasks], "bucket_s": None, "buckets": [],
-              "success": {}, "throughput": {}, "interventions": {}, "versions": {"versions": [], "success": {}},
-              "totals": {}}
+              "success": {}, "autonomous": {}, "throughput": {}, "interventions": {},
+              "versions": {"versions": [], "success": {}, "autonomous": {}}, "totals": {}}
     if span["first"] is None:
         return result
     width, trunc = _bucketing(max(span["last"] - span["first"], dt.timedelta(minutes=1)))
     rated = Q(outcome__in=RATED)
+    alone = Q(success=True, intervention_count=0) & rated
     rows = (ended.annotate(t=trunc("ended_at")).values("t", "task", "outcome")
-            .annotate(n=Count("id"), ok=Count("id", filter=Q(success=True) & rated),
+            .annotate(n=Count("id"), ok=Count("id", filter=Q(success=True) & rated), auto=Count("id", filter=alone),
                       steps=Sum("steps"), iv=Sum("intervention_count"), iv_steps=Sum("intervention_steps"))
             .order_by())
     buckets: dict[dt.datetime, dict] = {}
     for row in rows:
         start = _floor(row["t"] if row["t"].tzinfo else row["t"].replace(tzinfo=dt.timezone.utc), width)
         b = buckets.setdefault(start, {"tasks": {}, "outcomes": {}, "n": 0, "steps": 0, "iv": 0, "iv_steps": 0})
-        task = b["tasks"].setdefault(names[row["task"]], {"rated": 0, "ok": 0})
+        task = b["tasks"].setdefault(names[row["task"]], {"rated": 0, "ok": 0, "auto": 0})
         if row["outcome"] in RATED:
             task["rated"] += row["n"]
         task["ok"] += row["ok"]
+        task["auto"] += row["auto"]
         b["outcomes"][row["outcome"]] = b["outcomes"].get(row["outcome"], 0) + row["n"]
         b["n"] += row["n"]
         b["steps"] += row["steps"] or 0
@@ -523,9 +528,11 @@ def metrics_payload(range_name: str = "all", now: dt.datetime | None = None) -> 
     empty = {"tasks": {}, "outcomes": {}, "n": 0, "steps": 0, "iv": 0, "iv_steps": 0}
     result["bucket_s"] = int(width.total_seconds())
     result["buckets"] = [b.isoformat() for b in order]
+    cells = [(name, [buckets.get(b, empty)["tasks"].get(name, {}) for b in order]) for name in result["tasks"]]
     result["success"] = {name: [{"rate": _rate(t.get("ok", 0), t.get("rated", 0)), "n": t.get("rated", 0)}
-                                for t in (buckets.get(b, empty)["tasks"].get(name, {}) for b in order)]
-                         for name in result["tasks"]}
+                                for t in column] for name, column in cells}
+    result["autonomous"] = {name: [{"rate": _rate(t.get("auto", 0), t.get("rated", 0)), "n": t.get("rated", 0)}
+                                   for t in column] for name, column in cells}
     result["throughput"] = {o.value: [round(buckets.get(b, empty)["outcomes"].get(o.value, 0) / hours, 3)
                                       for b in order] for o in Outcome}
     result["interventions"] = {
@@ -534,20 +541,25 @@ def metrics_payload(range_name: str = "all", now: dt.datetime | None = None) -> 
         "episodes": [buckets.get(b, empty)["n"] for b in order],
     }
     by_version = (ended.filter(rated, policy_version__isnull=False).values("policy_version", "task")
-                  .annotate(n=Count("id"), ok=Count("id", filter=Q(success=True))).order_by())
+                  .annotate(n=Count("id"), ok=Count("id", filter=Q(success=True)), auto=Count("id", filter=alone))
+                  .order_by())
     versions = sorted({row["policy_version"] for row in by_version})
-    cells = {(row["policy_version"], names[row["task"]]): row for row in by_version}
-    result["versions"] = {
-        "versions": versions,
-        "success": {name: [{"rate": _rate(cells[(v, name)]["ok"], cells[(v, name)]["n"]), "n": cells[(v, name)]["n"]}
-                           if (v, name) in cells else {"rate": None, "n": 0} for v in versions]
-                    for name in result["tasks"]},
-    }
+    by_cell = {(row["policy_version"], names[row["task"]]): row for row in by_version}
+
+    def per_version(key: str) -> dict:
+        return {name: [{"rate": _rate(by_cell[(v, name)][key], by_cell[(v, name)]["n"]), "n": by_cell[(v, name)]["n"]}
+                       if (v, name) in by_cell else {"rate": None, "n": 0} for v in versions]
+                for name in result["tasks"]}
+
+    result["versions"] = {"versions": versions, "success": per_version("ok"), "autonomous": per_version("auto")}
     totals = ended.aggregate(n=Count("id"), rated=Count("id", filter=rated), ok=Count("id", filter=rated & Q(success=True)),
+                             auto=Count("id", filter=alone),
                              iv=Sum("intervention_count"), steps=Sum("steps"), iv_steps=Sum("intervention_steps"),
                              intervened=Count("id", filter=Q(intervention_count__gt=0)))
     result["totals"] = {
-        "episodes": totals["n"], "success_rate": _rate(totals["ok"], totals["rated"]),
+        "episodes": totals["n"], "rated_episodes": totals["rated"], "success_rate": _rate(totals["ok"], totals["rated"]),
+        "autonomous_success_rate": _rate(totals["auto"], totals["rated"]),
+        "assisted_success_rate": _rate(totals["ok"] - totals["auto"], totals["rated"]),
         "interventions_per_episode": _rate(totals["iv"] or 0, totals["n"]),
         "intervened_step_share": _rate(totals["iv_steps"] or 0, totals["steps"] or 0),
         "intervened_episode_share": _rate(totals["intervened"], totals["n"]),

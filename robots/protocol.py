@@ -95,6 +95,10 @@ class Outcome(str, enum.Enum):
     ABORTED = "aborted"  # stopped early (shutdown, e-stop)
 
 
+# Outcomes a success rate counts (aborted episodes, stopped by a shutdown or an e-stop, are not rated)
+RATED_OUTCOMES = (Outcome.SUCCESS, Outcome.FAILURE, Outcome.TIMEOUT)
+
+
 class Split(str, enum.Enum):
     OFFLINE = "offline"  # demonstrations recorded before/outside the online loop
     ONLINE = "online"  # on-policy fleet episodes (with interventions)

@@ -21,10 +21,17 @@ from .serializers import RobotSerializer
 log = logging.getLogger(__name__)
 
 _VERIFIED = Q(episodes__status=Episode.Status.VERIFIED)
+# The fleet's own work, rated (docs/console.md "Metrics"): online episodes that ended in success, failure or timeout
+_RATED_ONLINE = _VERIFIED & Q(episodes__split=protocol.Split.ONLINE.value,
+                              episodes__outcome__in=[o.value for o in protocol.RATED_OUTCOMES])
 _EPISODE_COUNTS = dict(
     episode_count=Count("episodes"),
     verified_episode_count=Count("episodes", filter=_VERIFIED),
     successful_episode_count=Count("episodes", filter=_VERIFIED & Q(episodes__success=True)),
+    rated_online_count=Count("episodes", filter=_RATED_ONLINE),
+    # finished by the policy: a success without any intervention (an operator may still have labelled it)
+    autonomous_success_count=Count("episodes", filter=_RATED_ONLINE & Q(episodes__success=True,
+                                                                        episodes__intervention_count=0)),
 )
 
 

@@ -86,6 +86,10 @@ class RobotSerializer(serializers.ModelSerializer):
     episode_count = serializers.IntegerField(read_only=True)
     verified_episode_count = serializers.IntegerField(read_only=True)
     successful_episode_count = serializers.IntegerField(read_only=True)
+    rated_online_count = serializers.IntegerField(
+        read_only=True, help_text="online episodes that ended in success, failure or timeout")
+    autonomous_success_count = serializers.IntegerField(
+        read_only=True, help_text="of those, successes without any intervention (docs/console.md, Metrics)")
 
     class Meta:
         model = Robot
@@ -93,8 +97,8 @@ class RobotSerializer(serializers.ModelSerializer):
             "id", "name", "connected", "state", "last_seen", "connected_at", "current_task", "current_prompt",
             "current_episode", "current_step", "policy_version", "policy_name", "policy_error", "control_source", "loop_hz",
             "loop_p99_ms", "spool_pending", "capabilities", "agent_version", "revoked", "revoked_at",
-            "episode_count", "verified_episode_count", "successful_episode_count",
-            "estopped", "estopped_by", "estopped_at", "deadman", "operator_name", "video_fps", "viewers",
+            "episode_count", "verified_episode_count", "successful_episode_count", "rated_online_count",
+            "autonomous_success_count", "estopped", "estopped_by", "estopped_at", "deadman", "operator_name", "video_fps", "viewers",
         ]
         read_only_fields = fields
 

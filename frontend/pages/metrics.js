@@ -35,7 +35,9 @@ function render(data) {
   const set = (k, v) => { totals.querySelector(`[data-total="${k}"]`).textContent = v; };
   const t = data.totals || {};
   set("episodes", t.episodes ?? 0);
-  set("success_rate", pct(t.success_rate));
+  set("autonomous_success_rate", pct(t.autonomous_success_rate));
+  set("assisted_success_rate", pct(t.assisted_success_rate));
+  set("intervened_episode_share", pct(t.intervened_episode_share));
   set("episodes_per_hour", t.episodes_per_hour === null || t.episodes_per_hour === undefined ? "–" : t.episodes_per_hour.toFixed(1));
   set("interventions_per_episode", t.interventions_per_episode === null || t.interventions_per_episode === undefined ? "–" : t.interventions_per_episode.toFixed(2));
   document.getElementById("empty").hidden = data.buckets.length > 0;
@@ -43,21 +45,27 @@ function render(data) {
     ? `${bucketText(data.bucket_s)} buckets · hover a point for the number of episodes behind it` : "";
   const labels = data.buckets.map((b) => label(b, data.bucket_s));
 
+  // per task: autonomous success (solid) and success with an operator's help counted too (dashed, same colour)
+  const successSets = data.tasks.flatMap((name, i) => [
+    line(name, data.autonomous[name].map((c) => c.rate), COLORS[i % COLORS.length], { task: name }),
+    line(`${name} (with assistance)`, data.success[name].map((c) => c.rate), COLORS[i % COLORS.length],
+      { task: name, borderDash: [5, 4], borderWidth: 1 }),
+  ]);
   draw("chart-success", {
     type: "line",
-    data: { labels, datasets: data.tasks.map((name, i) => line(name, data.success[name].map((c) => c.rate), COLORS[i % COLORS.length])) },
+    data: { labels, datasets: successSets },
     options: { scales: { y: percentAxis() }, plugins: { tooltip: { callbacks: {
-      label: (ctx) => `${ctx.dataset.label}: ${pct(ctx.parsed.y)} (${data.success[ctx.dataset.label][ctx.dataIndex].n} episodes)` } } } },
+      label: (ctx) => `${ctx.dataset.label}: ${pct(ctx.parsed.y)} (${data.success[ctx.dataset.task][ctx.dataIndex].n} episodes)` } } } },
   });
 
   const versions = data.versions.versions;
   draw("chart-versions", {
     type: "line",
     data: { labels: versions.map((v) => `v${v}`),
-      datasets: data.tasks.map((name, i) => line(name, data.versions.success[name].map((c) => c.rate), COLORS[i % COLORS.length])) },
+      datasets: data.tasks.map((name, i) => line(name, data.versions.autonomous[name].map((c) => c.rate), COLORS[i % COLORS.length])) },
     options: { scales: { y: percentAxis(), x: { title: { display: true, text: "policy version" } } },
       plugins: { tooltip: { callbacks: {
-        label: (ctx) => `${ctx.dataset.label}: ${pct(ctx.parsed.y)} (${data.versions.success[ctx.dataset.label][ctx.dataIndex].n} episodes)` } } } },
+        label: (ctx) => `${ctx.dataset.label}: ${pct(ctx.parsed.y)} autonomous (${data.versions.autonomous[ctx.dataset.label][ctx.dataIndex].n} episodes)` } } } },
   });
 
   draw("chart-throughput", {

@@ -14,7 +14,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from robots import episode_file, fleet, tasking
+from robots import episode_file, fleet, selectors, tasking
 from robots.episode_file import Segment
 from robots.models import AuditEvent, Episode, InterventionSegment, Robot, Task, TaskAssignment
 from robots.roles import set_role
@@ -374,6 +374,16 @@ def test_metrics_numbers_for_hand_made_episodes(client, viewer, tasks, robots):
     assert data["versions"]["versions"] == [1, 2]
     assert data["versions"]["success"]["reach"] == [{"rate": 0.5, "n": 2}, {"rate": 1.0, "n": 2}]
     assert data["versions"]["success"]["drawer-open"] == [{"rate": 0.5, "n": 2}, {"rate": None, "n": 0}]
+    # the policy on its own: reach v2's second success needed an operator, so it is assisted, not autonomous
+    assert totals["autonomous_success_rate"] == 0.5 and totals["assisted_success_rate"] == round(1 / 6, 4)
+    assert totals["autonomous_success_rate"] + totals["assisted_success_rate"] == pytest.approx(totals["success_rate"],
+                                                                                              abs=1e-4)
+    assert data["versions"]["autonomous"]["reach"] == [{"rate": 0.5, "n": 2}, {"rate": 0.5, "n": 2}]
+    assert data["versions"]["autonomous"]["drawer-open"] == [{"rate": 0.5, "n": 2}, {"rate": None, "n": 0}]
+    assert sum(c["rate"] * c["n"] for c in data["autonomous"]["reach"] if c["n"]) == pytest.approx(2)
+    # the fleet header's numbers: the same definition, per robot (online, rated, verified)
+    (state,) = [r for r in selectors.robot_states() if r["name"] == robots[0].name]
+    assert (state["rated_online_count"], state["autonomous_success_count"]) == (6, 3)
     # buckets cover the span evenly; their sums equal the totals
     width = dt.timedelta(seconds=data["bucket_s"])
     assert len(data["buckets"]) <= 48 and width <= dt.timedelta(hours=1)
