@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, serializers
@@ -28,6 +28,7 @@ from robots.api import (
 from robots.auth import IsRobot, RobotTokenAuthentication
 from robots.exceptions import SopError
 from robots.serializers import MAX_DB_INT
+from sop_web import storage
 from sop_web.files import accel_redirect
 
 
@@ -47,15 +48,23 @@ class RobotCheckpointFileView(APIView):
         summary="The weights file of a published checkpoint (verify size + sha256 from policy.updated)",
         responses={
             (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="the weights file"),
+            302: OpenApiResponse(description="object storage (SOP_STORAGE=s3): a signed URL the bucket serves the "
+                                             "weights from; follow it without the robot token"),
             **ROBOT_AUTH_ERRORS,
             404: error("no such checkpoint, or its file is missing (not_found)"),
         },
     )
     def get(self, request, version: int):
         try:
-            path = services.checkpoint_file(version)
+            checkpoint = services.checkpoint_row(version)
         except services.LearnerError as exc:
             raise NotFound(str(exc)) from None
+        # Object storage: the bucket serves the bytes (a signed URL valid SOP_S3_URL_EXPIRE_S seconds); the robot
+        # follows the redirect without its token and checks size and sha256 as always.
+        url = storage.download_url(storage.checkpoint_key(checkpoint.path), checkpoint.path)
+        if url is not None:
+            return HttpResponseRedirect(url)
+        path = services.checkpoint_local(checkpoint)
         if not path.exists():
             raise NotFound(f"checkpoint v{version} is registered but its file is missing")
         return (accel_redirect(path, "application/octet-stream", filename=path.name)

@@ -34,6 +34,8 @@ from learner.algorithms import NAMES as ALGORITHMS
 from learner.config import PRESETS
 from learner.models import Checkpoint, Evaluation, TrainingMetric, TrainingRun
 from learner.policy import available_policies
+from robots import ingest
+from sop_web import storage
 from robots.models import AuditEvent, Episode, Robot, Task
 from robots.roles import can_operate, is_admin
 
@@ -284,7 +286,12 @@ def value_source() -> Optional[dict[str, Any]]:
         candidates.append((path.stat().st_mtime, path, None))
     for run in TrainingRun.objects.filter(algorithm="recap"):
         path = services.trainer_state_path(run)
-        if path.exists():
+        try:
+            fresh = storage.pull_mutable(storage.key_of(path))  # object storage: the newest one, whoever wrote it
+        except storage.StorageError as exc:
+            log.warning("trainer state of run %s not fetched: %s", run.pk, exc)
+            fresh = path if path.exists() else None
+        if fresh is not None:
             candidates.append((path.stat().st_mtime, path, run))
     for _, path, run in sorted(candidates, key=lambda c: c[0], reverse=True):
         meta = _safetensors_meta(path)
@@ -371,7 +378,7 @@ def episode_values(episode: Episode, source: dict[str, Any]) -> tuple[list[float
     with _value_lock:  # one model in memory and one computation at a time: the web server has few cores
         torch.set_num_threads(1)
         value = _load_value(source)
-        with EpisodeReader(settings.PAYLOAD_DIR / episode.payload_path) as reader:
+        with EpisodeReader(ingest.payload_file(episode)) as reader:
             images = reader.column("observation/image")
             states = reader.column("observation/state")
             prompt = reader.meta["prompt"] or episode.prompt or episode.task.name

@@ -33,6 +33,7 @@ from learner.tensorboard import open_sink
 from robots import protocol
 from robots import fleet
 from robots.models import AuditEvent, Episode, Task
+from sop_web import storage
 from sop_web.logformat import ids
 
 log = logging.getLogger(__name__)
@@ -190,13 +191,19 @@ def _index_for(run: TrainingRun, horizon: int, max_open: int) -> FrameIndex:
         .exclude(split=protocol.Split.EVAL.value)
         .exclude(id__in=[*seen])
         .order_by("verified_at")
-        .values_list("id", "payload_path", "outcome")
+        .values_list("id", "payload_path", "outcome", "payload_sha256", "payload_size")
     )
-    for episode_id, rel, outcome in new.iterator():
+    for episode_id, rel, outcome, sha256, size in new.iterator():
         seen.add(str(episode_id))
         try:
+            # Object storage: fetched once into this host's cache (checked against the verified sha256); the index
+            # then reads frames from the local file.
+            path = storage.ensure_local(storage.episode_key(rel), sha256=sha256, size=size)
             # The database's outcome wins over the file's: operators relabel stored episodes (RECAP's rewards use it).
-            index.add_episode(settings.PAYLOAD_DIR / rel, outcome=outcome or None)
+            index.add_episode(path, outcome=outcome or None)
+        except storage.StorageError as exc:  # the bucket did not answer, or the transfer was torn: next refresh
+            seen.discard(str(episode_id))
+            log.warning("episode %s not fetched yet: %s", episode_id, exc)
         except Exception as exc:  # a file that vanished or rotted must not stop training on the rest
             log.warning("episode %s is not usable for training: %s", episode_id, exc)
     return index
@@ -204,6 +211,12 @@ def _index_for(run: TrainingRun, horizon: int, max_open: int) -> FrameIndex:
 
 def trainer_state_path(run: TrainingRun) -> Path:
     return settings.CHECKPOINT_DIR / "runs" / str(run.uid) / "trainer.safetensors"
+
+
+def save_trainer_state(trainer, path: Path) -> None:
+    """The run's resume point, written here and (object storage) uploaded, so any worker host can continue it."""
+    trainer.save_state(path)
+    storage.push_mutable(storage.key_of(path), path)
 
 
 class ClaimLost(Exception):
@@ -269,7 +282,7 @@ def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
     def on_checkpoint(step: int) -> None:
         publish_checkpoint(run, trainer, state_path)
 
-    if state_path.exists():
+    if storage.pull_mutable(storage.key_of(state_path)) is not None:  # the newest state, whoever wrote it
         trainer = Trainer.resume(state_path, index, on_checkpoint=on_checkpoint)
     else:
         policy = _initial_policy(run, preset)
@@ -317,7 +330,7 @@ def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
                 publish_checkpoint(run, trainer, state_path)
         else:
             _require_claim(run)
-            trainer.save_state(state_path)  # the next round continues exactly here
+            save_trainer_state(trainer, state_path)  # the next round continues exactly here
     if finished or stop_requested:
         _RunCache.indexes.pop(run.pk, None)
         status = TrainingRun.Status.FINISHED if finished else TrainingRun.Status.STOPPED
@@ -345,7 +358,7 @@ def _task_frames(trainer, index: FrameIndex) -> dict[str, int]:
 
 def _initial_policy(run: TrainingRun, preset: Preset):
     if run.base_checkpoint is not None:
-        loaded = ckpt.load_checkpoint(settings.CHECKPOINT_DIR / run.base_checkpoint.path,
+        loaded = ckpt.load_checkpoint(checkpoint_local(run.base_checkpoint),
                                       expected_sha256=run.base_checkpoint.sha256, expected_size=run.base_checkpoint.size)
         return loaded.policy
     return build_policy(preset.policy, seed=preset.train.seed)
@@ -413,8 +426,12 @@ def publish_checkpoint(run: Optional[TrainingRun], trainer, state_path: Optional
                 extra={"run": run.pk if run else None, "train_config": to_dict(trainer.config)},
             )
         try:
+            # Object storage: weights and sidecar go to the bucket before the row exists, so a robot told about
+            # the version can always fetch it.
+            storage.upload(storage.checkpoint_key(saved.path.name), saved.path)
+            storage.upload(storage.checkpoint_key(saved.sidecar.name), saved.sidecar)
             if state_path is not None:
-                trainer.save_state(state_path)
+                save_trainer_state(trainer, state_path)
             with transaction.atomic():
                 if run is not None and run.worker and not _claimed(run).select_for_update().exists():
                     raise ClaimLost()  # checked under the row lock: the new holder cannot publish meanwhile
@@ -442,29 +459,29 @@ def publish_checkpoint(run: Optional[TrainingRun], trainer, state_path: Optional
 
 
 def _discard(saved: ckpt.SavedCheckpoint) -> None:
-    saved.path.unlink(missing_ok=True)
-    saved.sidecar.unlink(missing_ok=True)
+    for path in (saved.path, saved.sidecar):
+        try:
+            storage.delete(storage.checkpoint_key(path.name))
+        except Exception as exc:  # the orphan sweep removes what is left
+            log.warning("could not delete %s: %s", path.name, exc)
+            path.unlink(missing_ok=True)
 
 
 def cleanup_orphan_checkpoints(min_age_s: float = 3600.0) -> int:
     """Delete checkpoint files no Checkpoint row points at, older than ``min_age_s`` (left by a publisher killed
-    between writing the file and committing the row). Returns how many weight files were removed."""
-    directory = Path(settings.CHECKPOINT_DIR)
-    if not directory.is_dir():
-        return 0
+    between writing the file and committing the row), in the store (local folder or bucket). Returns how many
+    weight files were removed."""
     known = set(Checkpoint.objects.values_list("path", flat=True))
     cutoff = time.time() - min_age_s
     removed = 0
-    for path in directory.glob("policy-v*.safetensors"):
-        try:
-            if path.name in known or path.stat().st_mtime > cutoff:
-                continue
-        except FileNotFoundError:
+    for key, mtime in storage.list_keys("checkpoints"):
+        name = key.rsplit("/", 1)[-1]
+        if not (name.startswith("policy-v") and name.endswith(".safetensors")) or name in known or mtime > cutoff:
             continue
-        if path.name in set(Checkpoint.objects.filter(path=path.name).values_list("path", flat=True)):
+        if Checkpoint.objects.filter(path=name).exists():
             continue  # committed meanwhile
-        path.unlink(missing_ok=True)
-        ckpt.sidecar_path(path).unlink(missing_ok=True)
+        storage.delete(key)
+        storage.delete(storage.checkpoint_key(ckpt.sidecar_path(name).name))
         removed += 1
     if removed:
         log.info("removed %d orphan checkpoint file(s)", removed)
@@ -500,11 +517,21 @@ def current_policy_message() -> Optional[protocol.PolicyUpdated]:
     return policy_message(checkpoint) if checkpoint else None
 
 
-def checkpoint_file(version: int) -> Path:
+def checkpoint_row(version: int) -> Checkpoint:
     checkpoint = Checkpoint.objects.filter(version=version).first()
     if checkpoint is None:
         raise LearnerError(f"no checkpoint v{version}")
-    return settings.CHECKPOINT_DIR / checkpoint.path
+    return checkpoint
+
+
+def checkpoint_file(version: int) -> Path:
+    """A local file with the checkpoint's weights (object storage: fetched into this host's cache, verified)."""
+    return checkpoint_local(checkpoint_row(version))
+
+
+def checkpoint_local(checkpoint: Checkpoint) -> Path:
+    return storage.ensure_local(storage.checkpoint_key(checkpoint.path), sha256=checkpoint.sha256,
+                                size=checkpoint.size)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -523,7 +550,7 @@ def evaluate(checkpoint: Checkpoint, tasks: Optional[Iterable[Task]] = None, epi
 
     episodes = episodes or settings.SOP_EVAL_EPISODES
     tasks = list(tasks) if tasks is not None else (list(checkpoint.run.tasks.all()) if checkpoint.run else [])
-    loaded = ckpt.load_checkpoint(settings.CHECKPOINT_DIR / checkpoint.path, expected_sha256=checkpoint.sha256,
+    loaded = ckpt.load_checkpoint(checkpoint_local(checkpoint), expected_sha256=checkpoint.sha256,
                                   expected_size=checkpoint.size)
     results = []
     store = guidance_beta is None

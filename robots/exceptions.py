@@ -87,6 +87,12 @@ class StorageFull(SopError):
     default_detail = "The server's payload store is full; the chunk was not stored. Retry later."
 
 
+class StorageUnavailable(SopError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "storage_unavailable"
+    default_detail = "The episode store (object storage) did not answer; nothing was lost. Retry later."
+
+
 class ChecksumMismatch(SopError):
     status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
     default_code = "checksum_mismatch"

@@ -33,6 +33,7 @@ from .exceptions import (
     QuotaExceeded,
     SopError,
     StorageFull,
+    StorageUnavailable,
     UnknownTask,
     UploadBusy,
     UploadNotOpen,
@@ -40,6 +41,7 @@ from .exceptions import (
 from .models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task
 from .protocol import ControlSource, Outcome, RobotState, Split
 from .values import db_count, db_version, from_unix
+from sop_web import storage
 from sop_web.logformat import ids
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,13 @@ def partial_path(episode_id) -> Path:
 def stored_path(episode_id) -> Path:
     """Where a verified payload lives, relative to PAYLOAD_DIR (fanned out so no directory grows huge)."""
     return Path("episodes") / str(episode_id)[:2] / f"{episode_id}.h5"
+
+
+def payload_file(episode: Episode) -> Path:
+    """A local file with a verified episode's bytes: the stored file, or (object storage) this host's cache copy,
+    fetched on first use and checked against the verified size and sha256 (storage.StorageError if it cannot be)."""
+    return storage.ensure_local(storage.episode_key(episode.payload_path), sha256=episode.payload_sha256,
+                                size=episode.payload_size)
 
 
 def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
@@ -382,12 +391,18 @@ def _finish(robot: Robot, episode: Episode, token: str) -> Episode:
         message = getattr(exc, "detail", None) or str(exc)
         _reject(episode, token, InvalidPayload(f"invalid episode file: {message}", offset=0))
     segments = fields.pop("segments")
-    dest = Path(settings.PAYLOAD_DIR) / stored_path(episode.id)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    key = storage.episode_key(str(stored_path(episode.id)))
+    # Object storage: the verified bytes go to the bucket first, outside any transaction (seconds for a large file),
+    # under the episode's own key; the row below is what makes them count.
+    try:
+        storage.upload(key, path)
+    except storage.StorageError as exc:
+        log.error("episode %s verified but not stored: %s", episode.id, exc)
+        raise StorageUnavailable() from None  # the partial file stays; the robot's retry finishes it
     with transaction.atomic():
         if not _locked(episode, token).select_for_update().exists():
             raise UploadBusy("another request took over this upload; retry")
-        os.replace(path, dest)  # atomic: the store never holds half a file
+        dest = storage.place(key, path)  # atomic: the store (or this host's cache) never holds half a file
         try:
             for name, value in fields.items():
                 setattr(episode, name, value)

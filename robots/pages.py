@@ -28,9 +28,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
+from sop_web import storage
 from sop_web.files import accel_redirect
 
-from . import catalog, control, tasking
+from . import catalog, control, ingest, tasking
 from .episode_file import EpisodeFileError, EpisodeReader
 from .models import AuditEvent, Episode, Robot, Task, TaskAssignment
 from .protocol import RATED_OUTCOMES, ControlSource, Outcome, Split
@@ -394,7 +395,10 @@ def episode_video(request, episode_id):
         raise Http404("This episode has no stored frames (yet).")
     target = video_path(episode)
     if not target.exists():
-        source = settings.PAYLOAD_DIR / episode.payload_path
+        try:
+            source = ingest.payload_file(episode)
+        except storage.StorageError as exc:
+            raise Http404(f"The episode's payload could not be fetched: {exc}") from None
         if not source.exists():
             raise Http404("The episode's payload file is missing.")
         try:

@@ -76,11 +76,9 @@ def _check_broker() -> None:
 
 
 def _check_storage() -> None:
-    for directory in (settings.PAYLOAD_DIR, settings.CHECKPOINT_DIR):
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".readyz-{uuid.uuid4().hex}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+    from sop_web import storage
+
+    storage.check()
 
 
 CHECKS = {"database": _check_database, "channel_layer": _check_channel_layer, "broker": _check_broker,

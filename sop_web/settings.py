@@ -48,6 +48,20 @@ PAYLOAD_DIR = DATA_DIR / "payloads"  # episode files: payloads/episodes/<uuid>.h
 CHECKPOINT_DIR = DATA_DIR / "checkpoints"
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
+# Where verified episodes and checkpoints live (sop_web/storage.py, docs/deploy.md "Storage"): "local" = the files
+# above, read in place; "s3" = an S3-compatible bucket, with SOP_DATA_DIR as each host's verified download cache.
+SOP_STORAGE = env_str("SOP_STORAGE", "local")
+if SOP_STORAGE not in ("local", "s3"):
+    raise ValueError(f"SOP_STORAGE={SOP_STORAGE!r}: use 'local' or 's3'")
+SOP_S3_BUCKET = env_str("SOP_S3_BUCKET")
+SOP_S3_ENDPOINT_URL = env_str("SOP_S3_ENDPOINT_URL")  # empty: AWS; else MinIO, Ceph, R2, ... (robots must reach it)
+SOP_S3_REGION = env_str("SOP_S3_REGION", "us-east-1")
+SOP_S3_PREFIX = env_str("SOP_S3_PREFIX").strip("/")  # keys live under this prefix in the bucket
+SOP_S3_URL_EXPIRE_S = env_int("SOP_S3_URL_EXPIRE_S", 900)  # lifetime of the signed URLs robots download from
+if SOP_STORAGE == "s3" and not SOP_S3_BUCKET:
+    raise ValueError("SOP_STORAGE=s3 needs SOP_S3_BUCKET (and credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                     "or any source boto3 reads)")
+
 
 def _secret_key() -> str:
     if os.environ.get("SECRET_KEY"):

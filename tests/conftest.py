@@ -43,3 +43,59 @@ def other_operator(django_user_model):
 def admin_user(django_user_model):
     """Carol: an administrator."""
     return django_user_model.objects.create_superuser("carol", password="carol-password-1")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server process (moto's), for SOP_STORAGE=s3: its endpoint URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/moto-api/", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the S3 server did not start (log: {log.name})")
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "sop-test", "AWS_SECRET_ACCESS_KEY": "sop-test-secret"}
+
+
+@pytest.fixture
+def s3_storage(s3_server, settings, monkeypatch):
+    """SOP_STORAGE=s3 on a fresh bucket of the test S3 server: the settings a child process needs, as env vars."""
+    import uuid
+
+    import boto3
+
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"sop-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="sop-test",
+                 aws_secret_access_key="sop-test-secret").create_bucket(Bucket=bucket)
+    env = {"SOP_STORAGE": "s3", "SOP_S3_BUCKET": bucket, "SOP_S3_ENDPOINT_URL": s3_server,
+           "SOP_S3_REGION": "us-east-1"}
+    settings.SOP_STORAGE, settings.SOP_S3_BUCKET = "s3", bucket
+    settings.SOP_S3_ENDPOINT_URL, settings.SOP_S3_REGION = s3_server, "us-east-1"
+    return {**env, **S3_CREDENTIALS}

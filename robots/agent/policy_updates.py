@@ -19,6 +19,7 @@ unparsable) is retried with backoff a few times, then given up: the file is remo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -103,6 +104,7 @@ class PolicyUpdates:
         self.warm_prompts = warm_prompts  # prompts to embed after loading, here rather than in the control loop
         self.loader = loader
         self.loaded_versions: list[int] = []  # every version parsed by this process, in order (tests, logs)
+        self._transport = transport
         self._client = httpx.Client(
             base_url=server_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
@@ -288,9 +290,7 @@ class PolicyUpdates:
         final = self.directory / f"v{message.version}-{message.sha256[:12]}.safetensors"
         try:
             digest, received = hashlib.sha256(), 0
-            with self._client.stream("GET", message.url) as response:
-                if response.status_code != 200:
-                    raise DownloadError(f"GET {message.url}: HTTP {response.status_code}")
+            with self._open(message.url) as response:
                 with open(part, "wb") as fh:
                     for chunk in response.iter_bytes(self.chunk_bytes):
                         if self._superseded(seq):
@@ -324,6 +324,26 @@ class PolicyUpdates:
             part.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
             raise
+
+    @contextlib.contextmanager
+    def _open(self, url: str):
+        """GET the checkpoint from our server; a redirect (object storage: a signed URL the bucket serves) is followed
+        once, with a client that carries no token: the bytes are checked against the announced sha256 anyway, and
+        the robot's credential never leaves for another host."""
+        with self._client.stream("GET", url) as response:
+            if response.status_code in (302, 303, 307) and "location" in response.headers:
+                target = str(response.url.join(response.headers["location"]))
+                if not target.startswith(("https://", "http://")):
+                    raise DownloadError(f"GET {url}: redirected to {target!r}, not an http(s) URL")
+                with httpx.Client(timeout=self._client.timeout, transport=self._transport) as plain:
+                    with plain.stream("GET", target) as redirected:
+                        if redirected.status_code != 200:
+                            raise DownloadError(f"GET {url}: the storage answered HTTP {redirected.status_code}")
+                        yield redirected
+                return
+            if response.status_code != 200:
+                raise DownloadError(f"GET {url}: HTTP {response.status_code}")
+            yield response
 
     def _warm(self, policy) -> None:
         """Embed the assigned prompts now if the checkpoint lacks them: a miss would otherwise load the sentence

@@ -29,7 +29,7 @@ from learner.models import Checkpoint
 from learner.policy import Normalization, build_policy
 from learner.sampler import build_groups, sample_frames
 from learner.value import ValueFunction, save_value, train_value
-from robots import protocol
+from robots import ingest, protocol
 from robots.models import Episode, Task
 
 
@@ -61,7 +61,7 @@ class Command(BaseCommand):
                     .exclude(split=protocol.Split.EVAL.value).order_by("verified_at"))
         for episode in tqdm(episodes, desc="indexing", unit="episode"):
             try:
-                index.add_episode(settings.PAYLOAD_DIR / episode.payload_path, outcome=episode.outcome or None)
+                index.add_episode(ingest.payload_file(episode), outcome=episode.outcome or None)
             except Exception as exc:  # one unusable file must not stop the rest
                 self.stderr.write(f"skipping episode {episode.pk}: {exc}")
         if not len(index):
@@ -74,7 +74,7 @@ class Command(BaseCommand):
         else:
             row = services.current_checkpoint()
         if row is not None:
-            policy = ckpt.load_checkpoint(settings.CHECKPOINT_DIR / row.path, expected_sha256=row.sha256,
+            policy = ckpt.load_checkpoint(services.checkpoint_local(row), expected_sha256=row.sha256,
                                           expected_size=row.size).policy
         else:
             policy = build_policy(preset.policy, seed=config.seed)
