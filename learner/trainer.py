@@ -299,6 +299,7 @@ class Trainer:
             "window": window_meta,
             "window_tasks": self.index.tasks[: self.window.num_tasks],
             "pending": pending,
+            "checkpoint_step": self._checkpoint_step,
             "timing": dataclasses.asdict(self.timing),
         }
         return save_trainer_state(path, tensors, meta)
@@ -326,7 +327,10 @@ class Trainer:
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         algo = {k[len("algorithm."):]: v for k, v in tensors.items() if k.startswith("algorithm.")}
         self.algorithm.load_state(algo, meta["algorithm_state"])
-        self.step = self._checkpoint_step = int(meta["step"])
+        self.step = int(meta["step"])
+        # The step of the last checkpoint, so that checkpoint_every_steps counts across rounds (a round shorter than
+        # the interval would otherwise restart the count and never publish until the run ends).
+        self._checkpoint_step = int(meta.get("checkpoint_step", self.step))
         self.rng.bit_generator.state = meta["rng_numpy"]
         self.generator.set_state(tensors["rng.torch"])
         self.timing = Timing(**meta["timing"])

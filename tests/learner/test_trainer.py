@@ -87,6 +87,23 @@ def test_the_checkpoint_hook_runs_every_n_steps_and_every_t_seconds(episodes, ti
     assert calls == [3, 6, 8]
 
 
+def test_the_step_interval_counts_across_rounds_shorter_than_it(tmp_path, episodes, tiny_policy_config,
+                                                                 tiny_train_config, fake_embedder):
+    """A run trained in rounds of 2 steps with checkpoints every 3 steps still publishes at 3 and 6: each resume
+    continues the count from the last checkpoint instead of starting it again (then no round would ever reach 3)."""
+    calls = []
+    config = dataclasses.replace(tiny_train_config, checkpoint_every_steps=3, checkpoint_every_s=1e9)
+    trainer = _trainer(config, tiny_policy_config, episodes, fake_embedder, on_checkpoint=calls.append)
+    for round_end in (2, 4, 6, 8):
+        trainer.run(round_end)
+        trainer.save_state(tmp_path / "state.safetensors")
+        trainer.close()
+        trainer = Trainer.resume(tmp_path / "state.safetensors", _index(episodes), embedder=fake_embedder,
+                                 on_checkpoint=calls.append)
+    trainer.close()
+    assert calls == [3, 6]
+
+
 def test_training_fits_normalisation_embeds_prompts_and_lowers_the_loss(
     tmp_path, episodes, tiny_policy_config, tiny_train_config, fake_embedder
 ):
