@@ -75,7 +75,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 def policy_to_tensors(policy: Policy) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything needed to rebuild ``policy``: its tensors and the JSON that describes them."""
-    tensors = {f"policy.{k}": v.detach().contiguous().clone() for k, v in policy.state_dict().items()}
+    tensors = {f"policy.{k}": v.detach().cpu().contiguous().clone() for k, v in policy.state_dict().items()}
     prompts, embeddings = policy.prompts.to_arrays()
     tensors["prompts.embeddings"] = torch.from_numpy(embeddings)
     meta = {
@@ -208,7 +208,7 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{index}.{key}"] = value.detach().clone().contiguous()
+                tensors[f"{prefix}.{index}.{key}"] = value.detach().cpu().clone().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]]

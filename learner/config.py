@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Mapping, TypeVar
 
 # Meta-World's 39-d observation: hand xyz (0:3), gripper opening (3), object poses (4:18), the previous frame's copy
@@ -104,6 +105,12 @@ class TrainConfig:
     # and the simulated robots, and a 2-thread OpenMP team then waits on a busy core (measured on a loaded machine:
     # 34-220 ms a step with 2 threads, 40-50 ms with 1; docs/policy.md). Use 2+ on a machine of its own.
     num_threads: int = 1
+    # Where the learner trains and evaluates: "" = the worker's SOP_DEVICE setting (default "cpu"); "cpu", "cuda",
+    # "cuda:1". A run asking for CUDA on a worker without it fails with a clear message. Robots always act on the CPU.
+    device: str = ""
+    # Mixed precision on CUDA: "bf16" autocasts the forward passes to bfloat16 (no loss scaling needed); "off" keeps
+    # float32. Ignored on the CPU.
+    amp: str = "off"
     # Pin the learner's pace (learner steps per second; 0 = as fast as it goes). A study that compares fleet sizes
     # pins it below what the learner reaches on the busiest configuration, so that every fleet size trains at the same
     # rate and only the data differs (benchmarks/sop_study.py, Table B).
@@ -148,6 +155,10 @@ class TrainConfig:
             raise ConfigError("guidance betas must be >= 0")
         if self.sampler_losses not in ("raw", "relative"):
             raise ConfigError(f"sampler_losses must be 'raw' or 'relative', not {self.sampler_losses!r}")
+        if self.amp not in ("off", "bf16"):
+            raise ConfigError(f"amp must be 'off' or 'bf16', not {self.amp!r}")
+        if self.device and not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", self.device):
+            raise ConfigError(f"device must be '', 'cpu', 'cuda' or 'cuda:N', not {self.device!r}")
         if self.sampler_a <= 1.0:
             raise ConfigError("sampler_a must be > 1 (the SOP formula favours online data at equal losses)")
         if not 0.0 <= self.ema_decay < 1.0:

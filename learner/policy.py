@@ -105,8 +105,9 @@ class Policy(nn.Module, abc.ABC):
     - ``loss(batch, generator=..., augment_shift=...)`` -> {"loss": scalar to minimise, "per_sample": [B] detached
       losses}, on a batch from ``learner.buffer.FrameIndex.load_batch``; only entries where ``action_mask`` is True are
       labels; ``batch["env_id"]`` (list[str]) decides the task inputs as in ``act``. ``per_sample`` feeds the
-      sampler's online/offline loss windows. All randomness (augmentation) must come from ``generator`` so that a
-      resumed run continues identically.
+      sampler's online/offline loss windows. All randomness (augmentation) must come from ``generator`` (a CPU
+      generator, also when the policy is on a GPU: draw on it, then move) so that a resumed run continues identically.
+      Batches are CPU tensors; ``loss`` moves what it uses to ``self.device``.
     - ``normalization`` / ``set_normalization``: stats fitted on training data, part of ``state_dict()``.
     - ``state_dict()`` / ``load_state_dict()``: tensors only (saved as safetensors, never pickled).
     """
@@ -134,15 +135,24 @@ class Policy(nn.Module, abc.ABC):
         """True once ``set_normalization`` ran (or a checkpoint with fitted stats was loaded)."""
         return False
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (the trainer moves a policy with ``.to(device)``; robots run on the CPU). Batches
+        arrive as CPU tensors: ``loss`` moves what it uses, and ``per_sample`` may stay on the device."""
+        for tensor in self.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
 
 def random_shift(images: torch.Tensor, pad: int, generator: Optional[torch.Generator]) -> torch.Tensor:
     """DrQ-style augmentation: replicate-pad by ``pad`` pixels, then crop back at a random offset per sample."""
     b, c, h, w = images.shape
     padded = F.pad(images.contiguous(), (pad, pad, pad, pad), mode="replicate")
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = torch.arange(h)[None, :] + dy[:, None]
-    cols = torch.arange(w)[None, :] + dx[:, None]
+    # offsets drawn on the CPU generator (the same draws on every device), then moved to the images' device
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    rows = torch.arange(h, device=images.device)[None, :] + dy[:, None]
+    cols = torch.arange(w, device=images.device)[None, :] + dx[:, None]
     # one gather over the flattened padded image: ~20x faster than 4-d advanced indexing on this CPU
     flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
     return padded.view(b, c, -1).gather(2, flat).view(b, c, h, w)
@@ -224,8 +234,8 @@ class SmallVLA(Policy):
     # -- network ---------------------------------------------------------------------------------------------------
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-0.5, 0.5]."""
-        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-0.5, 0.5], on the policy's device."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         size = self.config.image_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -235,11 +245,12 @@ class SmallVLA(Policy):
         """Raw states [B, state_dim] -> the normalised policy state [B, policy_state_width]. The task inputs of a
         sample whose environment does not state a target are zeros, whatever the raw state holds there."""
         n = len(self.config.state_indices)
+        states = states.to(self.device, non_blocking=True)
         proprio = states.index_select(1, self.state_index)
         out = ((proprio - self.state_mean[:n]) / self.state_std[:n]).clamp_(-10.0, 10.0)
         if not len(self.config.task_input_indices):
             return out
-        allowed = torch.from_numpy(task_input_mask(self.config, env_ids, states.shape[0]))[:, None]
+        allowed = torch.from_numpy(task_input_mask(self.config, env_ids, states.shape[0]))[:, None].to(self.device)
         task = ((states.index_select(1, self.task_index) - self.state_mean[n:]) / self.state_std[n:]).clamp_(-10, 10)
         return torch.cat([out, torch.where(allowed, task, torch.zeros_like(task))], dim=1)
 
@@ -255,7 +266,7 @@ class SmallVLA(Policy):
         if self.indicator is not None:
             if indicator is None:
                 indicator = torch.full((features.shape[0],), DROPPED, dtype=torch.long)
-            features = features + self.indicator(indicator)
+            features = features + self.indicator(indicator.to(features.device))
         return self.head(features).view(-1, self.config.horizon, self.config.action_dim)
 
     def enable_advantage_conditioning(self, guidance_beta: float = 1.0, eval_guidance_beta: float = 1.0) -> None:
@@ -270,7 +281,7 @@ class SmallVLA(Policy):
     def _prompt_batch(self, prompts: list[str]) -> torch.Tensor:
         unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         table = torch.from_numpy(np.stack([self.prompts.get(p) for p in unique]))
-        return table[torch.tensor([unique[p] for p in prompts])]
+        return table[torch.tensor([unique[p] for p in prompts])].to(self.device)
 
     # -- the interface ---------------------------------------------------------------------------------------------
 
@@ -290,21 +301,21 @@ class SmallVLA(Policy):
             image = np.array(image, order="C")
         with torch.inference_mode():
             images = self._images(torch.from_numpy(image)[None])
-            prompts = torch.from_numpy(self.prompts.get(prompt))[None]
+            prompts = torch.from_numpy(self.prompts.get(prompt))[None].to(self.device)
             states = self._states(torch.from_numpy(state)[None], None if env_id is None else [env_id])
             if self.indicator is None:
                 out = self.forward(images, prompts, states)[0]
             else:
                 out = self._guided(images, prompts, states,
                                    self.config.guidance_beta if guidance_beta is None else float(guidance_beta))
-            return (out * self.action_scale).clamp_(-1.0, 1.0).numpy()
+            return (out * self.action_scale).clamp_(-1.0, 1.0).cpu().numpy()
 
     def _guided(self, images: torch.Tensor, prompts: torch.Tensor, states: torch.Tensor, beta: float) -> torch.Tensor:
         """Classifier-free guidance for ONE preprocessed observation -> normalised chunk [H, action_dim]."""
         if beta == 1.0:
-            return self.forward(images, prompts, states, torch.tensor([POSITIVE]))[0]
+            return self.forward(images, prompts, states, torch.tensor([POSITIVE], device=self.device))[0]
         both = self.forward(images.expand(2, -1, -1, -1), prompts.expand(2, -1), states.expand(2, -1),
-                            torch.tensor([POSITIVE, DROPPED]))
+                            torch.tensor([POSITIVE, DROPPED], device=self.device))
         cond, uncond = both[0], both[1]
         return uncond + beta * (cond - uncond)
 
@@ -317,10 +328,10 @@ class SmallVLA(Policy):
         # "indicator" (int64 [B]) is set by RECAP; without it a conditioned policy learns the unconditional row
         pred = self.forward(images, self._prompt_batch(batch["prompt"]),
                             self._states(batch["state"], batch.get("env_id")), batch.get("indicator"))
-        target = batch["action"] / self.action_scale
-        diff = pred - target
+        target = batch["action"].to(pred.device, non_blocking=True) / self.action_scale
+        diff = pred.float() - target
         err = (diff.abs() if self.config.loss == "l1" else diff.square()).mean(dim=2)  # [B, H]
-        mask = batch["action_mask"].to(err.dtype)
+        mask = batch["action_mask"].to(err.device).to(err.dtype)
         valid = mask.sum(dim=1)
         per_sample = (err * mask).sum(dim=1) / valid.clamp(min=1.0)
         loss = per_sample[valid > 0].mean() if bool((valid > 0).any()) else err.sum() * 0.0

@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from learner import checkpoints as ckpt
-from learner import queue
+from learner import devices, queue
 from learner.algorithms import get_algorithm
 from learner.buffer import FrameIndex
 from learner.config import ConfigError, Preset, get_preset, to_dict
@@ -552,6 +552,7 @@ def evaluate(checkpoint: Checkpoint, tasks: Optional[Iterable[Task]] = None, epi
     tasks = list(tasks) if tasks is not None else (list(checkpoint.run.tasks.all()) if checkpoint.run else [])
     loaded = ckpt.load_checkpoint(checkpoint_local(checkpoint), expected_sha256=checkpoint.sha256,
                                   expected_size=checkpoint.size)
+    loaded.policy.to(devices.resolve())  # the worker's SOP_DEVICE (CPU unless set)
     results = []
     store = guidance_beta is None
     for task in tasks:

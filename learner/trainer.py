@@ -26,6 +26,7 @@ from learner.checkpoints import (
     save_trainer_state,
 )
 from learner.config import TrainConfig, from_dict, to_dict
+from learner.devices import resolve as resolve_device
 from learner.policy import Normalization, Policy
 from learner.prompts import Embedder
 from learner.sampler import LossWindow, build_groups, mixture_weights, sample_frames
@@ -69,7 +70,9 @@ class Trainer:
     ``config.prefetch`` the next batch is read in a background thread while the current one trains; its ids are then
     drawn one step earlier (from windows that lack the current step's losses), which the resume state records.
     ``on_checkpoint(step)`` is called every ``checkpoint_every_steps`` steps or ``checkpoint_every_s`` seconds.
-    Sets torch's intra-op thread count for the process (``config.num_threads``).
+    Sets torch's intra-op thread count for the process (``config.num_threads``). Trains on ``config.device`` ("" =
+    the worker's SOP_DEVICE, default CPU: learner/devices.py): the policy moves there, batches are loaded on the CPU
+    and moved by the policy's ``loss``, and everything saved (checkpoints, resume state) is a CPU copy.
     """
 
     EXTRA_STATS = ("value_loss", "positive_share", "value_version", "indicator_positive")
@@ -87,7 +90,8 @@ class Trainer:
         torch.set_num_threads(config.num_threads)
         self.config = config
         self.index = index
-        self.policy = policy
+        self.device = resolve_device(config.device)
+        self.policy = policy.to(self.device)
         self.algorithm = algorithm
         self.on_checkpoint = on_checkpoint
         self.clock = clock
@@ -285,7 +289,7 @@ class Trainer:
         tensors["window.counts"] = torch.from_numpy(np.ascontiguousarray(window_arrays["counts"]))
         tensors["rng.torch"] = self.generator.get_state()
         if self.ema is not None:
-            tensors.update({f"ema.{k}": v.detach().contiguous().clone() for k, v in self.ema.items()})
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous().clone() for k, v in self.ema.items()})
         pending = None
         if self._pending_ids is not None:
             pending = [self._frame_ref(int(i)) for i in self._pending_ids]
@@ -337,7 +341,7 @@ class Trainer:
         if self.ema is not None:
             saved_ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
             if saved_ema:  # a state written before the run averaged weights starts its average here
-                self.ema = {name: saved_ema[name].clone() for name in self.ema}
+                self.ema = {name: saved_ema[name].to(self.device).clone() for name in self.ema}
         # Loss windows are stored per task name; map them onto this index's task ids.
         saved = LossWindow(int(meta["window"]["window"]))
         saved.load_state({"sums": tensors["window.sums"].numpy(), "counts": tensors["window.counts"].numpy()},

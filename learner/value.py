@@ -85,8 +85,9 @@ class ValueFunction(nn.Module):
         keep = ~np.isnan(targets)
         if not keep.any():
             return None
-        logits = self.logits(batch, generator=generator, augment_shift=augment_shift)[torch.from_numpy(keep)]
-        soft = torch.from_numpy(recap_math.two_hot(targets[keep], self.bins))
+        logits = self.logits(batch, generator=generator, augment_shift=augment_shift)
+        logits = logits[torch.from_numpy(keep).to(logits.device)].float()
+        soft = torch.from_numpy(recap_math.two_hot(targets[keep], self.bins)).to(logits.device, logits.dtype)
         return -(soft * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
     @torch.no_grad()
@@ -96,13 +97,13 @@ class ValueFunction(nn.Module):
         was_training = self.training
         self.eval()
         out = []
-        embedding = torch.from_numpy(self.prompts.get(prompt))[None]
+        embedding = torch.from_numpy(self.prompts.get(prompt))[None].to(self.net.device)
         for start in range(0, len(images), chunk):
             imgs = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk]))
             sts = torch.from_numpy(np.ascontiguousarray(states[start:start + chunk], dtype=np.float32))
             logits = self.net.forward(self.net._images(imgs), embedding.expand(len(imgs), -1),
                                       self.net._states(sts, [env_id] * len(imgs)))
-            out.append(self.expected(logits.view(-1, self.bins)).double().numpy())
+            out.append(self.expected(logits.view(-1, self.bins).float()).double().cpu().numpy())
         self.train(was_training)
         return np.concatenate(out) if out else np.zeros(0)
 

@@ -10,6 +10,7 @@ import torch
 
 from learner.checkpoints import optimizer_from_tensors, optimizer_to_tensors
 from learner.config import TrainConfig
+from learner.devices import autocast
 from learner.policy import Policy
 
 if TYPE_CHECKING:
@@ -87,11 +88,12 @@ def supervised_step(policy: Policy, optimizer: torch.optim.Optimizer, config: Tr
                     generator: Optional[torch.Generator] = None) -> dict[str, Any]:
     """One regression step of the policy's action chunk on ``batch``: loss, backward, clip, optimizer step."""
     policy.train()
-    out = policy.loss(batch, generator=generator, augment_shift=config.augment_shift)
+    with autocast(policy.device, config.amp):
+        out = policy.loss(batch, generator=generator, augment_shift=config.augment_shift)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     grad_norm = 0.0
     if config.grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip))
     optimizer.step()
-    return {"loss": out["loss"].item(), "per_sample": out["per_sample"].numpy(), "grad_norm": grad_norm}
+    return {"loss": out["loss"].item(), "per_sample": out["per_sample"].float().cpu().numpy(), "grad_norm": grad_norm}

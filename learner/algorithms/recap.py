@@ -29,6 +29,7 @@ from learner import recap_math
 from learner.algorithms.base import Algorithm, supervised_step
 from learner.checkpoints import CheckpointError, optimizer_from_tensors, optimizer_to_tensors
 from learner.config import TrainConfig
+from learner.devices import autocast
 from learner.policy import DROPPED, Policy
 from learner.value import ValueFunction, load_value
 
@@ -102,7 +103,7 @@ class RECAP(Algorithm):
             with torch.no_grad():  # the policy waits for the advantages; its losses still feed the sampler
                 policy.eval()
                 out = policy.loss(batch)
-            return {"loss": out["loss"].item(), "per_sample": out["per_sample"].numpy(), "grad_norm": 0.0,
+            return {"loss": out["loss"].item(), "per_sample": out["per_sample"].float().cpu().numpy(), "grad_norm": 0.0,
                     "value_version": self.value_version, **stats}
 
         self.advance(self.config.value_frames_per_step)
@@ -139,7 +140,7 @@ class RECAP(Algorithm):
                                 "value_version": self.value_version, "value_updates": self.value_updates,
                                 "frozen_scales": self.frozen_scales, "value_bins": self.config.value_bins}
         if self.value is not None:
-            tensors.update({f"value.{k}": v.detach().contiguous().clone() for k, v in
+            tensors.update({f"value.{k}": v.detach().cpu().contiguous().clone() for k, v in
                             self.value.net.state_dict().items()})
             value_opt, meta["value_optimizer"] = optimizer_to_tensors(self.value_optimizer, "value_optimizer")
             tensors.update(value_opt)
@@ -172,6 +173,8 @@ class RECAP(Algorithm):
     # -- values and advantages ----------------------------------------------------------------------------------
 
     def _set_value(self, value: ValueFunction) -> None:
+        if self._policy is not None:
+            value.to(self._policy.device)  # the value net trains and predicts where the policy is
         self.value = value
         self.value_optimizer = torch.optim.Adam(value.parameters(), lr=self.config.value_lr)
 
@@ -210,8 +213,9 @@ class RECAP(Algorithm):
     def _value_step(self, batch: dict[str, Any], generator: Optional[torch.Generator]) -> Optional[float]:
         assert self.value is not None and self.value_optimizer is not None
         self.value.train()
-        loss = self.value.loss(batch, self.returns_for(batch["frame_id"].numpy()), generator=generator,
-                               augment_shift=self.config.augment_shift)
+        with autocast(self.value.net.device, self.config.amp):
+            loss = self.value.loss(batch, self.returns_for(batch["frame_id"].numpy()), generator=generator,
+                                   augment_shift=self.config.augment_shift)
         self.value_updates += 1
         if loss is None:
             return None

@@ -33,6 +33,9 @@ class Command(BaseCommand):
         parser.add_argument("--policy-option", action="append", default=[], metavar="KEY=JSON",
                             help="a setting of the policy (its options), e.g. hidden=256 or layers='[64, 64]'")
         parser.add_argument("--list-policies", action="store_true", help="print the policies this install can build")
+        parser.add_argument("--device", help="train on this device: cpu, cuda, cuda:N (default: the worker's "
+                                             "SOP_DEVICE, cpu unless set)")
+        parser.add_argument("--amp", choices=["off", "bf16"], help="mixed precision on CUDA (default off)")
         parser.add_argument("--follow", action="store_true", help="show progress until the run ends")
         parser.add_argument("--stop", type=int, metavar="RUN_ID", help="stop a run instead of starting one")
 
@@ -51,10 +54,11 @@ class Command(BaseCommand):
         if not opts["tasks"]:
             raise CommandError("--tasks is required")
         tasks = [t.strip() for t in opts["tasks"].split(",") if t.strip()]
+        overrides = {k: opts[k] for k in ("device", "amp") if opts[k]}
         try:
             run = services.start_run(opts["algorithm"], tasks, preset=opts["preset"], total_steps=opts["steps"],
                                      from_scratch=opts["from_scratch"], policy=opts["policy"],
-                                     policy_options=_options(opts["policy_option"]))
+                                     policy_options=_options(opts["policy_option"]), overrides=overrides or None)
         except services.LearnerError as exc:
             raise CommandError(str(exc)) from None
         base = f"from v{run.base_checkpoint.version}" if run.base_checkpoint else "from scratch"
