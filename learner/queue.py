@@ -17,10 +17,11 @@ RUN_TRAINING = "learner.run_training"
 EVALUATE_CHECKPOINT = "learner.evaluate_checkpoint"
 
 
-def _send(name: str, args: tuple, countdown: Optional[float] = None) -> None:
+def _send(name: str, args: tuple, countdown: Optional[float] = None, queue: Optional[str] = None) -> None:
     from sop_web.celery import app
 
-    transaction.on_commit(lambda: app.send_task(name, args=args, countdown=countdown))
+    options = {"queue": queue} if queue else {}
+    transaction.on_commit(lambda: app.send_task(name, args=args, countdown=countdown, **options))
 
 
 def enqueue_round(run_id: int, countdown: float = 0.0, claim_attempt: int = 0) -> None:
@@ -32,5 +33,11 @@ def enqueue_round(run_id: int, countdown: float = 0.0, claim_attempt: int = 0) -
 
 
 def enqueue_evaluation(checkpoint_id: int, task_names: Optional[list[str]] = None,
-                       episodes: Optional[int] = None) -> None:
-    _send(EVALUATE_CHECKPOINT, (checkpoint_id, task_names, episodes))
+                       episodes: Optional[int] = None, automatic: bool = False) -> None:
+    """Queue an evaluation on SOP_EVALUATION_QUEUE. ``automatic`` (SOP_AUTO_EVALUATE, after each publish): skipped
+    when a newer checkpoint of the same run exists by the time a worker gets to it, so a slow evaluator follows the
+    newest policy instead of falling further behind; an operator's request is always carried out."""
+    from django.conf import settings
+
+    _send(EVALUATE_CHECKPOINT, (checkpoint_id, task_names, episodes, automatic),
+          queue=settings.SOP_EVALUATION_QUEUE)

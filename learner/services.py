@@ -445,7 +445,7 @@ def publish_checkpoint(run: Optional[TrainingRun], trainer, state_path: Optional
                 if deploy:
                     deploy_checkpoint(checkpoint, reason=f"published by run {run.pk}" if run else "published")
                 if run and settings.SOP_AUTO_EVALUATE:
-                    queue.enqueue_evaluation(checkpoint.pk)
+                    queue.enqueue_evaluation(checkpoint.pk, automatic=True)
         except IntegrityError:
             _discard(saved)
             continue  # another publisher took this version between our read and our commit
@@ -486,6 +486,12 @@ def cleanup_orphan_checkpoints(min_age_s: float = 3600.0) -> int:
     if removed:
         log.info("removed %d orphan checkpoint file(s)", removed)
     return removed
+
+
+def superseded(checkpoint: Checkpoint) -> bool:
+    """A newer checkpoint of the same run exists (a run's checkpoints only; a base checkpoint never is)."""
+    return checkpoint.run_id is not None and Checkpoint.objects.filter(
+        run_id=checkpoint.run_id, version__gt=checkpoint.version).exists()
 
 
 def current_checkpoint() -> Optional[Checkpoint]:

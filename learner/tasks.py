@@ -41,9 +41,13 @@ def run_training(self, run_id: int, claim_attempt: int = 0) -> str:
 
 
 @shared_task(name="learner.evaluate_checkpoint", ignore_result=True)
-def evaluate_checkpoint(checkpoint_id: int, task_names: list[str] | None = None, episodes: int | None = None) -> int:
+def evaluate_checkpoint(checkpoint_id: int, task_names: list[str] | None = None, episodes: int | None = None,
+                        automatic: bool = False) -> int:
     checkpoint = Checkpoint.objects.filter(pk=checkpoint_id).first()
     if checkpoint is None:
+        return 0
+    if automatic and services.superseded(checkpoint):
+        log.info("automatic evaluation of v%d skipped: its run has published a newer checkpoint", checkpoint.version)
         return 0
     from robots.models import Task
 

@@ -234,6 +234,9 @@ SOP_MAX_BAD_MESSAGES = env_int("SOP_MAX_BAD_MESSAGES", 20)  # per minute; past t
 SOP_TENSORBOARD_DIR = env_str("SOP_TENSORBOARD_DIR", str(DATA_DIR / "tensorboard"))
 SOP_AUTO_EVALUATE = env_bool("SOP_AUTO_EVALUATE", False)  # evaluate every published checkpoint (costs worker time)
 SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an evaluation
+# The Celery queue evaluations go to: "learner" (the training workers take them between rounds), or a queue of its own
+# that a separate, lower-priority worker consumes (make demo: "evaluation", a niced worker beside the trainer)
+SOP_EVALUATION_QUEUE = env_str("SOP_EVALUATION_QUEUE", "learner")
 SOP_EVAL_SEED = env_int("SOP_EVAL_SEED", 2601)  # root of the held-out evaluation placements, one set for every checkpoint
 SOP_LEASE_TIMEOUT_S = float(env_str("SOP_LEASE_TIMEOUT_S", "5"))  # a takeover lease not renewed for this long ends
 

@@ -1,9 +1,9 @@
 // Forms with data-confirm ask before they submit (stop a run, roll the fleet back). Also: the "steps" input of the
 // start-run form is only enabled when "Fixed number of steps" is chosen.
-document.querySelectorAll("form[data-confirm]").forEach((form) => {
-  form.addEventListener("submit", (ev) => {
-    if (!window.confirm(form.dataset.confirm)) ev.preventDefault();
-  });
+// (Delegated: the checkpoints table is replaced while the page is open, frontend/pages/checkpoints.js.)
+document.addEventListener("submit", (ev) => {
+  const form = ev.target.closest ? ev.target.closest("form[data-confirm]") : null;
+  if (form && !window.confirm(form.dataset.confirm)) ev.preventDefault();
 });
 
 const start = document.getElementById("start-run");

@@ -43,3 +43,20 @@ def seconds(value) -> str:
     if value < 5400:
         return f"{value / 60:.1f} min"
     return f"{value / 3600:.1f} h"
+
+
+@register.filter
+def when(value, fmt: str = "Y-m-d H:i") -> str:
+    """A timestamp as ``<time>``: the server renders it in UTC, labelled; frontend/pages/localtime.js rewrites it in
+    the browser's time zone (labelled too), so tables and the live console show the same clock."""
+    import datetime as dt
+
+    from django.utils import timezone
+    from django.utils.dateformat import format as date_format
+    from django.utils.html import format_html
+
+    if not value:
+        return "–"
+    utc = timezone.localtime(value, dt.timezone.utc) if timezone.is_aware(value) else value
+    return format_html('<time datetime="{}" data-format="{}">{} UTC</time>', utc.isoformat().replace("+00:00", "Z"),
+                       fmt, date_format(utc, fmt))

@@ -234,3 +234,37 @@ def test_a_viewer_watches_but_cannot_take_over(console, browser):
     wait_for(lambda: frames_decoded(page, robot.name) > 5, 60, "video for a viewer", interval=0.5, procs=procs)
     assert page.get_by_test_id("takeover").is_disabled()
     shot(page, "robot-viewer")
+
+
+def test_the_training_page_follows_evaluations_live_in_local_time_and_dark_mode(console, browser):
+    """Issue 16's polish: an evaluation that finishes shows up without a reload; table times are the browser's own
+    zone, labelled (the UTC value in the tooltip); a dark system theme gets the dark console."""
+    import datetime as dt
+
+    from learner.models import Checkpoint, Evaluation
+
+    checkpoint = Checkpoint.objects.create(version=1, algorithm="bc", step=10, path="policy-v1-test.safetensors",
+                                           size=1, sha256="0" * 64)
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="dark",
+                                  timezone_id="Asia/Tokyo")
+    page = context.new_page()
+    page.goto(f"{console['url']}/login/")
+    page.fill("input[name=username]", "op1")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit], input[type=submit]")
+    page.wait_for_url(f"{console['url']}/")
+    page.goto(f"{console['url']}/training/")
+    assert "not evaluated" in page.inner_text("table.checkpoints")
+
+    Evaluation.objects.create(checkpoint=checkpoint, task=console["task"], episodes=10, successes=7,
+                              status=Evaluation.Status.DONE, finished_at=dt.datetime.now(dt.timezone.utc))
+    page.wait_for_function("document.querySelector('table.checkpoints').innerText.includes('70%')", timeout=25_000)
+
+    stamp = page.locator("table.checkpoints time").first
+    tokyo = checkpoint.created_at.astimezone(dt.timezone(dt.timedelta(hours=9)))
+    assert stamp.inner_text() == f"{tokyo:%m-%d %H:%M} GMT+9"
+    assert stamp.get_attribute("title").endswith("UTC")
+    background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+    assert background == "rgb(15, 20, 27)", background
+    shot(page, "training-dark")
+    context.close()

@@ -123,3 +123,29 @@ def test_a_connected_robot_swaps_to_published_checkpoints_only_between_episodes(
     for ep in episodes:  # each file records exactly the one version its episode ran
         with EpisodeReader(settings.PAYLOAD_DIR / ep.payload_path) as reader:
             assert reader.meta["policy_version"] == (ep.policy_version if ep.policy_version else -1)
+
+
+def test_published_checkpoints_are_evaluated_in_the_background_on_their_own_queue(launcher, demos):
+    """make demo's setup: SOP_AUTO_EVALUATE on a queue of its own, consumed by a second (niced) worker, so the trainer
+    never spends a round evaluating; an evaluator that falls behind evaluates the newest checkpoint, never a stale one
+    after a newer exists."""
+    import sys
+
+    from learner.models import Evaluation
+
+    env = dict(SOP_AUTO_EVALUATE="1", SOP_EVALUATION_QUEUE="evaluation", SOP_EVAL_EPISODES="2")
+    trainer = launcher.worker("worker", SOP_TRAINING_ROUND_S="3", **env)
+    evaluator = launcher.start("evaluator", ["nice", "-n", "15", sys.executable, "-m", "celery", "-A", "sop_web",
+                                             "worker", "-l", "INFO", "--concurrency", "1", "-Q", "evaluation",
+                                             "-n", "evaluator@%h", "--without-heartbeat", "--without-gossip",
+                                             "--without-mingle"], **env)
+    run = debug_run(demos, steps=60, every=20)
+    wait_for(lambda: run_of(run).status == TrainingRun.Status.FINISHED, 180, "run finished", procs=(trainer,))
+    assert versions(run) == [1, 2, 3]
+    wait_for(lambda: Evaluation.objects.filter(checkpoint__version=3, status=Evaluation.Status.DONE).exists(), 180,
+             "the newest checkpoint evaluated", procs=(evaluator,))
+    newest = Evaluation.objects.get(checkpoint__version=3)
+    assert (newest.task, newest.episodes) == (demos, 2)
+    assert not Evaluation.objects.exclude(status=Evaluation.Status.DONE).exists(), "nothing left queued or running"
+    assert "Task learner.evaluate_checkpoint[" not in trainer.output(), "the trainer never ran an evaluation"
+    assert "Task learner.evaluate_checkpoint[" in evaluator.output()

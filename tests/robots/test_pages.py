@@ -442,3 +442,15 @@ def test_audit_filters(client, viewer, admin_user, op, robots):
     assert shown(user="alice", robot="sim-01") == ["relabel"]
     page = client.get(reverse("audit"), {"action": "relabel"}).content.decode()
     assert "alice" in page and "failure" in page and "/episodes/" in page
+
+
+def test_timestamps_are_utc_on_the_server_and_labelled():
+    """Tables render <time> in UTC with the zone named (the browser rewrites them into its own zone, labelled)."""
+    import datetime as dt
+
+    from robots.templatetags.console import when
+
+    at = dt.datetime(2026, 12, 5, 23, 30, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert when(at, "Y-m-d H:i:s") == ('<time datetime="2026-12-05T21:30:05Z" data-format="Y-m-d H:i:s">'
+                                       '2026-12-05 21:30:05 UTC</time>')
+    assert when(None) == "–"

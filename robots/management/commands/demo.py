@@ -47,6 +47,10 @@ class Command(BaseCommand):
         parser.add_argument("--demos", type=int, default=5, help="expert demonstrations per task for the base policy")
         parser.add_argument("--pretrain-steps", type=int, default=1500, help="behaviour-cloning steps of the base")
         parser.add_argument("--algorithm", default="hg_dagger", help="online post-training algorithm")
+        parser.add_argument("--no-evaluator", action="store_true",
+                            help="do not evaluate published checkpoints in the background (a niced second worker)")
+        parser.add_argument("--eval-episodes", type=int, default=10,
+                            help="episodes per task of the background evaluations (the fixed held-out placements)")
 
     def handle(self, *args, **opts):
         self.children: list[tuple[str, subprocess.Popen]] = []
@@ -89,12 +93,22 @@ class Command(BaseCommand):
 
         url = f"http://{opts['host']}:{opts['port']}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        evaluator = learning and not opts["no_worker"] and not opts["no_evaluator"]
+        if evaluator:
+            # Every published checkpoint is evaluated (the newest one when the evaluator falls behind) on its own
+            # queue by a second worker at low CPU priority: the Training page fills in without slowing the trainer.
+            env.update(SOP_AUTO_EVALUATE="1", SOP_EVALUATION_QUEUE="evaluation",
+                       SOP_EVAL_EPISODES=str(opts["eval_episodes"]))
         self._spawn("web", [sys.executable, "-m", "daphne", "-b", opts["host"], "-p", str(opts["port"]),
                             "sop_web.asgi:application"], env, log_dir)
         if not opts["no_worker"]:
             self._spawn("worker", [sys.executable, "-m", "celery", "-A", "sop_web", "worker", "-B", "-l", "INFO",
                                    "--concurrency", "1", "-Q", "default,learner",
                                    "--schedule", str(settings.DATA_DIR / "celerybeat-schedule")], env, log_dir)
+        if evaluator:
+            self._spawn("evaluator", ["nice", "-n", "15", sys.executable, "-m", "celery", "-A", "sop_web", "worker",
+                                      "-l", "INFO", "--concurrency", "1", "-Q", "evaluation", "-n", "evaluator@%h"],
+                        env, log_dir)
         self._wait_http(f"{url}/healthz")
         self._say(f"web        {url}  (log: {log_dir}/web.log)")
 
