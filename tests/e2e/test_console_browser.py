@@ -99,8 +99,8 @@ def browser(console, monkeypatch):
         browser.close()
 
 
-def login(browser, url: str, username: str):
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
+def login(browser, url: str, username: str, **context_options):
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, **context_options)
     page = context.new_page()
     page.goto(f"{url}/login/")
     page.fill("input[name=username]", username)
@@ -245,14 +245,7 @@ def test_the_training_page_follows_evaluations_live_in_local_time_and_dark_mode(
 
     checkpoint = Checkpoint.objects.create(version=1, algorithm="bc", step=10, path="policy-v1-test.safetensors",
                                            size=1, sha256="0" * 64)
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, color_scheme="dark",
-                                  timezone_id="Asia/Tokyo")
-    page = context.new_page()
-    page.goto(f"{console['url']}/login/")
-    page.fill("input[name=username]", "op1")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit], input[type=submit]")
-    page.wait_for_url(f"{console['url']}/")
+    page = login(browser, console["url"], "op1", color_scheme="dark", timezone_id="Asia/Tokyo")
     page.goto(f"{console['url']}/training/")
     assert "not evaluated" in page.inner_text("table.checkpoints")
 
@@ -267,4 +260,4 @@ def test_the_training_page_follows_evaluations_live_in_local_time_and_dark_mode(
     background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
     assert background == "rgb(15, 20, 27)", background
     shot(page, "training-dark")
-    context.close()
+    page.context.close()

@@ -5,6 +5,7 @@ The local backend is what every other test runs on; here the same code paths run
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import boto3
@@ -23,7 +24,7 @@ from robots import fleet, ingest
 from robots.models import Episode, Task
 from sop_web import storage
 from sop_web.asgi import application
-from tests.learner.conftest import FakeEmbedder, make_episode
+from tests.learner.conftest import FakeEmbedder, trainer  # noqa: F401  (trainer: a fixture)
 from tests.robots.factories import announcement, bearer, episode_bytes, episode_data
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -53,6 +54,17 @@ def put_object(env: dict, key: str, body: bytes) -> None:
     client.put_object(Bucket=env["SOP_S3_BUCKET"], Key=key, Body=body)
 
 
+async def send(token: str, body: dict, offset, chunk: bytes):
+    """Announce the episode (the robot's POST), then PUT ``chunk`` at ``offset`` unless it is None: both replies."""
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        opened = await http.post(EPISODES, json=body, headers=bearer(token))
+        if offset is None:
+            return opened, None
+        headers = {**bearer(token), "Upload-Offset": str(offset), "Content-Type": "application/octet-stream"}
+        return opened, await http.put(f"{EPISODES}{body['id']}/payload", content=chunk, headers=headers)
+
+
 def test_keys_never_leave_the_store():
     for bad in ("", "/etc/passwd", "payloads/../secret_key", "payloads/./x", "payloads//x", "payloads",
                 "elsewhere/x.h5", "payloads\\..\\x", "payloads/x\0"):
@@ -80,23 +92,20 @@ def test_a_corrupt_or_torn_object_is_never_read(s3_storage, areas):
         storage.ensure_local("checkpoints/never-stored", sha256=sha, size=7000)
 
 
-def test_an_episode_is_verified_into_the_bucket_and_read_back_through_a_cache(s3_storage, areas, settings):
-    robot, token = fleet.register_robot("sim-01")
+@pytest.fixture
+def upload(areas):
+    """A robot, its task and one episode to upload: (token, announcement body, payload bytes)."""
+    _, token = fleet.register_robot("sim-01")
     Task.objects.create(name="drawer-open", env_id="drawer-open-v3", prompts=["open the drawer"], max_steps=150)
     data = episode_data()
     payload = episode_bytes(areas, data)
-    body = announcement(data, payload)
+    return token, announcement(data, payload), payload
 
-    async def upload():
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            opened = await http.post(EPISODES, json=body, headers=bearer(token))
-            headers = {**bearer(token), "Upload-Offset": "0", "Content-Type": "application/octet-stream"}
-            return await http.put(f"{EPISODES}{body['id']}/payload", content=payload, headers=headers), opened
 
-    import asyncio
+def test_an_episode_is_verified_into_the_bucket_and_read_back_through_a_cache(s3_storage, areas, upload, settings):
+    token, body, payload = upload
 
-    done, opened = asyncio.run(upload())
+    opened, done = asyncio.run(send(token, body, 0, payload))
     assert opened.status_code == 201 and done.status_code == 200 and done.json()["status"] == "verified"
     episode = Episode.objects.get(pk=body["id"])
     key = storage.episode_key(episode.payload_path)
@@ -112,48 +121,19 @@ def test_an_episode_is_verified_into_the_bucket_and_read_back_through_a_cache(s3
     assert len(index) == episode.steps
 
 
-def test_an_unreachable_bucket_loses_no_upload(s3_storage, areas, settings):
-    robot, token = fleet.register_robot("sim-01")
-    Task.objects.create(name="drawer-open", env_id="drawer-open-v3", prompts=["open the drawer"], max_steps=150)
-    data = episode_data()
-    payload = episode_bytes(areas, data)
-    body = announcement(data, payload)
+def test_an_unreachable_bucket_loses_no_upload(s3_storage, upload, settings):
+    token, body, payload = upload
     live = settings.SOP_S3_ENDPOINT_URL
 
-    async def send(offset: int, chunk: bytes):
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            if offset == 0:
-                await http.post(EPISODES, json=body, headers=bearer(token))
-            else:
-                again = await http.post(EPISODES, json=body, headers=bearer(token))
-                return again
-            headers = {**bearer(token), "Upload-Offset": str(offset), "Content-Type": "application/octet-stream"}
-            return await http.put(f"{EPISODES}{body['id']}/payload", content=chunk, headers=headers)
-
-    import asyncio
-
     settings.SOP_S3_ENDPOINT_URL = "http://127.0.0.1:9"  # nothing listens: the bucket is down
-    failed = asyncio.run(send(0, payload))
+    _, failed = asyncio.run(send(token, body, 0, payload))
     assert failed.status_code == 503 and failed.json()["code"] == "storage_unavailable"
     assert Episode.objects.get(pk=body["id"]).status == Episode.Status.UPLOADING
     settings.SOP_S3_ENDPOINT_URL = live  # back: the robot's next announcement finishes the upload
-    resumed = asyncio.run(send(len(payload), b""))
+    resumed, _ = asyncio.run(send(token, body, None, b""))
     assert resumed.json()["status"] == "verified", resumed.text
     episode = Episode.objects.get(pk=body["id"])
     assert bucket_object(s3_storage, storage.episode_key(episode.payload_path)) == payload
-
-
-@pytest.fixture
-def trainer(tmp_path):
-    preset = get_preset("debug")
-    index = FrameIndex(horizon=preset.policy.horizon)
-    for i in range(2):
-        index.add_episode(make_episode(tmp_path / f"ep{i}.h5", seed=i))
-    policy = build_policy(preset.policy, embedder=FakeEmbedder(), seed=0)
-    with Trainer(preset.train, index, policy, build_algorithm(preset.train)) as t:
-        t.train_step()
-        yield t
 
 
 def test_checkpoints_go_to_the_bucket_and_robots_download_them_from_it_without_their_token(
