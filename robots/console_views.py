@@ -31,7 +31,7 @@ def _is_revoked(robot) -> bool:
 @require_safe
 @login_required
 def fleet(request):
-    robots = [r for r in selectors.list_robots() if not _is_revoked(r)]
+    robots = [r for r in selectors.list_robots().filter(recorder=False) if not _is_revoked(r)]
     return render(request, "robots/fleet.html", {
         "robots": RobotSerializer(robots, many=True).data,
         "max_videos": MAX_FLEET_VIDEOS,

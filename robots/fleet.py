@@ -51,6 +51,20 @@ def register_robot(name: str) -> tuple[Robot, str]:
     return robot, token
 
 
+def recorder(name: str) -> Robot:
+    """The data identity demonstrations and imported datasets are stored under (created on first use): a robot row
+    without a token, marked ``recorder``, so it never connects and the console does not show it as a fleet tile. A
+    name that belongs to a real robot (one with a token) is refused."""
+    validate_name(name)
+    robot, created = Robot.objects.get_or_create(name=name, defaults={"recorder": True})
+    if not created and not robot.recorder:
+        if robot.token_hash is not None:
+            raise ValueError(f"{name} is a robot of the fleet; record demonstrations under another name")
+        Robot.objects.filter(pk=robot.pk).update(recorder=True)
+        robot.recorder = True
+    return robot
+
+
 def revoke_robot(robot: Robot, actor=None) -> Robot:
     """Invalidate the robot's token and close every live socket of it at once.
 

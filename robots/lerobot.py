@@ -1072,7 +1072,7 @@ def import_dataset(root: str | os.PathLike, task, *, camera_map: dict[str, str] 
     from . import fleet
     from .agent.spool import sha256_of, upload_metadata
     from .exceptions import SopError
-    from .models import Episode, Robot
+    from .models import Episode
 
     if limit is not None and limit < 1:
         raise LeRobotError(f"limit must be at least 1, got {limit}")
@@ -1080,7 +1080,10 @@ def import_dataset(root: str | os.PathLike, task, *, camera_map: dict[str, str] 
     plan = plan_import(meta, task, camera_map=camera_map, state_key=state_key, action_key=action_key)
     for _ in iter_episodes(meta, limit=limit):
         pass  # every episode's rows are read and checked before anything is stored
-    robot = Robot.objects.filter(name=robot_name).first() or fleet.register_robot(robot_name)[0]
+    try:
+        robot = fleet.recorder(robot_name)
+    except ValueError as exc:
+        raise LeRobotError(str(exc)) from None
     total = len(meta.episodes[:limit])
     summary = {"imported": 0, "already": 0, "frames": 0, "episode_ids": [], "camera": plan.camera,
                "camera_key": plan.camera_key}

@@ -75,6 +75,10 @@ class Robot(models.Model):
     agent_version = models.CharField(max_length=50, blank=True)
     # operator console (docs/console.md): the server's e-stop latch (re-sent at every hello) and what status reports
     estopped = models.BooleanField(default=False, help_text="E-stop latched from the console; cleared only there")
+    recorder = models.BooleanField(
+        default=False, help_text="A data identity, not a machine: demonstrations (collect_demos) and imported datasets "
+                                 "(import_lerobot) are recorded as it. It has no token, never connects and is not a "
+                                 "fleet tile.")
     estopped_by = models.CharField(max_length=150, blank=True)
     estopped_at = models.DateTimeField(null=True, blank=True)
     estop_seq = models.PositiveIntegerField(default=0, help_text="Counts the server's e-stop changes of this robot")

@@ -155,7 +155,7 @@ def _parse_mix(row, data) -> dict[Task, tuple[float, str]]:
 @login_required
 def tasks(request):
     tasks = _task_rows()
-    robots = list(Robot.objects.filter(revoked_at__isnull=True).order_by("name"))
+    robots = list(Robot.objects.filter(revoked_at__isnull=True, recorder=False).order_by("name"))
     errors: dict[str, str] = {}
     data = None
     if request.method == "POST":

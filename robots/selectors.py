@@ -98,7 +98,7 @@ def robot_states(robot_ids: Optional[Iterable[int]] = None,
     as_of = time.time()  # before the read: a state read after a change committed is always newer than one before
     start = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
     today = Q(episodes__ended_at__gte=start)
-    robots = list_robots().filter(revoked_at__isnull=True, token_hash__isnull=False).annotate(
+    robots = list_robots().filter(revoked_at__isnull=True, token_hash__isnull=False, recorder=False).annotate(
         episodes_today=Count("episodes", filter=today),
         successes_today=Count("episodes", filter=today & Q(episodes__success=True)),
         interventions_today=Sum("episodes__intervention_count", filter=today),

@@ -454,3 +454,18 @@ def test_timestamps_are_utc_on_the_server_and_labelled():
     assert when(at, "Y-m-d H:i:s") == ('<time datetime="2026-12-05T21:30:05Z" data-format="Y-m-d H:i:s">'
                                        '2026-12-05 21:30:05 UTC</time>')
     assert when(None) == "–"
+
+
+def test_the_demonstrations_recorder_is_not_a_fleet_tile(client, op, robots):
+    """collect_demos and import_lerobot record as a data identity: no token, never online, not on the fleet page,
+    in the console's robot list or in the task mix; a fleet robot's name cannot become one."""
+    from robots import selectors
+
+    recorder = fleet.recorder("demo-collector")
+    assert recorder.recorder and recorder.token_hash is None
+    assert fleet.recorder("demo-collector").pk == recorder.pk
+    assert [r["name"] for r in selectors.robot_states()] == ["sim-01", "sim-02"]
+    page = client_for(client, op).get("/").content.decode()
+    assert "sim-01" in page and "demo-collector" not in page
+    with pytest.raises(ValueError, match="robot of the fleet"):
+        fleet.recorder("sim-01")

@@ -22,7 +22,7 @@ from robots import demos, fleet, ingest
 from robots.agent.config import SIM_EXPERTS
 from robots.agent.seeding import stream_seed
 from robots.agent.spool import Spool
-from robots.models import Episode, Robot, Task
+from robots.models import Episode, Task
 
 CHUNK = 8 * 1024 * 1024
 
@@ -53,7 +53,10 @@ class Command(BaseCommand):
         if opts["episodes"] < 1:
             raise CommandError("--episodes must be >= 1")
         logging.getLogger("robots.ingest").setLevel(logging.WARNING)  # the progress bar says it
-        robot = Robot.objects.filter(name=opts["robot"]).first() or fleet.register_robot(opts["robot"])[0]
+        try:
+            robot = fleet.recorder(opts["robot"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         self.already = 0
 
         with tempfile.TemporaryDirectory(prefix="sop-demos-") as tmp:
