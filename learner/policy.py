@@ -216,9 +216,13 @@ class SmallVLA(Policy):
     # -- normalisation ---------------------------------------------------------------------------------------------
 
     @property
+    def device(self) -> torch.device:
+        return self.state_mean.device  # a buffer moves with the parameters: no walk over the modules per call
+
+    @property
     def normalization(self) -> Normalization:
-        return Normalization(self.state_mean.numpy().copy(), self.state_std.numpy().copy(),
-                             self.action_scale.numpy().copy())
+        return Normalization(self.state_mean.cpu().numpy().copy(), self.state_std.cpu().numpy().copy(),
+                             self.action_scale.cpu().numpy().copy())
 
     def set_normalization(self, norm: Normalization) -> None:
         with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -37,7 +38,5 @@ def enqueue_evaluation(checkpoint_id: int, task_names: Optional[list[str]] = Non
     """Queue an evaluation on SOP_EVALUATION_QUEUE. ``automatic`` (SOP_AUTO_EVALUATE, after each publish): skipped
     when a newer checkpoint of the same run exists by the time a worker gets to it, so a slow evaluator follows the
     newest policy instead of falling further behind; an operator's request is always carried out."""
-    from django.conf import settings
-
     _send(EVALUATE_CHECKPOINT, (checkpoint_id, task_names, episodes, automatic),
           queue=settings.SOP_EVALUATION_QUEUE)

@@ -530,12 +530,8 @@ def checkpoint_row(version: int) -> Checkpoint:
     return checkpoint
 
 
-def checkpoint_file(version: int) -> Path:
-    """A local file with the checkpoint's weights (object storage: fetched into this host's cache, verified)."""
-    return checkpoint_local(checkpoint_row(version))
-
-
 def checkpoint_local(checkpoint: Checkpoint) -> Path:
+    """A local file with the checkpoint's weights (object storage: fetched into this host's cache, verified)."""
     return storage.ensure_local(storage.checkpoint_key(checkpoint.path), sha256=checkpoint.sha256,
                                 size=checkpoint.size)
 

@@ -182,12 +182,6 @@ def _read_etag(path: Path) -> Optional[str]:
         return None
 
 
-def exists(key: str) -> bool:
-    if not is_remote():
-        return local_path(key).exists()
-    return _head(key) is not None
-
-
 def list_keys(prefix: str) -> list[tuple[str, float]]:
     """(key, modification time) of the objects directly under ``prefix`` (a folder key): for orphan cleanup."""
     area, _, rest = validate_key(prefix).partition("/")
@@ -217,7 +211,7 @@ def download_url(key: str, filename: str) -> Optional[str]:
     (the caller streams the file, or hands it to nginx by X-Accel-Redirect)."""
     if not is_remote():
         return None
-    return _storage().url(_storage_name(key), parameters={
+    return _storage().url(validate_key(key), parameters={
         "ResponseContentDisposition": f'attachment; filename="{filename}"',
     })
 
@@ -261,10 +255,6 @@ def _reset(setting: str, **kwargs) -> None:
 
 def _bucket():
     return _storage().bucket
-
-
-def _storage_name(key: str) -> str:
-    return validate_key(key)
 
 
 def _remote_name(key: str) -> str:

@@ -154,7 +154,7 @@ def test_checkpoints_go_to_the_bucket_and_robots_download_them_from_it_without_t
 
     # Evaluation on another host: the weights come from the bucket, verified.
     settings.CHECKPOINT_DIR = areas / "host-b" / "checkpoints"
-    assert services.checkpoint_file(published.version).read_bytes() == weights
+    assert services.checkpoint_local(published).read_bytes() == weights
 
 
 def test_a_robot_follows_the_redirect_and_keeps_its_token_at_home(s3_storage, areas, trainer, tmp_path):
