@@ -3,6 +3,7 @@
 import { sharedSocket } from "./console/socket.js";
 import { RobotViewer } from "./console/video.js";
 import { ago, controlBadge, countersText, episodeText, esc, mismatchText, num, pct, setField, stateWord } from "./console/ui.js";
+import { Alerts, HelpQueue, installShortcuts, kindText, sinceText, sortTiles, titleWithCount } from "./console/attention.js";
 
 const LEARN_REFRESH_MS = 5000;
 const EPISODES_REFRESH_MS = 5000;
@@ -14,6 +15,10 @@ const episodesTable = document.getElementById("episodes");
 const errorBox = document.getElementById("fleet-error");
 const MAX_VIDEOS = Math.max(1, Number(root.dataset.maxVideos) || 6);
 const robotUrl = (name) => root.dataset.robotUrl.replace("ROBOT", encodeURIComponent(name));
+const answerUrl = (request) => `${robotUrl(request.robot)}?help=${request.id}`;
+let me = root.dataset.user;
+let role = root.dataset.role || "viewer";
+const canOperate = () => role === "operator" || role === "admin";
 
 const socket = sharedSocket();
 socket.bindIndicator(document.getElementById("conn"));
@@ -21,7 +26,10 @@ socket.bindIndicator(document.getElementById("conn"));
 /** name -> {name, el, state, viewer, visible, pinnedAt} */
 const tiles = new Map();
 const viewers = new Map(); // name -> RobotViewer (window.sopConsole.viewers)
-window.sopConsole = Object.assign(window.sopConsole || {}, { socket, viewers, tiles });
+const queue = new HelpQueue();
+const alerts = new Alerts();
+const baseTitle = document.title;
+window.sopConsole = Object.assign(window.sopConsole || {}, { socket, viewers, tiles, queue, alerts });
 
 // ---------------------------------------------------------------- tiles
 
@@ -89,6 +97,12 @@ function renderTile(tile) {
   setField(el, "viewers", s?.connected && s.viewers ? `· ${s.viewers} watching` : "");
   setField(el, "policy-error", s?.policy_error ? "· checkpoint rejected" : "", { title: s?.policy_error || null });
   setField(el, "mismatch", mismatchText(s));
+  const help = queue.forRobot(tile.name);
+  el.classList.toggle("needs-help", !!help && help.status === "open");
+  el.classList.toggle("helped", !!help && help.status === "claimed");
+  el.dataset.urgency = help ? String(help.urgency) : "";
+  setField(el, "help", help ? (help.status === "open" ? `needs help: ${kindText(help.kind)}` : `answered by ${help.claimed_by}`) : "",
+    { hidden: help ? null : "", title: help ? help.reason : null });
   renderVideoNote(tile);
 }
 
@@ -172,11 +186,123 @@ function applyState(state) {
   if (tile.viewer) tile.viewer.setOnline(!!state.connected);
   if (!prev || prev.connected !== state.connected) scheduleAllocation();
   if (prev && prev.current_episode && prev.current_episode !== state.current_episode) scheduleEpisodes();
+  if (!prev || prev.connected !== state.connected || prev.state !== state.state || !!prev.lease !== !!state.lease
+      || prev.estopped !== state.estopped) scheduleOrder();
 }
+
+// ---------------------------------------------------------------- attention: tile order and the help queue
+
+let orderTimer = null;
+function scheduleOrder() {
+  clearTimeout(orderTimer);
+  orderTimer = setTimeout(orderTiles, 100);
+}
+
+/** Robots asking for help first (most urgent, oldest), then answered ones, e-stopped, driven, running, idle, offline.
+ * The DOM order itself changes (keyboard and screen-reader order follow what is seen); videos keep playing. */
+function orderTiles() {
+  const names = [...grid.querySelectorAll(".tile[data-robot]")].map((el) => el.dataset.robot);
+  const order = sortTiles(names, (n) => tiles.get(n)?.state, (n) => queue.forRobot(n));
+  if (order.every((n, i) => n === names[i])) return;
+  for (const name of order) {
+    const tile = tiles.get(name);
+    if (tile) grid.appendChild(tile.el);
+  }
+  scheduleAllocation(); // the first MAX_VIDEOS visible tiles get video: the ones asking for help now among them
+}
+
+const queueBox = document.getElementById("help-queue");
+const queueList = queueBox.querySelector('[data-field="help-list"]');
+const URGENCY = { 3: "urgent", 2: "soon", 1: "low" };
+
+function helpItem(r) {
+  const mine = r.assigned_to && r.assigned_to === me;
+  const who = r.status === "claimed" ? `answered by ${esc(r.claimed_by)}`
+    : mine ? "<strong>assigned to you</strong>" : r.assigned_to ? `assigned to ${esc(r.assigned_to)}` : "unassigned";
+  const actions = r.status === "open" && canOperate()
+    ? `<a class="button primary" data-action="answer" href="${esc(answerUrl(r))}" aria-label="answer ${esc(r.robot)}'s request: open the robot and take it over">Answer</a>
+       <button type="button" data-action="dismiss" data-help="${r.id}" aria-label="dismiss ${esc(r.robot)}'s request as a false alarm">False alarm</button>`
+    : `<a class="button" href="${esc(robotUrl(r.robot))}">Open</a>`;
+  return `<li class="help-item ${r.status} urgency-${r.urgency}${mine ? " mine" : ""}" data-help="${r.id}" data-robot="${esc(r.robot)}" data-testid="help-item">
+    <span class="badge urgency u${r.urgency}">${URGENCY[r.urgency] || r.urgency}</span>
+    <div class="help-text"><a href="${esc(robotUrl(r.robot))}"><strong>${esc(r.robot)}</strong></a>
+      <span class="kind">${esc(kindText(r.kind))}</span> · ${esc(r.reason)}
+      <div class="small muted">asking for <span data-since="${esc(r.raised_at)}">${sinceText(r.raised_at)}</span> · ${who}</div></div>
+    <span class="help-actions">${actions}</span></li>`;
+}
+
+function renderQueue() {
+  const active = queue.active();
+  const open = active.filter((r) => r.status === "open").length;
+  queueList.innerHTML = active.map(helpItem).join("");
+  setField(queueBox, "help-count", String(open), { class: `count${open ? " hot" : ""}` });
+  queueBox.classList.toggle("has-requests", open > 0);
+  queueBox.querySelector('[data-field="help-empty"]').hidden = active.length > 0;
+  document.title = titleWithCount(baseTitle, open);
+  set("help", open); // the summary tile
+  for (const tile of tiles.values()) if (tile.state) renderTile(tile);
+  scheduleOrder();
+}
+
+function set(k, v) {
+  const el = document.querySelector(`[data-stat="${k}"]`);
+  if (el) el.textContent = v;
+}
+
+queue.onChange(({ fresh }) => {
+  renderQueue();
+  for (const r of fresh) alerts.announce(r, answerUrl(r));
+});
+queueList.addEventListener("click", (e) => {
+  const dismiss = e.target.closest('[data-action="dismiss"]');
+  if (!dismiss) return;
+  const note = window.prompt("Why is this a false alarm? (optional, helps tune the robot's detector)", "") ?? null;
+  if (note === null) return;
+  socket.send({ type: "help.dismiss", id: Number(dismiss.dataset.help), note: note.slice(0, 500) });
+});
+setInterval(() => {
+  for (const el of queueList.querySelectorAll("[data-since]")) el.textContent = sinceText(el.dataset.since);
+}, 1000);
+
+const prefs = {
+  sound: queueBox.querySelector('[data-pref="sound"]'),
+  notify: queueBox.querySelector('[data-pref="notify"]'),
+  capacity: queueBox.querySelector('[data-pref="capacity"]'),
+};
+prefs.sound.checked = alerts.sound;
+prefs.notify.checked = alerts.notify;
+prefs.sound.addEventListener("change", () => alerts.setSound(prefs.sound.checked));
+prefs.notify.addEventListener("change", async () => {
+  const wanted = prefs.notify.checked;
+  prefs.notify.checked = await alerts.setNotify(wanted);
+  if (wanted && !prefs.notify.checked) showError("Notifications are blocked for this site: allow them in the browser's site settings.");
+});
+const CAPACITY = "sop.capacity";
+if (prefs.capacity) {
+  prefs.capacity.value = localStorage.getItem(CAPACITY) || "1";
+  prefs.capacity.addEventListener("change", () => {
+    localStorage.setItem(CAPACITY, prefs.capacity.value);
+    socket.send({ type: "help.capacity", capacity: Number(prefs.capacity.value) });
+  });
+}
+
+const shortcuts = installShortcuts([
+  { keys: ["A"], text: "answer the next help request (yours first, else the most urgent)" },
+  { keys: ["?"], text: "show this list" },
+  { keys: ["Esc"], text: "on a robot's page: E-STOP that robot" },
+], {
+  a: () => {
+    const next = queue.next(me);
+    if (next && canOperate()) window.location.href = answerUrl(next);
+  },
+});
+queueBox.querySelector('[data-action="shortcuts"]').addEventListener("click", () => {
+  window.dispatchEvent(new KeyboardEvent("keydown", { key: "?" }));
+});
+window.sopConsole.shortcuts = shortcuts;
 
 function renderSummary() {
   const robots = [...tiles.values()].map((t) => t.state).filter(Boolean);
-  const set = (k, v) => { const el = document.querySelector(`[data-stat="${k}"]`); if (el) el.textContent = v; };
   const sum = (f) => robots.reduce((n, r) => n + (r[f] || 0), 0);
   const total = sum("verified_episode_count");
   set("online", `${robots.filter((r) => r.connected).length} / ${robots.length}`);
@@ -194,6 +320,11 @@ function showError(text) {
 }
 
 socket.on("hello", (hello) => {
+  me = hello.user || me;
+  role = hello.role || role;
+  queue.reset(hello.help || []);
+  const capacity = Number(localStorage.getItem(CAPACITY) || 1);
+  if (canOperate() && capacity > 1) socket.send({ type: "help.capacity", capacity });
   const names = new Set((hello.robots || []).map((r) => r.name));
   for (const name of [...tiles.keys()]) if (!names.has(name)) removeTile(name);
   for (const state of hello.robots || []) applyState(state);
@@ -209,9 +340,11 @@ socket.on("robot.live", (msg) => {
   }
   renderSummary();
 });
+socket.on("help", (msg) => queue.apply(msg.requests || []));
 socket.on("robot.removed", (msg) => removeTile(typeof msg.robot === "string" ? msg.robot : msg.robot?.name));
 socket.on("error", (msg) => {
-  if (msg.code === "forbidden" || msg.code === "unknown_robot" || msg.code === "malformed" || msg.code === "invalid") {
+  if (msg.code === "forbidden" || msg.code === "unknown_robot" || msg.code === "malformed" || msg.code === "invalid"
+      || msg.code === "held") {
     showError(msg.detail || msg.code);
   }
 });

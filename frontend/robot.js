@@ -4,6 +4,7 @@ import { sharedSocket } from "./console/socket.js";
 import { RobotViewer } from "./console/video.js";
 import { TELEOP_KEYS, TeleopController } from "./console/teleop.js";
 import { controlBadge, countersText, episodeText, mismatchText, num, operatorOf, setField, shortId, stateWord } from "./console/ui.js";
+import { Alerts, HelpQueue, drawTrace, installShortcuts, kindText, sinceText, titleWithCount } from "./console/attention.js";
 
 const root = document.getElementById("robot-console");
 const ROBOT = root.dataset.robot;
@@ -28,6 +29,11 @@ let pendingTakeover = null; // {at, force}
 let lastStats = null;
 const canOperate = () => role === "operator" || role === "admin";
 const isAdmin = () => role === "admin";
+const queue = new HelpQueue(); // the fleet's queue; this page shows this robot's request
+const alerts = new Alerts();
+const baseTitle = document.title;
+// ?help=ID: the operator pressed "Answer" on the fleet page: claim it once the socket is up (once only)
+let answering = Number(new URLSearchParams(window.location.search).get("help")) || null;
 
 // ---------------------------------------------------------------- video and teleop
 
@@ -50,7 +56,7 @@ const viewer = new RobotViewer({
 teleop.setViewer(viewer);
 const viewers = new Map([[ROBOT, viewer]]);
 // Object.assign would copy the getter's value once; defineProperty keeps `holding` live for tests and benchmarks.
-window.sopConsole = Object.assign(window.sopConsole || {}, { socket, viewers, teleop, robot: ROBOT });
+window.sopConsole = Object.assign(window.sopConsole || {}, { socket, viewers, teleop, robot: ROBOT, queue, alerts });
 Object.defineProperty(window.sopConsole, "holding", { get: () => holding, configurable: true });
 
 // ---------------------------------------------------------------- messages
@@ -85,6 +91,20 @@ socket.on("hello", (hello) => {
   if (mine) state = mine;
   else showError(`${ROBOT} is not in the fleet (any more).`, { sticky: true });
   setHolding(false); // a new socket: the old one's lease ended with it
+  queue.reset(hello.help || []);
+  if (answering) {
+    const request = queue.requests.get(answering);
+    answering = null;
+    history.replaceState(null, "", window.location.pathname); // a reload does not claim again
+    if (request && request.robot === ROBOT && request.status === "open") claimHelp(request);
+    else if (request === undefined) showError("That help request is no longer open.");
+  }
+  render();
+});
+
+socket.on("help", (msg) => {
+  const fresh = queue.apply(msg.requests || []);
+  for (const r of fresh) if (r.robot === ROBOT) alerts.announce(r);
   render();
 });
 
@@ -205,6 +225,29 @@ function clearEstop() {
   }
 }
 
+function claimHelp(request) {
+  if (!canOperate()) return showError("Operators only: viewers cannot answer help requests.");
+  pendingTakeover = { at: Date.now(), force: false };
+  showError("");
+  if (!send({ type: "help.claim", id: request.id }, "answer the request")) pendingTakeover = null;
+  setTimeout(() => { if (pendingTakeover && Date.now() - pendingTakeover.at >= 5000) { pendingTakeover = null; render(); } }, 5100);
+  render();
+}
+
+function resolveHelp(outcome) {
+  const request = queue.forRobot(ROBOT);
+  if (!request) return;
+  send({ type: "help.resolve", id: request.id, ...(outcome ? { outcome } : {}) }, "resolve the request");
+}
+
+function dismissHelp() {
+  const request = queue.forRobot(ROBOT);
+  if (!request) return;
+  const note = window.prompt("Why is this a false alarm? (optional, helps tune the robot's detector)", "");
+  if (note === null) return;
+  send({ type: "help.dismiss", id: request.id, note: note.slice(0, 500) }, "dismiss the request");
+}
+
 function label(outcome) {
   const episode = state && state.current_episode;
   if (!episode) return showError("No running episode to label.");
@@ -221,6 +264,11 @@ button("estop-clear").addEventListener("click", clearEstop);
 button("mark-success").addEventListener("click", () => label("success"));
 button("mark-failure").addEventListener("click", () => label("failure"));
 button("retry-video").addEventListener("click", () => viewer.retry());
+button("help-claim").addEventListener("click", () => { const r = queue.forRobot(ROBOT); if (r) claimHelp(r); });
+button("help-resolve-success").addEventListener("click", () => resolveHelp("success"));
+button("help-resolve-failure").addEventListener("click", () => resolveHelp("failure"));
+button("help-resolve").addEventListener("click", () => resolveHelp(null));
+button("help-dismiss").addEventListener("click", dismissHelp);
 $('[data-field="reason"]').addEventListener("change", (e) => {
   $('[data-field="reason-other"]').hidden = e.target.value !== "other";
 });
@@ -240,6 +288,23 @@ window.addEventListener("keyup", (e) => {
   if (holding && !typing(e)) e.preventDefault(); // Space must not also click a focused button
 });
 window.addEventListener("blur", () => teleop.releaseAllKeys());
+// Esc: E-STOP, wherever the focus is on this page (a field included); the one shortcut that never waits
+window.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape" || e.repeat || !canOperate()) return;
+  e.preventDefault();
+  estop();
+}, true);
+window.sopConsole.shortcuts = installShortcuts([
+  { keys: ["Esc"], text: "E-STOP this robot (operators; works while typing too)" },
+  { keys: ["W", "S"], text: "+y / −y while you hold the robot" },
+  { keys: ["A", "D"], text: "−x / +x" },
+  { keys: ["R", "F"], text: "+z / −z (also ↑ / ↓)" },
+  { keys: ["Space"], text: "toggle the gripper" },
+  { keys: ["H"], text: "answer this robot's help request (take over)" },
+  { keys: ["?"], text: "show this list" },
+], {
+  h: () => { const r = queue.forRobot(ROBOT); if (r && r.status === "open" && !holding) claimHelp(r); },
+});
 window.addEventListener("gamepadconnected", (e) => setField(root, "gamepad", `Gamepad: ${e.gamepad.id} (left stick xy, triggers or right stick z, button A toggles grip)`));
 window.addEventListener("gamepaddisconnected", () => setField(root, "gamepad", "Gamepad: none"));
 
@@ -358,12 +423,38 @@ function render() {
   setButton("mark-failure", { disabled: !canLabel, title: !operate ? viewerOnly : episode ? `end ${shortId(episode)} as a failure` : "no running episode" });
   setField(root, "label-episode", episode ? shortId(episode) : "none");
   setField(root, "teleop-state", holding ? "(active: you hold the robot)" : "(while you hold the robot)");
+  renderHelp();
   viewer.setOnline(online);
   renderVideoNote();
   renderHud();
   renderGrip();
   renderLink(teleop.lastPath);
 }
+
+const URGENCY = { 3: "urgent", 2: "soon", 1: "low" };
+let drawnTrace = null;
+
+function renderHelp() {
+  const request = queue.forRobot(ROBOT);
+  const box = $('[data-field="help-box"]');
+  document.title = titleWithCount(baseTitle, queue.open().length);
+  box.hidden = !request;
+  root.classList.toggle("needs-help", !!request && request.status === "open");
+  if (!request) return;
+  const mine = holding && request.status === "claimed" && request.claimed_by === me;
+  setField(root, "help-title", request.status === "open" ? `${ROBOT} asks for help` : `answered by ${request.claimed_by}${mine ? " (you)" : ""}`);
+  setField(root, "help-urgency", URGENCY[request.urgency] || String(request.urgency), { class: `badge urgency u${request.urgency}` });
+  setField(root, "help-reason", `${kindText(request.kind)}: ${request.reason}`);
+  const assigned = request.assigned_to ? (request.assigned_to === me ? "assigned to you" : `assigned to ${request.assigned_to}`) : "unassigned";
+  setField(root, "help-meta", `asking for ${sinceText(request.raised_at)} · step ${request.step} · ${assigned} · request #${request.id}`);
+  if (drawnTrace !== request.id) drawnTrace = drawTrace($('[data-field="help-trace"]'), request.trace) ? request.id : null;
+  const operate = canOperate();
+  setButton("help-claim", { hidden: request.status !== "open", disabled: !operate || !state?.connected || !!pendingTakeover,
+    text: pendingTakeover ? "Taking over…" : "Answer: take over" });
+  for (const action of ["help-resolve-success", "help-resolve-failure", "help-resolve"]) setButton(action, { hidden: !mine, disabled: !mine });
+  setButton("help-dismiss", { disabled: !operate || (request.status === "claimed" && !mine && !isAdmin()) });
+}
+setInterval(() => { if (queue.forRobot(ROBOT)) renderHelp(); }, 1000);
 
 async function pollStats() {
   try {

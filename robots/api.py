@@ -22,10 +22,10 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import ingest, metrics, selectors
+from . import helpqueue, ingest, metrics, selectors
 from .auth import IsOperator, IsRobot, RobotTokenAuthentication
 from .exceptions import PayloadTooLarge, SopError
-from .models import Episode
+from .models import Episode, Robot
 from .parsers import StrictJSONParser
 from .serializers import (
     EpisodeAnnouncementSerializer,
@@ -147,6 +147,39 @@ class RobotEpisodesView(RobotAPIView):
         announcement.is_valid(raise_exception=True)
         episode, created = ingest.open_upload(request.auth, announcement.validated_data)
         return Response(_upload_state(episode), status=201 if created else 200)
+
+
+class HelpButtonSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=200, help_text="What the person at the robot says is wrong")
+    urgency = serializers.IntegerField(min_value=1, max_value=3, default=3, help_text="1 low .. 3 high")
+    id = serializers.UUIDField(required=False, help_text="Made by the robot: pressing twice with one id is one request")
+
+
+class HelpRequestStateSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    status = serializers.CharField()
+
+
+class RobotHelpView(RobotAPIView):
+    @extend_schema(
+        operation_id="robot_help_request", tags=["robot ingest"], request=HelpButtonSerializer,
+        summary="The robot's help button: ask for an operator (docs/console.md, Help queue)",
+        responses={201: OpenApiResponse(HelpRequestStateSerializer, description="a new request, in the queue"),
+                   200: OpenApiResponse(HelpRequestStateSerializer, description="this id was requested before"),
+                   **JSON_BODY_ERRORS, **ROBOT_AUTH_ERRORS},
+    )
+    def post(self, request):
+        """Put a help request of kind ``button`` in the queue (idempotent on ``id``)."""
+        body = HelpButtonSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        robot = request.auth
+        episode = Robot.objects.filter(pk=robot.pk).values_list("current_episode", flat=True).first()
+        help_request, created = helpqueue.raise_request(
+            robot, "button", data["reason"], urgency=data["urgency"], request_id=data.get("id"),
+            episode_id=str(episode) if episode else None,
+        )
+        return Response({"id": help_request.pk, "status": help_request.status}, status=201 if created else 200)
 
 
 class RobotEpisodeView(RobotAPIView):

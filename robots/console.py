@@ -21,7 +21,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from . import console_protocol as cp
-from . import control, events, protocol, roles, selectors
+from . import control, events, helpqueue, protocol, roles, selectors
 from .exceptions import SopError
 from .models import Robot
 from .protocol import CloseCode, ProtocolError
@@ -35,6 +35,7 @@ FRAME_RATE, FRAME_BURST = 100.0, 200.0  # frames per second per socket (teleop i
 OFFER_RATE, OFFER_BURST = 0.5, 8.0  # video offers per second per socket, after a burst that fills a fleet page
 ERROR_CODES = cp.ERROR_CODES
 COUNTED_ERRORS = ("malformed", "invalid", "unknown_robot")  # a flood of these closes the socket; races do not count
+PRESENCE_EVERY_S = 20.0  # an operator's presence row is refreshed with a ping at most this often
 
 
 class ConsoleError(Exception):
@@ -47,6 +48,7 @@ class ConsoleConsumer(GuardedConsumer):
     user = None
     role: Optional[str] = None
     closing = False
+    present_at = 0.0  # monotonic time the presence row was last refreshed (operators and admins)
 
     async def connect(self):
         user = self.scope.get("user")
@@ -69,6 +71,9 @@ class ConsoleConsumer(GuardedConsumer):
         hello = await database_sync_to_async(selectors.console_hello)(user)
         self.state_as_of.update({r["name"]: r["as_of"] for r in hello["robots"]})
         await self._send_hello(hello)
+        if self.role in (roles.OPERATOR, roles.ADMIN):  # can be assigned help requests from now on
+            await database_sync_to_async(helpqueue.operator_online)(user, self.channel_name)
+            self.present_at = time.monotonic()
         log.info("console %s (%s) connected from %s", user.get_username(), self.role, _client(self.scope))
 
     async def disconnect(self, code):
@@ -81,6 +86,10 @@ class ConsoleConsumer(GuardedConsumer):
             except Exception:
                 log.exception("console %s: disconnect step %s failed", self.user.get_username(), step.__name__)
         ended = await database_sync_to_async(control.end_leases_for_channel)(self.channel_name)
+        try:
+            await database_sync_to_async(helpqueue.operator_offline)(self.channel_name)
+        except Exception:
+            log.exception("console %s: presence not removed (it expires after SOP_PRESENCE_S)", self.user.get_username())
         log.info("console %s disconnected (code %s)%s", self.user.get_username(), code,
                  f", {ended} lease(s) ended" if ended else "")
 
@@ -112,6 +121,9 @@ class ConsoleConsumer(GuardedConsumer):
 
     async def on_ping(self, msg: cp.Ping):
         await self.send_json({"type": "pong", "t": msg.t, "server_t": int(time.time() * 1000)})
+        if self.present_at and time.monotonic() - self.present_at >= PRESENCE_EVERY_S:
+            self.present_at = time.monotonic()
+            await database_sync_to_async(helpqueue.operator_seen)(self.channel_name)
 
     async def on_webrtc_offer(self, msg: cp.OfferVideo):
         if msg.session not in self.sessions:
@@ -173,6 +185,29 @@ class ConsoleConsumer(GuardedConsumer):
     async def on_label(self, msg: cp.Label):
         await self._db(control.label_episode, msg.robot, self.user, msg.outcome, msg.episode_id)
 
+    async def on_help_claim(self, msg: cp.HelpClaim):
+        def claim():
+            request = control.claim_help(msg.id, self.user, self.channel_name)
+            return request.lease_id, Robot.objects.get(pk=request.robot_id)
+
+        lease_id, robot = await database_sync_to_async(claim)()
+        self.leases[robot.name] = (lease_id, robot.group_name)  # this socket holds it, as after a takeover
+
+    async def on_help_resolve(self, msg: cp.HelpResolve):
+        def resolve():
+            request = control.resolve_help(msg.id, self.user, self.channel_name, msg.outcome, msg.note)
+            return Robot.objects.filter(pk=request.robot_id).values_list("name", flat=True).first()
+
+        self.leases.pop(await database_sync_to_async(resolve)(), None)
+
+    async def on_help_dismiss(self, msg: cp.HelpDismiss):
+        await database_sync_to_async(control.dismiss_help)(msg.id, self.user, self.channel_name, msg.note)
+
+    async def on_help_capacity(self, msg: cp.HelpCapacity):
+        if self.role not in (roles.OPERATOR, roles.ADMIN):
+            raise ConsoleError("forbidden", "operators and admins only")
+        await database_sync_to_async(helpqueue.set_capacity)(self.user, self.channel_name, msg.capacity)
+
     HANDLERS = {
         cp.Ping: on_ping,
         cp.OfferVideo: on_webrtc_offer,
@@ -183,6 +218,10 @@ class ConsoleConsumer(GuardedConsumer):
         cp.Teleop: on_teleop,
         cp.Estop: on_estop,
         cp.Label: on_label,
+        cp.HelpClaim: on_help_claim,
+        cp.HelpResolve: on_help_resolve,
+        cp.HelpDismiss: on_help_dismiss,
+        cp.HelpCapacity: on_help_capacity,
     }
 
     # ------------------------------------------------------------ channel-layer events -> browser
@@ -212,6 +251,10 @@ class ConsoleConsumer(GuardedConsumer):
         fresh = [live for live in event["robots"] if live.get("as_of", 0.0) >= newest.get(live.get("name"), 0.0)]
         if fresh:
             await self.send_json({"type": "robot.live", "robots": fresh})
+
+    async def help_requests(self, event):
+        """Help requests that changed (robots/helpqueue.py), as they are after the change committed."""
+        await self.send_json({"type": "help", "requests": event["requests"]})
 
     async def robot_removed(self, event):
         await self.send_json({"type": "robot.removed", "robot": event["robot"]})
@@ -244,10 +287,15 @@ class ConsoleConsumer(GuardedConsumer):
         await self._close_sessions()
         if role not in (roles.OPERATOR, roles.ADMIN):
             self.leases.clear()  # signals.py ended them on the server; their lease events may still be on the way
+            self.present_at = 0.0
+            await database_sync_to_async(helpqueue.operator_offline)(self.channel_name)
         if role is None:
             self.closing = True
             await self.close(code=4003)
             return
+        if role in (roles.OPERATOR, roles.ADMIN) and not self.present_at:
+            await database_sync_to_async(helpqueue.operator_online)(self.user, self.channel_name)
+            self.present_at = time.monotonic()
         await self.send_json({"type": "role", "role": role})
 
     # ------------------------------------------------------------ helpers

@@ -14,7 +14,8 @@ import dataclasses
 from typing import Optional
 
 from . import wire
-from .protocol import MAX_NAME, MAX_SDP, OPERATOR_OUTCOMES, ROLES, IceServer, action_field, grip_field
+from .protocol import (HELP_KINDS, MAX_HELP_TRACE, MAX_NAME, MAX_SDP, OPERATOR_OUTCOMES, ROLES, HelpSample, IceServer,
+                       action_field, grip_field)
 from .wire import NAME_PATTERN, UUID_PATTERN, Struct, spec
 
 MAX_FRAME_BYTES = 64 * 1024  # browser -> server; an offer's SDP (printable ASCII, at most MAX_SDP) fits
@@ -147,7 +148,58 @@ class Label(wire.Message):
     episode_id: Optional[str] = dataclasses.field(default=None, metadata=spec(pattern=UUID_PATTERN, max_len=36))
 
 
-BROWSER_MESSAGES = (Ping, OfferVideo, CloseVideo, Takeover, Keepalive, Release, Teleop, Estop, Label)
+_HELP_ID = spec(min=1, description="a help request's id")
+_NOTE = spec(max_len=500)
+
+
+@CONSOLE.register
+@dataclasses.dataclass(frozen=True)
+class HelpClaim(wire.Message):
+    """Operators and admins: answer a help request by taking its robot over (the lease then belongs to this socket,
+    as with ``takeover``). Someone else answers it already: ``held``."""
+
+    TYPE = "help.claim"
+    DIRECTION = _TO_SERVER
+    id: int = dataclasses.field(metadata=_HELP_ID)
+
+
+@CONSOLE.register
+@dataclasses.dataclass(frozen=True)
+class HelpResolve(wire.Message):
+    """The operator who claimed the request is done: the robot goes back to its policy, after ending the running
+    episode with ``outcome`` when one is given. Audited."""
+
+    TYPE = "help.resolve"
+    DIRECTION = _TO_SERVER
+    id: int = dataclasses.field(metadata=_HELP_ID)
+    outcome: Optional[str] = dataclasses.field(default=None, metadata=spec(choices=OPERATOR_OUTCOMES))
+    note: str = dataclasses.field(default="", metadata=_NOTE)
+
+
+@CONSOLE.register
+@dataclasses.dataclass(frozen=True)
+class HelpDismiss(wire.Message):
+    """A false alarm: the request closes as dismissed (and the robot goes back to its policy if this socket held it
+    for the request). Audited; the dismissals are the data for tuning the robot's detectors."""
+
+    TYPE = "help.dismiss"
+    DIRECTION = _TO_SERVER
+    id: int = dataclasses.field(metadata=_HELP_ID)
+    note: str = dataclasses.field(default="", metadata=_NOTE)
+
+
+@CONSOLE.register
+@dataclasses.dataclass(frozen=True)
+class HelpCapacity(wire.Message):
+    """How many help requests this operator is assigned at once (1 unless they ask for more; at most 5)."""
+
+    TYPE = "help.capacity"
+    DIRECTION = _TO_SERVER
+    capacity: int = dataclasses.field(metadata=spec(min=1, max=5))
+
+
+BROWSER_MESSAGES = (Ping, OfferVideo, CloseVideo, Takeover, Keepalive, Release, Teleop, Estop, Label, HelpClaim,
+                    HelpResolve, HelpDismiss, HelpCapacity)
 
 
 # ---------------------------------------------------------------- server -> browser (documented and tested)
@@ -217,6 +269,42 @@ class RobotView(Struct):
                                                                "console keeps the newest state per robot"))
 
 
+@dataclasses.dataclass(frozen=True)
+class HelpView(Struct):
+    """A help request as consoles see it (robots/selectors.py ``help_views``)."""
+
+    id: int
+    robot: str = dataclasses.field(metadata=spec(pattern=NAME_PATTERN, max_len=100))
+    kind: str = dataclasses.field(metadata=spec(choices=HELP_KINDS))
+    reason: str = dataclasses.field(metadata=spec(max_len=200))
+    urgency: int = dataclasses.field(metadata=spec(min=1, max=3))
+    status: str = dataclasses.field(metadata=spec(choices=("open", "claimed", "resolved", "dismissed", "withdrawn")))
+    episode_id: Optional[str] = dataclasses.field(metadata=spec(pattern=UUID_PATTERN, max_len=36))
+    step: int
+    raised_at: str = dataclasses.field(metadata=_TIME)
+    robot_since: Optional[str] = dataclasses.field(metadata=_TIME)
+    assigned_to: str = dataclasses.field(metadata=spec(max_len=MAX_NAME, description="the operator it is assigned "
+                                                                                      "to; '' none"))
+    claimed_by: str = dataclasses.field(metadata=spec(max_len=MAX_NAME))
+    lease: Optional[int]
+    closed_at: Optional[str] = dataclasses.field(metadata=_TIME)
+    closed_by: str = dataclasses.field(metadata=spec(max_len=MAX_NAME))
+    outcome: str = dataclasses.field(metadata=spec(max_len=16))
+    note: str = dataclasses.field(metadata=_NOTE)
+    trace: list[HelpSample] = dataclasses.field(metadata=spec(max_items=MAX_HELP_TRACE))
+
+
+@CONSOLE.register
+@dataclasses.dataclass(frozen=True)
+class HelpRequests(wire.Message):
+    """Help requests that changed (raised, assigned, claimed, closed); a closed one leaves the queue."""
+
+    TYPE = "help"
+    DIRECTION = _TO_BROWSER
+    MAX_BYTES = MAX_SERVER_FRAME_BYTES
+    requests: list[HelpView] = dataclasses.field(metadata=spec(max_items=10_000))
+
+
 @CONSOLE.register
 @dataclasses.dataclass(frozen=True)
 class Hello(wire.Message):
@@ -231,6 +319,8 @@ class Hello(wire.Message):
     lease_timeout_s: float
     deadman_ms: int
     robots: list[RobotView] = dataclasses.field(metadata=spec(max_items=100_000))
+    help: list[HelpView] = dataclasses.field(default_factory=list, metadata=spec(
+        max_items=10_000, description="the active help requests, most urgent first"))
     more: bool = dataclasses.field(default=False, metadata=spec(
         description="more robots follow in robot.list frames; the fleet is complete with the one whose more is false"))
 

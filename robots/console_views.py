@@ -12,7 +12,7 @@ from django.http import Http404
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
-from . import selectors
+from . import helpqueue, selectors
 from .roles import can_operate, is_admin, role_of
 from .serializers import RobotSerializer
 
@@ -35,6 +35,7 @@ def fleet(request):
     return render(request, "robots/fleet.html", {
         "robots": RobotSerializer(robots, many=True).data,
         "max_videos": MAX_FLEET_VIDEOS,
+        "capacities": range(1, helpqueue.MAX_CAPACITY + 1),
         **_role_context(request.user),
     })
 

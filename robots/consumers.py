@@ -22,7 +22,7 @@ from collections import OrderedDict
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from . import control, events, fleet, ingest, livestate, metrics, protocol
+from . import control, events, fleet, helpqueue, ingest, livestate, metrics, protocol
 from .auth import authenticate_token, hash_token, token_from_scope
 from .exceptions import SopError
 from .protocol import CloseCode, ErrorCode, ProtocolError
@@ -44,6 +44,7 @@ class RobotConsumer(GuardedConsumer):
     last_state_at = 0.0  # monotonic time of the last robot.state broadcast
     last_state_key = None  # what consoles show of the last heartbeat; a change is broadcast at once
     pending_state = None  # a task that broadcasts a change that came too soon after the previous broadcast
+    help_reported = ""  # the id of the help request the last heartbeat carried (None: none; "": no heartbeat yet)
 
     async def connect(self):
         raw = token_from_scope(self.scope)
@@ -143,6 +144,10 @@ class RobotConsumer(GuardedConsumer):
                 await self._send(repair)
             if repairs:
                 self.writer.recheck()
+        help_id = msg.help["id"] if msg.help else None
+        if help_id != self.help_reported:  # raised, withdrawn, or the socket's first word on it: the queue learns it
+            await database_sync_to_async(helpqueue.sync_reported)(self.robot, msg.help)
+            self.help_reported = help_id
         key = (msg.state, msg.task, msg.episode_id, msg.control_source, msg.lease, msg.operator, msg.deadman,
                msg.estopped, msg.estop_local, msg.policy_version, msg.policy_error, msg.viewers, bool(repairs))
         revived, self.writer.revived = self.writer.revived, False

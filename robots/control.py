@@ -23,9 +23,9 @@ from django.db.models import F
 from django.utils import timezone
 from rest_framework import status
 
-from . import events, protocol, roles
+from . import events, helpqueue, protocol, roles
 from .exceptions import SopError
-from .models import ControlLease, Episode, Robot
+from .models import ControlLease, Episode, HelpRequest, Robot
 from .protocol import Outcome
 from sop_web.logformat import ids
 
@@ -159,6 +159,7 @@ def acquire_lease(robot: Robot, user, reason: str = "", channel: str = "", force
         if previous is not None:
             detail.update(previous_lease=previous.pk, previous_operator=previous.operator_name)
         events.audit("forced_takeover" if previous else "takeover", robot=robot, actor=user, detail=detail)
+        helpqueue.lease_started(lease, user)  # a takeover answers the robot's open help requests
         events.to_robot_on_commit(robot.pk, protocol.ControlTakeover(lease=lease.pk, operator=name, reason=reason))
         events.lease_event_on_commit(robot, lease)
         events.broadcast_state_on_commit(robot.pk)
@@ -261,12 +262,85 @@ def _end(lease: ControlLease, reason: str, actor=None) -> bool:
             actor=actor,
             detail={"lease": lease.pk, "operator": lease.operator_name, "reason": reason},
         )
+        helpqueue.lease_ended(lease)
         events.to_robot_on_commit(lease.robot_id, protocol.ControlRelease(lease=lease.pk, reason=reason))
         if robot is not None:
             events.lease_event_on_commit(robot, lease)
         events.broadcast_state_on_commit(lease.robot_id)
     log.info("lease %s of %s on robot %s ended: %s", lease.pk, lease.operator_name, lease.robot_id, reason)
     return True
+
+
+# ---------------------------------------------------------------- the help queue (robots/helpqueue.py)
+
+
+class RequestClosed(ControlError):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "invalid"
+    default_detail = "This help request is no longer open."
+    protocol_code = "invalid"
+
+
+def _help_request(request_id: int) -> HelpRequest:
+    request = HelpRequest.objects.select_related("robot").filter(pk=request_id).first()
+    if request is None:
+        raise InvalidRequest(f"no help request #{request_id}")
+    if not request.active:
+        closer = f" by {request.closed_name}" if request.closed_name else ""
+        raise RequestClosed(f"help request #{request.pk} was {request.status}{closer}")
+    return request
+
+
+def claim_help(request_id: int, user, channel: str) -> HelpRequest:
+    """Answer a help request: take the robot over (the lease answers it, helpqueue.lease_started). Claimed by someone
+    else: LeaseHeld. Claiming again from the socket that holds it is a no-op."""
+    _require_operator(user)
+    request = _help_request(request_id)
+    if request.status == HelpRequest.Status.CLAIMED:
+        lease = active_lease(request.robot_id)
+        if lease is not None and lease.pk == request.lease_id and lease.operator_id == user.pk \
+                and lease.channel_name == channel:
+            return request
+        raise LeaseHeld(f"help request #{request.pk} is answered by {request.claimed_name}",
+                        holder=request.claimed_name)
+    acquire_lease(request.robot, user, f"help #{request.pk}: {request.reason}", channel)
+    request.refresh_from_db()
+    return request
+
+
+def resolve_help(request_id: int, user, channel: str, outcome: Optional[str] = None, note: str = "") -> HelpRequest:
+    """The operator who claimed the request is done: optionally end the running episode with ``outcome`` (an
+    operator's label), give the robot back to its policy, and close the request as resolved."""
+    _require_operator(user)
+    request = _help_request(request_id)
+    lease = active_lease(request.robot_id)
+    if request.status != HelpRequest.Status.CLAIMED or lease is None or lease.pk != request.lease_id \
+            or lease.operator_id != user.pk or lease.channel_name != channel:
+        raise NotHolder(f"claim help request #{request.pk} before resolving it")
+    if outcome:
+        label_episode(request.robot, user, outcome)
+    with transaction.atomic():
+        helpqueue.close(request, HelpRequest.Status.RESOLVED, user, outcome=outcome or "", note=note)
+        end_lease(lease, EndReason.RELEASED, actor=user)
+    return request
+
+
+def dismiss_help(request_id: int, user, channel: str, note: str = "") -> HelpRequest:
+    """A false alarm: the request closes as dismissed (data for tuning the detector). A request another operator
+    claimed is theirs to close (admins excepted); one this socket claimed also gives the robot back."""
+    _require_operator(user)
+    request = _help_request(request_id)
+    lease = active_lease(request.robot_id)
+    mine = lease is not None and lease.pk == request.lease_id and lease.operator_id == user.pk \
+        and lease.channel_name == channel
+    if request.status == HelpRequest.Status.CLAIMED and not mine and not roles.is_admin(user):
+        raise LeaseHeld(f"help request #{request.pk} is answered by {request.claimed_name}",
+                        holder=request.claimed_name)
+    with transaction.atomic():
+        helpqueue.close(request, HelpRequest.Status.DISMISSED, user, note=note)
+        if mine:
+            end_lease(lease, EndReason.RELEASED, actor=user)
+    return request
 
 
 # ---------------------------------------------------------------- e-stop and labels

@@ -87,6 +87,24 @@ def broadcast_removed_on_commit(robot: Robot) -> None:
     send_on_commit(CONSOLE_GROUP, "robot.removed", robot=robot.name)
 
 
+HELP_EVENT = "help.requests"  # channel-layer event to the consoles: {"requests": [help view, ...]}
+
+
+def help_on_commit(request_ids: list[int]) -> None:
+    """The help requests ``request_ids`` changed: their views (selectors.help_views, read after the commit) go to
+    every console as one ``help`` frame."""
+    from .selectors import help_views  # as in broadcast_state
+
+    ids = list(request_ids)
+
+    def send():
+        views = help_views(ids)
+        if views:
+            async_to_sync(get_channel_layer().group_send)(CONSOLE_GROUP, {"type": HELP_EVENT, "requests": views})
+
+    transaction.on_commit(send, robust=True)
+
+
 def lease_event_on_commit(robot: Robot, lease) -> None:
     """A ``lease`` event (started or ended) to every console after the commit."""
     send_on_commit(

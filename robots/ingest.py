@@ -38,7 +38,7 @@ from .exceptions import (
     UploadBusy,
     UploadNotOpen,
 )
-from .models import AuditEvent, ControlLease, Episode, InterventionSegment, Robot, Task
+from .models import AuditEvent, ControlLease, Episode, HelpRequest, InterventionSegment, Robot, Task
 from .protocol import ControlSource, Outcome, RobotState, Split
 from .values import db_count, db_version, from_unix
 from sop_web import storage
@@ -525,6 +525,11 @@ def _store_segments(episode: Episode, segments: list[Segment]) -> None:
             claimed_operator=s.operator[:150] if s.source == ControlSource.OPERATOR.value else "",
             reason=str(s.reason)[:500],
         ))
+    # The help request a takeover answered (helpqueue.lease_started linked it to the lease): the segment carries it.
+    answered = dict(HelpRequest.objects.filter(lease_id__in=[r.lease_id for r in rows if r.lease_id])
+                    .order_by("raised_at").values_list("lease_id", "pk"))
+    for row in rows:
+        row.help_request_id = answered.get(row.lease_id)
     InterventionSegment.objects.bulk_create(rows)
 
 

@@ -13,7 +13,7 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 
-from .protocol import ControlSource, Outcome, RobotState, Split
+from .protocol import HELP_KINDS, ControlSource, Outcome, RobotState, Split
 
 
 def _choices(enum_cls):
@@ -181,6 +181,9 @@ class InterventionSegment(models.Model):
     claimed_operator = models.CharField(max_length=150, blank=True,
                                         help_text="The operator name the robot's file gives (not trusted)")
     reason = models.CharField(max_length=500, blank=True)
+    help_request = models.ForeignKey("HelpRequest", null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="segments",
+                                     help_text="The help request the takeover answered (through its lease)")
 
     class Meta:
         ordering = ["episode", "start_step"]
@@ -248,3 +251,73 @@ class ControlLease(models.Model):
     @property
     def active(self) -> bool:
         return self.ended_at is None
+
+
+class HelpRequest(models.Model):
+    """A robot asking for an operator (docs/console.md, "Help queue").
+
+    Raised by the robot's detectors (its heartbeat carries the request until it is answered or no longer needed), or by
+    a button on the robot (the robot API). Operators claim one (which takes the robot's lease), then resolve it
+    (release, optionally with the episode's outcome) or dismiss it as a false alarm; a request the robot stops
+    reporting before anyone claimed it is withdrawn. A takeover of the robot by any path answers its open requests, and
+    the intervention segment that lease drove points back here.
+    """
+
+    class Status(models.TextChoices):
+        OPEN = "open"  # waiting for an operator
+        CLAIMED = "claimed"  # an operator holds the robot because of it
+        RESOLVED = "resolved"  # answered: the lease that claimed it ended
+        DISMISSED = "dismissed"  # an operator judged it a false alarm
+        WITHDRAWN = "withdrawn"  # the robot stopped asking before anyone claimed it
+
+    ACTIVE = (Status.OPEN, Status.CLAIMED)
+
+    robot = models.ForeignKey(Robot, on_delete=models.CASCADE, related_name="help_requests")
+    request_id = models.UUIDField(default=uuid.uuid4, help_text="Made by the robot: its heartbeats repeat it")
+    kind = models.CharField(max_length=16, choices=[(k, k) for k in HELP_KINDS])
+    reason = models.CharField(max_length=200, blank=True)
+    urgency = models.PositiveSmallIntegerField(default=2, help_text="1 low .. 3 high")
+    episode_id = models.UUIDField(null=True, blank=True)
+    step = models.PositiveIntegerField(default=0)
+    trace = models.JSONField(default=list, blank=True, help_text="The robot's last seconds before it asked")
+    robot_since = models.DateTimeField(null=True, blank=True, help_text="When the robot began asking (its clock)")
+    raised_at = models.DateTimeField(db_index=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN, db_index=True)
+    assigned_to = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    assigned_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    claimed_name = models.CharField(max_length=150, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    lease = models.ForeignKey(ControlLease, null=True, blank=True, on_delete=models.SET_NULL, related_name="help_requests")
+    closed_at = models.DateTimeField(null=True, blank=True)
+    closed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="+")
+    closed_name = models.CharField(max_length=150, blank=True)
+    outcome = models.CharField(max_length=16, blank=True, help_text="The episode outcome an operator gave at resolve")
+    note = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-raised_at"]
+        constraints = [models.UniqueConstraint(fields=["robot", "request_id"], name="one_help_request_per_robot_id")]
+        indexes = [models.Index(fields=["status", "raised_at"])]
+
+    def __str__(self):
+        return f"help #{self.pk} {self.robot_id} {self.kind} ({self.status})"
+
+    @property
+    def active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
+class OperatorPresence(models.Model):
+    """An operator's open console socket: who can be assigned help requests now. ``seen_at`` moves with the console's
+    pings; a row not seen for SOP_PRESENCE_S (its server died) no longer counts."""
+
+    channel_name = models.CharField(max_length=200, unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    capacity = models.PositiveSmallIntegerField(default=1, help_text="Requests assigned at once (1 unless they ask)")
+    connected_at = models.DateTimeField()
+    seen_at = models.DateTimeField(db_index=True)

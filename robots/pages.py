@@ -33,7 +33,7 @@ from sop_web.files import accel_redirect
 
 from . import catalog, control, ingest, tasking
 from .episode_file import EpisodeFileError, EpisodeReader
-from .models import AuditEvent, Episode, Robot, Task, TaskAssignment
+from .models import AuditEvent, ControlLease, Episode, HelpRequest, Robot, Task, TaskAssignment
 from .protocol import RATED_OUTCOMES, ControlSource, Outcome, Split
 from .roles import can_operate, is_admin
 
@@ -500,6 +500,7 @@ def metrics_payload(range_name: str = "all", now: dt.datetime | None = None) -> 
     result = {"range": range_name, "tasks": [n for _, n in tasks], "bucket_s": None, "buckets": [],
               "success": {}, "autonomous": {}, "throughput": {}, "interventions": {},
               "versions": {"versions": [], "success": {}, "autonomous": {}}, "totals": {}}
+    result["attention"] = attention_payload(ended, now - since if since is not None else None, now)
     if span["first"] is None:
         return result
     width, trunc = _bucketing(max(span["last"] - span["first"], dt.timedelta(minutes=1)))
@@ -570,6 +571,68 @@ def metrics_payload(range_name: str = "all", now: dt.datetime | None = None) -> 
         "episodes_per_hour": _rate(totals["n"], max((span["last"] - span["first"]).total_seconds() / 3600, hours)),
     }
     return result
+
+
+def _seconds(start, end) -> float:
+    return max((end - start).total_seconds(), 0.0) if start and end else 0.0
+
+
+def attention_payload(ended, since: dt.datetime | None, now: dt.datetime) -> dict:
+    """The human side (docs/console.md, "Metrics"): how well help requests predict takeovers, what each operator
+    did, and how many robots one operator could look after at the fleet's current intervention rate.
+
+    - precision = requests answered by a takeover / requests decided (answered, dismissed as false alarms, or withdrawn
+      by the robot); recall = human takeovers that answered a request / all human takeovers.
+    - coverage = 1 / (share of robot time driven by an operator + takeovers per robot-second x the median time from a
+      request to its takeover): the robots one fully busy operator keeps up with; interventions of the simulated
+      operator count as demand too (a human would have to make them).
+    """
+    requests = HelpRequest.objects.all()
+    leases = ControlLease.objects.all()
+    if since is not None:
+        requests = requests.filter(raised_at__gte=since)
+        leases = leases.filter(started_at__gte=since)
+    counts = requests.aggregate(
+        n=Count("id"), answered=Count("id", filter=Q(lease__isnull=False)),
+        dismissed=Count("id", filter=Q(status=HelpRequest.Status.DISMISSED)),
+        withdrawn=Count("id", filter=Q(status=HelpRequest.Status.WITHDRAWN)),
+        open=Count("id", filter=Q(status=HelpRequest.Status.OPEN)))
+    decided = counts["answered"] + counts["dismissed"] + counts["withdrawn"]
+    takeovers = leases.count()
+    requested = leases.filter(help_requests__isnull=False).distinct().count()
+    waits = sorted(_seconds(r["raised_at"], r["claimed_at"]) for r in
+                   requests.filter(claimed_at__isnull=False).values("raised_at", "claimed_at"))
+    response_s = waits[len(waits) // 2] if waits else None
+
+    operators: dict[str, dict] = {}
+    for lease in leases.values("operator_name", "started_at", "ended_at"):
+        row = operators.setdefault(lease["operator_name"], {"takeovers": 0, "driving_s": 0.0, "answered": 0,
+                                                            "false_alarms": 0})
+        row["takeovers"] += 1
+        row["driving_s"] += _seconds(lease["started_at"], lease["ended_at"] or now)
+    for name, n in requests.filter(lease__isnull=False).values_list("claimed_name").annotate(n=Count("id")):
+        operators.setdefault(name, {"takeovers": 0, "driving_s": 0.0, "answered": 0, "false_alarms": 0})["answered"] = n
+    for name, n in requests.filter(status=HelpRequest.Status.DISMISSED).values_list("closed_name").annotate(n=Count("id")):
+        operators.setdefault(name, {"takeovers": 0, "driving_s": 0.0, "answered": 0, "false_alarms": 0})[
+            "false_alarms"] = n
+
+    work = ended.aggregate(steps=Sum("steps"), iv_steps=Sum("intervention_steps"), iv=Sum("intervention_count"))
+    robot_s = sum(_seconds(a, b) for a, b in ended.values_list("started_at", "ended_at"))
+    share = _rate(work["iv_steps"] or 0, work["steps"] or 0)
+    per_hour = round((work["iv"] or 0) / (robot_s / 3600), 3) if robot_s else None
+    busy = None
+    if share is not None and robot_s:
+        busy = share + ((work["iv"] or 0) / robot_s) * (response_s or 0.0)
+    return {
+        "requests": counts["n"], "answered": counts["answered"], "dismissed": counts["dismissed"],
+        "withdrawn": counts["withdrawn"], "open": counts["open"],
+        "precision": _rate(counts["answered"], decided), "takeovers": takeovers, "takeovers_with_request": requested,
+        "recall": _rate(requested, takeovers), "median_response_s": round(response_s, 2) if response_s is not None else None,
+        "operators": [{"name": name, **{k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}}
+                      for name, row in sorted(operators.items())],
+        "intervened_step_share": share, "interventions_per_robot_hour": per_hour,
+        "robots_per_operator": round(1 / busy, 1) if busy else None,
+    }
 
 
 @login_required

@@ -105,6 +105,11 @@ class Split(str, enum.Enum):
     EVAL = "eval"  # evaluation runs, never trained on
 
 
+# Why a robot asks for an operator (docs/console.md, "Help queue"): its own stall detector, its policy's uncertainty,
+# divergence from what it should do, or a person pressing the robot's help button.
+HELP_KINDS = ("stall", "uncertainty", "divergence", "button")
+MAX_HELP_TRACE = 40  # samples of the robot's last seconds sent with a help request
+
 ROLES = ("viewer", "operator", "admin")  # console roles (robots/roles.py), from least to most privileged
 ESTOP_ROLES = ("operator", "admin")  # who may engage or clear an e-stop, on every path
 
@@ -155,6 +160,31 @@ def invalid(message: str) -> ProtocolError:
 
 
 # ---------------------------------------------------------------- robot -> server
+
+
+@dataclasses.dataclass(frozen=True)
+class HelpSample(Struct):
+    """One control step shortly before a help request: what the robot's proprioception and its driver did."""
+
+    t: float = dataclasses.field(metadata=spec(min=-600, max=0, description="seconds before the request"))
+    hand: list[float] = dataclasses.field(metadata=spec(min=-100, max=100, min_items=3, max_items=3))
+    grip: float = dataclasses.field(metadata=spec(min=-100, max=100))
+    action: list[float] = dataclasses.field(metadata=spec(min=-100, max=100, min_items=1, max_items=8))
+    driver: str = dataclasses.field(metadata=spec(choices=values(ControlSource)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HelpSignal(Struct):
+    """The robot asks for an operator. Repeated in every heartbeat until answered (a takeover), until the episode
+    ends, or until the robot no longer needs it; ``id`` (made by the robot) makes the repeats one request."""
+
+    id: str = dataclasses.field(metadata=_uuid())
+    kind: str = dataclasses.field(metadata=spec(choices=HELP_KINDS))
+    reason: str = dataclasses.field(metadata=spec(max_len=200))
+    urgency: int = dataclasses.field(default=2, metadata=spec(min=1, max=3))
+    since: float = dataclasses.field(default=0.0, metadata=_count(description="unix seconds, robot clock"))
+    step: int = dataclasses.field(default=0, metadata=_count())
+    trace: list[HelpSample] = dataclasses.field(default_factory=list, metadata=spec(max_items=MAX_HELP_TRACE))
 
 
 @PROTOCOL.register
@@ -209,6 +239,8 @@ class Status(Message):
     last_command_age_ms: Optional[float] = dataclasses.field(default=None, metadata=_count())
     video_fps: float = dataclasses.field(default=0.0, metadata=_count())  # frames/s sent over WebRTC
     viewers: int = dataclasses.field(default=0, metadata=_count())  # open WebRTC sessions
+    # the robot asks for an operator (docs/console.md, "Help queue"); None: it does not
+    help: Optional[HelpSignal] = None
 
 
 @PROTOCOL.register

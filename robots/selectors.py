@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from . import protocol, roles
 from .exceptions import EpisodeNotFound, ForbiddenEpisode
-from .models import ControlLease, Episode, Robot, Task
+from .models import ControlLease, Episode, HelpRequest, Robot, Task
 from .serializers import RobotSerializer
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,40 @@ def robot_state(robot_id: int) -> Optional[dict]:
     return states[0] if states else None
 
 
+def _iso(value) -> Optional[str]:
+    return value.isoformat() if value is not None else None
+
+
+def help_views(request_ids: Optional[Iterable[int]] = None) -> list[dict]:
+    """Help requests as consoles see them (console_protocol.HelpView): ``request_ids``, or every active one, most
+    urgent and oldest first."""
+    if request_ids is None:
+        requests = HelpRequest.objects.filter(status__in=HelpRequest.ACTIVE)
+    else:
+        requests = HelpRequest.objects.filter(pk__in=list(request_ids))
+    requests = requests.select_related("robot", "assigned_to").order_by("-urgency", "raised_at", "pk")
+    return [{
+        "id": r.pk,
+        "robot": r.robot.name,
+        "kind": r.kind,
+        "reason": r.reason,
+        "urgency": r.urgency,
+        "status": r.status,
+        "episode_id": str(r.episode_id) if r.episode_id else None,
+        "step": r.step,
+        "raised_at": _iso(r.raised_at),
+        "robot_since": _iso(r.robot_since),
+        "assigned_to": r.assigned_to.get_username() if r.assigned_to else "",
+        "claimed_by": r.claimed_name,
+        "lease": r.lease_id,
+        "closed_at": _iso(r.closed_at),
+        "closed_by": r.closed_name,
+        "outcome": r.outcome,
+        "note": r.note,
+        "trace": r.trace,
+    } for r in requests]
+
+
 def console_hello(user) -> dict:
     """The first frame of a console socket."""
     return {
@@ -180,4 +214,5 @@ def console_hello(user) -> dict:
         "lease_timeout_s": settings.SOP_LEASE_TIMEOUT_S,
         "deadman_ms": int(protocol.DEADMAN_S * 1000),
         "robots": robot_states(),
+        "help": help_views(),
     }

@@ -10,6 +10,7 @@ urlpatterns = [
     path(
         "robot/episodes/<uuid:episode_id>/payload", api.RobotEpisodePayloadView.as_view(), name="robot-episode-payload"
     ),
+    path("robot/help", api.RobotHelpView.as_view(), name="robot-help"),
     path("robots/", api.RobotListView.as_view(), name="api-robots"),
     path("tasks/", api.TaskListView.as_view(), name="api-tasks"),
     path("episodes/", api.EpisodeListView.as_view(), name="api-episodes"),

@@ -239,6 +239,8 @@ SOP_EVAL_EPISODES = env_int("SOP_EVAL_EPISODES", 20)  # episodes per task of an 
 SOP_EVALUATION_QUEUE = env_str("SOP_EVALUATION_QUEUE", "learner")
 SOP_EVAL_SEED = env_int("SOP_EVAL_SEED", 2601)  # root of the held-out evaluation placements, one set for every checkpoint
 SOP_LEASE_TIMEOUT_S = float(env_str("SOP_LEASE_TIMEOUT_S", "5"))  # a takeover lease not renewed for this long ends
+# An operator's console not heard from for this long (its pings come every 15 s) is no longer assigned help requests
+SOP_PRESENCE_S = float(env_str("SOP_PRESENCE_S", "60"))
 
 
 def _ice_servers(raw: str) -> list[dict]:

@@ -34,6 +34,7 @@ function draw(id, config) {
 function render(data) {
   const set = (k, v) => { totals.querySelector(`[data-total="${k}"]`).textContent = v; };
   const t = data.totals || {};
+  renderAttention(data.attention);
   set("episodes", t.episodes ?? 0);
   set("autonomous_success_rate", pct(t.autonomous_success_rate));
   set("assisted_success_rate", pct(t.assisted_success_rate));
@@ -87,6 +88,34 @@ function render(data) {
     }, plugins: { tooltip: { callbacks: { label: (ctx) => ctx.dataset.yAxisID === "share"
       ? `${ctx.dataset.label}: ${pct(ctx.parsed.y, 1)}` : `${ctx.dataset.label}: ${ctx.parsed.y?.toFixed(2)}` } } } },
   });
+}
+
+const attention = document.getElementById("attention");
+const escHtml = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+function duration(s) {
+  if (s === null || s === undefined) return "–";
+  if (s < 60) return `${s.toFixed(0)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+function renderAttention(a) {
+  if (!a) return;
+  const set = (k, v) => { attention.querySelector(`[data-attn="${k}"]`).textContent = v; };
+  set("precision", pct(a.precision));
+  set("precision-n", `(${a.answered} of ${a.answered + a.dismissed + a.withdrawn})`);
+  set("recall", pct(a.recall));
+  set("recall-n", `(${a.takeovers_with_request} of ${a.takeovers})`);
+  set("median_response_s", duration(a.median_response_s));
+  set("robots_per_operator", a.robots_per_operator === null ? "–" : `≈ ${a.robots_per_operator}`);
+  set("coverage-note", a.intervened_step_share === null ? "" :
+    `Operators drive ${pct(a.intervened_step_share, 1)} of robot time, with ${a.interventions_per_robot_hour === null ? "–" : a.interventions_per_robot_hour.toFixed(1)} takeovers per robot-hour` +
+    (a.median_response_s !== null ? ` and ${duration(a.median_response_s)} to answer each request.` : "; no answered request yet to time the response."));
+  const body = attention.querySelector("tbody");
+  body.innerHTML = a.operators.length ? a.operators.map((o) => `<tr><td>${escHtml(o.name)}</td><td>${o.takeovers}</td>
+    <td>${duration(o.driving_s)}</td><td>${o.answered}</td><td>${o.false_alarms}</td></tr>`).join("")
+    : `<tr><td colspan="5" class="muted">No takeovers in this range.</td></tr>`;
 }
 
 async function refresh() {

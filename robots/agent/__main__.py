@@ -25,6 +25,7 @@ from typing import Callable, Optional
 from robots import protocol
 
 from .agents import Agent, ScriptedExpertAgent, make_agent
+from .attention import HelpMonitor, HelpRule
 from .backoff import Backoff
 from .config import FALLBACKS, POLICY_NAMES, SIM_EXPERTS, AgentConfig
 from .seeding import robot_key, seeded_builds
@@ -84,6 +85,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     video.add_argument("--video-stamp", action="store_true",
                        help="write the capture time into the top of each frame (glass-to-glass benchmark)")
     video.add_argument("--max-viewers", type=int, default=8, help="WebRTC sessions at once (default 8)")
+    helpg = p.add_argument_group("asking for help (docs/console.md, Help queue)")
+    helpg.add_argument("--help-stall-steps", type=int, default=30,
+                       help="ask an operator for help when the hand moves less than --help-still-m over this many "
+                            "steps while the policy drives (default 30: 3 s at 10 Hz); 0 = never")
+    helpg.add_argument("--help-still-m", type=float, default=0.01, help="metres of net hand motion that count as still")
+    helpg.add_argument("--help-uncertainty", type=float, default=0.0,
+                       help="also ask when a learned policy's re-plans disagree by more than this on average over the "
+                            "window (mean |new chunk - old chunk| on the steps they share, actions in [-1, 1]); 0 = off")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--camera", default="corner3")
     p.add_argument("--episodes", type=int, default=None,
@@ -127,6 +136,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         video_size=args.video_size,
         video_stamp=args.video_stamp,
         max_viewers=args.max_viewers,
+        help_stall_steps=args.help_stall_steps,
+        help_still_m=args.help_still_m,
+        help_uncertainty=args.help_uncertainty,
     )
 
 
@@ -229,6 +241,13 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             capture = SimulatorCapture(lambda: runtime.environment, size=config.video_size, camera=config.camera)
             camera = CameraThread(capture, fps=config.video_fps, stamp=config.video_stamp)
 
+    monitor: Optional[HelpMonitor] = None
+    if config.help_stall_steps > 0 or config.help_uncertainty > 0:
+        # a request goes out in a status at once (not at the next heartbeat): the console hears it within a second
+        rule = HelpRule(stall=config.help_stall_steps > 0, stall_steps=max(config.help_stall_steps, 2),
+                        still_m=config.help_still_m, uncertainty=config.help_uncertainty)
+        monitor = HelpMonitor(rule, on_change=lambda: connection.send_threadsafe(None))
+
     def reported_policy() -> tuple[Optional[int], str]:
         current = runtime.agent
         return (current.policy_version, current.name) if current is not None else (None, "")
@@ -269,6 +288,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             last_command_age_ms=control.last_command_age_ms(),
             video_fps=hub.video_fps if hub is not None else 0.0,
             viewers=hub.viewers if hub is not None else 0,
+            help=monitor.current() if monitor is not None else None,
         )
 
     def on_assignment(assignment: protocol.TaskAssigned) -> None:
@@ -345,7 +365,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         make_env,
         provider,
         [EpisodeRecorder(writer), EventReporter(connection), *([gate] if gate else []),
-         *([CameraPreparer(camera)] if camera is not None else [])],
+         *([CameraPreparer(camera)] if camera is not None else []), *([monitor] if monitor is not None else [])],
         control_hz=config.control_hz,
         camera=config.camera,
         robot_name=lambda: connection.robot_name or "unknown",

@@ -28,6 +28,7 @@ class Decision:
     reason: str = ""  # why someone other than the policy took over
     lease: Optional[int] = None  # the takeover lease the step was driven under (human operators); the server
     # attributes the segment to that lease's holder from its own records, never to the name alone
+    uncertainty: Optional[float] = None  # the policy's own doubt about this step, where it has a measure (learned.py)
 
 
 class Agent(abc.ABC):
@@ -117,8 +118,25 @@ class RandomAgent(Agent):
         return Decision(self._rng.uniform(-1.0, 1.0, size=self.action_dim).astype(np.float32))
 
 
+class HoldAgent(Agent):
+    """Never moves: a stuck policy, for trying the help queue and the console without waiting for a real failure."""
+
+    name = "hold"
+
+    def __init__(self, action_dim: int = 4):
+        self.action_dim = action_dim
+
+    def reset(self, env_id: str, prompt: str) -> None:
+        pass
+
+    def act(self, observation: Observation) -> Decision:
+        return Decision(np.zeros(self.action_dim, dtype=np.float32))
+
+
 def make_agent(policy: str, noise: float = 0.0, seed: Optional[int] = None) -> Agent:
-    """The ``--policy`` registry: ``expert`` or ``random``."""
+    """The ``--policy`` registry: ``expert``, ``random`` or ``hold``."""
+    if policy == "hold":
+        return HoldAgent()
     if policy == "expert":
         return ScriptedExpertAgent(noise=noise, seed=seed)
     if policy == "random":

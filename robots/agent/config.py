@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 AGENT_VERSION = "0.1.0"
 
 # --policy value -> name reported to the server ("learned" reports the running checkpoint as "v<N>")
-POLICY_NAMES = {"expert": "scripted-expert", "random": "random", "learned": "learned"}
+POLICY_NAMES = {"expert": "scripted-expert", "random": "random", "learned": "learned", "hold": "hold"}
 FALLBACKS = ("idle", "expert")  # what --policy learned does until its first checkpoint arrives
 SIM_EXPERTS = ("recovering", "metaworld")  # what the simulated operator drives with (supervisors.py)
 
@@ -49,6 +49,9 @@ class AgentConfig:
     video_size: int = 224  # the video frames are video_size x video_size
     video_stamp: bool = False  # write the capture time into each frame (glass-to-glass benchmark)
     max_viewers: int = 8  # WebRTC sessions at once; one more is answered with an error
+    help_stall_steps: int = 30  # ask for help when the hand stays still this many steps under the policy; 0 = never
+    help_still_m: float = 0.01  # "still": less net hand motion than this over help_stall_steps (metres)
+    help_uncertainty: float = 0.0  # ask when the policy's re-plans disagree by more than this on average; 0 = off
 
     def __post_init__(self):
         scheme = urlsplit(self.server).scheme

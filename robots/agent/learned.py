@@ -42,13 +42,27 @@ class PolicyAgent(Agent):
         self._chunk, self._used = None, 0  # the queued chunk was planned for a state the operator has left: re-plan
 
     def act(self, observation: Observation) -> Decision:
+        doubt = None
         if self._chunk is None or self._used >= min(self.execute_steps, len(self._chunk)):
             if self.guidance_beta is None:
                 chunk = self.policy.act(observation, self._prompt, env_id=self._env_id)
             else:
                 chunk = self.policy.act(observation, self._prompt, guidance_beta=self.guidance_beta,
                                         env_id=self._env_id)
+            doubt = replan_disagreement(self._chunk, self._used, chunk)
             self._chunk, self._used = chunk, 0
         action = np.asarray(self._chunk[self._used], dtype=np.float32)
         self._used += 1
-        return Decision(action)
+        return Decision(action, uncertainty=doubt)
+
+
+def replan_disagreement(old: Optional[np.ndarray], used: int, new: np.ndarray) -> Optional[float]:
+    """How much a re-plan changed the policy's mind: the mean distance (hand xyz, actions in [-1, 1]) between the new
+    chunk and the rest of the old one, over the steps both cover. None without an old chunk to compare."""
+    if old is None:
+        return None
+    rest = np.asarray(old[used:], dtype=np.float64)
+    n = min(len(rest), len(new))
+    if n == 0:
+        return None
+    return float(np.linalg.norm(rest[:n, :3] - np.asarray(new[:n, :3], dtype=np.float64), axis=1).mean())

@@ -469,3 +469,49 @@ def test_the_demonstrations_recorder_is_not_a_fleet_tile(client, op, robots):
     assert "sim-01" in page and "demo-collector" not in page
     with pytest.raises(ValueError, match="robot of the fleet"):
         fleet.recorder("sim-01")
+
+
+def test_help_precision_recall_operator_counters_and_coverage(client, viewer, tasks, robots, operator,
+                                                              other_operator):
+    from robots.models import ControlLease, HelpRequest
+
+    now = timezone.now()
+    alice, bob = operator, other_operator
+
+    def lease(user, robot, minutes_ago, seconds):
+        start = now - dt.timedelta(minutes=minutes_ago)
+        return ControlLease.objects.create(robot=robot, operator=user, operator_name=user.username, started_at=start,
+                                           renewed_at=start, expires_at=start,
+                                           ended_at=start + dt.timedelta(seconds=seconds), end_reason="released")
+
+    def request(robot, status, minutes_ago, answered_by=None, wait_s=0.0, closed_by=""):
+        raised = now - dt.timedelta(minutes=minutes_ago)
+        found = lease(answered_by, robot, minutes_ago - wait_s / 60, 30) if answered_by else None
+        return HelpRequest.objects.create(
+            robot=robot, kind="stall", reason="still", raised_at=raised, status=status, lease=found,
+            claimed_name=answered_by.username if answered_by else "", closed_name=closed_by,
+            claimed_at=raised + dt.timedelta(seconds=wait_s) if answered_by else None)
+
+    # 4 requests: 2 answered (after 4 s and 10 s), 1 false alarm, 1 withdrawn; 1 still open (not decided yet)
+    request(robots[0], "resolved", 50, answered_by=alice, wait_s=4)
+    request(robots[1], "resolved", 40, answered_by=bob, wait_s=10)
+    request(robots[0], "dismissed", 30, closed_by="alice")
+    request(robots[1], "withdrawn", 20)
+    request(robots[0], "open", 1)
+    lease(alice, robots[1], 10, 60)  # a takeover nobody asked for: a miss of the detector
+    # robot time: 2 episodes of 100 steps (10 s each), 20 intervened steps, 2 interventions
+    make_episode(tasks[1], robots[0], outcome="success", interventions=1, iv_steps=10, now=now)
+    make_episode(tasks[1], robots[1], outcome="failure", interventions=1, iv_steps=10, now=now)
+
+    a = client_for(client, viewer).get(reverse("metrics_data")).json()["attention"]
+    assert (a["requests"], a["answered"], a["dismissed"], a["withdrawn"], a["open"]) == (5, 2, 1, 1, 1)
+    assert a["precision"] == 0.5  # 2 answered of 4 decided
+    assert (a["takeovers"], a["takeovers_with_request"], a["recall"]) == (3, 2, round(2 / 3, 4))
+    assert a["median_response_s"] == 10.0  # the upper median of [4, 10]
+    assert a["operators"] == [
+        {"name": "alice", "takeovers": 2, "driving_s": 90.0, "answered": 1, "false_alarms": 1},
+        {"name": "bob", "takeovers": 1, "driving_s": 30.0, "answered": 1, "false_alarms": 0}]
+    # an operator drives 10% of robot time and answers 2 takeovers per 20 robot-seconds after 10 s each:
+    # busy = 0.1 + (2 / 20) * 10 = 1.1 -> one operator covers 0.9 robots
+    assert a["intervened_step_share"] == 0.1 and a["interventions_per_robot_hour"] == 360.0
+    assert a["robots_per_operator"] == 0.9

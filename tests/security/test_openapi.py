@@ -41,7 +41,7 @@ def test_every_api_route_is_in_the_schema_with_its_security(tmp_path):
 
     walk(get_resolver().url_patterns)
     api_routes = {r for r in routes if r.startswith("api/") and r != "api/schema/"}
-    assert len(schema["paths"]) == len(api_routes) == 11, (sorted(schema["paths"]), sorted(api_routes))
+    assert len(schema["paths"]) == len(api_routes) == 12, (sorted(schema["paths"]), sorted(api_routes))
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             scheme = "robotToken" if path.startswith("/api/robot/") else "cookieAuth"

@@ -1,0 +1,142 @@
+"""Issue 16's story in a real browser: a robot whose policy stalls asks for help, the request tops the fleet page
+within a heartbeat, an operator answers it (claim = takeover), drives, resolves it with a label, and the stored
+episode's intervention segment carries the request; Esc e-stops; the Metrics page shows autonomous vs assisted success
+and the help precision as the database has them. Debian's Chromium via Playwright, real daphne, worker and agents
+(Meta-World) in a network namespace, as tests/e2e/test_console_browser.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+
+import pytest
+from django.conf import settings
+from django.db.models import Q
+
+from robots import fleet
+from robots.models import Episode, HelpRequest, InterventionSegment, Robot, Task, TaskAssignment
+
+from .conftest import free_port, wait_for
+from .test_console_browser import CHROMIUM, _user, browser, login, namespace, shot  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+
+@pytest.fixture
+def console(launcher, namespace, django_user_model, tmp_path):  # noqa: F811 - this module's cast
+    """Two robots: arm-1 runs a random policy and never asks (its detector is off); arm-2's policy holds still, so its
+    stall detector asks for help after 30 steps (3 s)."""
+    task = Task.objects.create(name="reach", env_id="reach-v3", prompts=["reach the red goal"], max_steps=600)
+    TaskAssignment.objects.create(robot=None, task=task)
+    arm1, token1 = fleet.register_robot("arm-1")
+    arm2, token2 = fleet.register_robot("arm-2")
+    users = {"op1": _user(django_user_model, "op1", "operator"), "op2": _user(django_user_model, "op2", "operator")}
+    host = namespace.outer
+    env = {"ALLOWED_HOSTS": f"{host},127.0.0.1,localhost", "CSRF_TRUSTED_ORIGINS": f"http://{host}"}
+    server, url = launcher.server(port=free_port(), host=host, **env)
+    worker = launcher.worker("worker", "-B", **env)
+    common = ["--server", url, "--hz", "10", "--image-size", "64", "--video-fps", "10", "--video-size", "128"]
+    busy = launcher.start("agent-1", namespace.wrap([
+        sys.executable, "-m", "robots.agent", *common, "--spool", str(tmp_path / "spool-1"), "--policy", "random",
+        "--help-stall-steps", "0"]), SOP_ROBOT_TOKEN=token1)
+    stuck = launcher.start("agent-2", namespace.wrap([
+        sys.executable, "-m", "robots.agent", *common, "--spool", str(tmp_path / "spool-2"), "--policy", "hold"]),
+        SOP_ROBOT_TOKEN=token2)
+    procs = (server, worker, busy, stuck)
+    wait_for(lambda: Robot.objects.filter(state="running").count() == 2, 90, "both robots to run", procs=procs)
+    return {"url": url, "robots": (arm1, arm2), "task": task, "users": users, "procs": procs,
+            "browser": namespace.executable(CHROMIUM, tmp_path)}
+
+
+def first_tile(page) -> str:
+    return page.evaluate("document.querySelector('#tiles .tile[data-robot]').dataset.robot")
+
+
+def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episode_carries_the_request(console,
+                                                                                                     browser):
+    url, (arm1, arm2), procs = console["url"], console["robots"], console["procs"]
+    op1 = login(browser, url, "op1")
+    op1.locator('[data-robot="arm-1"]').wait_for()
+
+    # arm-2 stalls: its request is at the top of the queue and its tile first (arm-1 sorts first by name otherwise).
+    item = op1.locator('[data-testid="help-item"][data-robot="arm-2"]')
+    item.wait_for(timeout=60_000)
+    shown_at = time.time()
+    request = HelpRequest.objects.get(robot=arm2)
+    assert (request.kind, request.status) == ("stall", "open") and "while the policy drove" in request.reason
+    # "within one heartbeat": from the robot raising it (its clock; same host) to the page showing it
+    assert request.robot_since is not None
+    latency = shown_at - request.robot_since.timestamp()
+    assert latency < settings.SOP_HEARTBEAT_S, f"the request took {latency:.2f} s to reach the page"
+    assert len(request.trace) >= 20 and all(s["driver"] == "policy" for s in request.trace)
+    op1.wait_for_function("document.querySelector('#tiles .tile[data-robot]').dataset.robot === 'arm-2'",
+                          timeout=5000)
+    assert "needs-help" in op1.locator('[data-robot="arm-2"].tile').get_attribute("class")
+    assert op1.title().startswith("(1) ")
+    assert "assigned to you" in item.inner_text()  # op1 is the one operator online
+    assert first_tile(op1) == "arm-2"
+    shot(op1, "fleet-help-queue")
+
+    # Answer: the robot page opens and claims it, which takes the robot over.
+    item.get_by_role("link", name="Answer").click()
+    op1.wait_for_url(f"{url}/robots/arm-2/**")
+    wait_for(lambda: Robot.objects.get(pk=arm2.pk).operator_name == "op1", 20, "arm-2 to report op1 driving",
+             procs=procs)
+    request.refresh_from_db()
+    assert (request.status, request.claimed_name) == ("claimed", "op1") and request.lease is not None
+    op1.get_by_test_id("help-box").filter(has_text="answered by op1").wait_for()
+    assert op1.url.endswith("/robots/arm-2/")  # the ?help= is gone: a reload does not claim again
+    episode_id = Robot.objects.get(pk=arm2.pk).current_episode
+
+    # Drive +x for a second, then resolve it as a failure: the episode ends with op1's label, the robot goes back.
+    op1.locator("body").focus()
+    op1.keyboard.down("d")
+    time.sleep(1.0)
+    op1.keyboard.up("d")
+    shot(op1, "robot-help")
+    op1.get_by_test_id("help-resolve-failure").click()
+    wait_for(lambda: HelpRequest.objects.get(pk=request.pk).status == "resolved", 20, "the request to be resolved",
+             procs=procs)
+    request.refresh_from_db()
+    assert (request.outcome, request.closed_name) == ("failure", "op1")
+    wait_for(lambda: Episode.objects.filter(pk=episode_id, status=Episode.Status.VERIFIED).exists(), 60,
+             "the answered episode to be stored", procs=procs)
+    episode = Episode.objects.get(pk=episode_id)
+    assert (episode.outcome, episode.outcome_source, episode.outcome_by.username) == ("failure", "operator", "op1")
+    segments = list(InterventionSegment.objects.filter(episode=episode, source="operator"))
+    assert segments and all(s.help_request_id == request.pk and s.operator_name == "op1" for s in segments)
+    assert op1.title().startswith("arm-2")  # no open request left: no count in the tab title
+
+    # Esc e-stops the robot on screen, from anywhere on the page.
+    op1.get_by_test_id("help-box").wait_for(state="hidden", timeout=10_000)
+    op1.keyboard.press("?")
+    op1.get_by_test_id("shortcuts").wait_for()
+    assert "E-STOP" in op1.get_by_test_id("shortcuts").inner_text()
+    shot(op1, "robot-shortcuts")
+    op1.keyboard.press("Escape")  # closes the overlay, and e-stops: Esc always does
+    wait_for(lambda: Robot.objects.get(pk=arm2.pk).state == "estopped", 20, "arm-2 to report e-stopped", procs=procs)
+    assert Robot.objects.get(pk=arm2.pk).estopped_by == "op1"
+    op1.get_by_test_id("estop-clear").click()
+    wait_for(lambda: Robot.objects.get(pk=arm2.pk).state == "running", 30, "arm-2 to run again", procs=procs)
+
+    # Metrics: autonomous vs assisted success and the help precision, as the episodes and requests say.
+    now = dt.datetime.now(dt.timezone.utc)
+    for iv in (0, 1):  # one success on its own and one an operator rescued, so that the two numbers differ
+        Episode.objects.create(robot=arm1, task=console["task"], started_at=now - dt.timedelta(seconds=20),
+                               ended_at=now, steps=100, outcome="success", success=True, intervention_count=iv,
+                               intervention_steps=10 * iv, status=Episode.Status.VERIFIED)
+    op1.goto(f"{url}/metrics/")
+    op1.wait_for_function("document.querySelector('[data-total=\"episodes\"]').textContent !== '–'")
+    rated = Episode.objects.filter(split="online", outcome__in=("success", "failure", "timeout"))
+    alone = rated.filter(success=True, intervention_count=0).count()
+    assisted = rated.filter(Q(success=True) & Q(intervention_count__gt=0)).count()
+    expect = lambda n: f"{round(100 * n / rated.count())}%"  # noqa: E731
+    assert op1.inner_text('[data-total="autonomous_success_rate"]') == expect(alone)
+    assert op1.inner_text('[data-total="assisted_success_rate"]') == expect(assisted)
+    decided = HelpRequest.objects.exclude(status__in=("open", "claimed"))
+    answered = decided.filter(lease__isnull=False).count()
+    assert op1.inner_text('[data-attn="precision"]') == f"{round(100 * answered / decided.count())}%"
+    assert "op1" in op1.get_by_test_id("operators").inner_text()
+    shot(op1, "metrics-attention")
+    op1.context.close()
