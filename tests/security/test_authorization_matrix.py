@@ -26,7 +26,7 @@ from websockets.sync.client import connect
 
 from learner.models import Checkpoint, TrainingRun
 from robots import console_protocol as cp
-from robots import fleet, protocol
+from robots import fleet, helpqueue, protocol
 from robots.models import Episode, Robot
 from robots.pages import video_path
 from robots.roles import ADMIN, OPERATOR, set_role
@@ -67,6 +67,7 @@ ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
     "robot-episode": (OWN_ROBOT, ("GET",)),
     "robot-episode-payload": (OWN_ROBOT, ("PUT",)),
     "robot-checkpoint-file": (ROBOT, ("GET",)),
+    "robot-help": (ROBOT, ("POST",)),
     "api-robots": (VIEWER, ("GET",)),
     "api-tasks": (VIEWER, ("GET",)),
     "api-episodes": (VIEWER, ("GET",)),
@@ -86,7 +87,8 @@ LEVEL_RANK = {VIEWER: 1, OPERATOR_ONLY: 2, ADMIN_ONLY: 3}
 # Console messages -> the least role that may send them (README table); CONSOLE_FORCE: a forced takeover.
 CONSOLE_MESSAGES = {"ping": "viewer", "webrtc.offer": "viewer", "webrtc.close": "viewer", "takeover": "operator",
                     "keepalive": "operator", "release": "operator", "teleop": "operator", "estop": "operator",
-                    "label": "operator"}
+                    "label": "operator", "help.capacity": "operator", "help.claim": "operator",
+                    "help.resolve": "operator", "help.dismiss": "operator"}
 CONSOLE_FORCE = "admin"
 # Data channel messages (enforced by the robot, tests/robots/agent/test_webrtc.py): who may send them with effect.
 CHANNEL_MESSAGES = {"cmd": "lease holder", "keepalive": "lease holder", "ping": "viewer", "trace": "viewer",
@@ -314,11 +316,21 @@ def test_console_messages_by_role_as_the_table_says(cast):
         "release": {"type": "release", "robot": name},
         "label": {"type": "label", "robot": name, "outcome": "failure", "episode_id": episode_id},
     }
-    order = ["ping", "webrtc.offer", "webrtc.close", "takeover", "keepalive", "teleop", "estop", "release", "label"]
+    order = ["ping", "webrtc.offer", "webrtc.close", "takeover", "keepalive", "teleop", "estop", "release", "label",
+             "help.capacity", "help.claim", "help.resolve", "help.dismiss"]
     assert set(order) == set(CONSOLE_MESSAGES)
     wrong = []
     for identity in ("viewer", "operator", "admin"):
         n = [0]
+        # a fresh help request for each role: claimed, resolved (the lease ends), then dismissed (refused as closed,
+        # which is not an authorisation refusal)
+        request, _ = helpqueue.raise_request(robot_a, "button", f"authz {identity}")
+        frames.update({
+            "help.capacity": {"type": "help.capacity", "capacity": 2},
+            "help.claim": {"type": "help.claim", "id": request.pk},
+            "help.resolve": {"type": "help.resolve", "id": request.pk},
+            "help.dismiss": {"type": "help.dismiss", "id": request.pk, "note": "authz"},
+        })
         with console(cast, identity) as ws:
             for kind in order:
                 replies = ask(ws, frames[kind], n)
