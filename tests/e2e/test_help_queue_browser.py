@@ -140,3 +140,15 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     assert "op1" in op1.get_by_test_id("operators").inner_text()
     shot(op1, "metrics-attention")
     op1.context.close()
+
+    # The live pages in a dark system theme, for a person to look at (and the page background is the dark one).
+    dark = login(browser, url, "op2", color_scheme="dark")
+    dark.locator('[data-robot="arm-1"]').wait_for()
+    assert dark.evaluate("getComputedStyle(document.documentElement).backgroundColor") == "rgb(15, 20, 27)"
+    shot(dark, "fleet-dark")
+    dark.goto(f"{url}/robots/arm-1/")
+    dark.get_by_test_id("takeover").wait_for()
+    # the E-STOP stays red in the dark theme (a dark button rule once painted it grey)
+    assert dark.get_by_test_id("estop").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(208, 31, 31)"
+    shot(dark, "robot-dark")
+    dark.context.close()

@@ -41,6 +41,10 @@ class Command(BaseCommand):
         parser.add_argument("--noise", type=float, default=0.3, help="action noise of the scripted robots' policy")
         parser.add_argument("--policy", default="expert", help="robot policy: expert | random")
         parser.add_argument("--hz", type=float, default=10.0, help="robot control rate")
+        parser.add_argument("--supervised", type=int, default=1,
+                            help="the last N robots have no simulated operator: when their policy stalls they ask a "
+                                 "person for help (the console's help queue); default 1 (0: every robot is "
+                                 "supervised by the simulated operator)")
         parser.add_argument("--no-worker", action="store_true", help="do not start a Celery worker")
         parser.add_argument("--no-learning", action="store_true",
                             help="robots run the scripted policy only: no demonstrations, pretraining or training run")
@@ -112,12 +116,17 @@ class Command(BaseCommand):
         self._wait_http(f"{url}/healthz")
         self._say(f"web        {url}  (log: {log_dir}/web.log)")
 
+        supervised = set(range(opts["robots"] - max(opts["supervised"], 0) + 1, opts["robots"] + 1))
         for i in range(1, opts["robots"] + 1):
             name = f"sim-{i}"
             _, token = fleet.register_robot(name)  # a fresh token per demo start; the old one stops working
             agent_env = {**env, "SOP_ROBOT_TOKEN": token}
-            policy = (["--policy", "learned", "--fallback", "expert", "--sim-operator"] if learning
+            # a person supervises the robots in `supervised` (they ask for help); the simulated operator the others
+            gate = [] if i in supervised else ["--sim-operator"]
+            policy = (["--policy", "learned", "--fallback", "expert", *gate] if learning
                       else ["--policy", opts["policy"], "--noise", str(opts["noise"])])
+            if learning and i in supervised:
+                self._say(f"{name}      asks a person for help when its policy stalls (the fleet page's help queue)")
             self._spawn(name, [sys.executable, "-m", "robots.agent", "--server", url,
                                "--spool", str(settings.DATA_DIR / "spool" / name), *policy,
                                "--hz", str(opts["hz"]), "--seed", str(i)],
