@@ -34,9 +34,9 @@ from learner.algorithms import NAMES as ALGORITHMS
 from learner.config import PRESETS
 from learner.models import Checkpoint, Evaluation, TrainingMetric, TrainingRun
 from learner.policy import available_policies
-from robots import ingest
+from robots import ingest, replay
 from sop_web import storage
-from robots.models import AuditEvent, Episode, Robot, Task
+from robots.models import AuditEvent, Episode, MediaJob, Robot, Task
 from robots.roles import can_operate, is_admin
 
 log = logging.getLogger(__name__)
@@ -363,29 +363,65 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def episode_values(episode: Episode, source: dict[str, Any]) -> tuple[list[float], bool]:
-    """V(o_t) for every step of a stored episode, and whether it came from the disk cache
-    (DATA_DIR/values/<episode>-<key>.json, keyed by the payload and the value function's identity)."""
+def _cached_values(episode: Episode, source: dict[str, Any]) -> Optional[list[float]]:
+    cache = _value_cache_path(episode, source)
+    if not cache.exists() and storage.is_remote() and MediaJob.objects.filter(
+            episode_id=episode.pk, kind=MediaJob.Kind.VALUE, key=storage.key_of(cache),
+            state=MediaJob.State.DONE).exists():
+        try:
+            storage.ensure_local(storage.key_of(cache))  # another host computed it
+        except storage.StorageError as exc:
+            log.warning("value plot of episode %s not in the bucket: %s", episode.pk, exc)
+    try:
+        return json.loads(cache.read_text())["values"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def episode_values(episode: Episode, source: dict[str, Any],
+                   progress=lambda fraction: None) -> tuple[list[float], bool]:
+    """V(o_t) for every step of a stored episode, and whether it came from the cache
+    (DATA_DIR/values/<episode>-<key>.json, keyed by the payload and the value function's identity; the bucket too
+    with object storage). Computed VALUE_BLOCK frames at a time, reporting ``progress``."""
     import torch
 
     from robots.episode_file import EpisodeReader
 
+    cached = _cached_values(episode, source)
+    if cached is not None:
+        return cached, True
     cache = _value_cache_path(episode, source)
-    try:
-        return json.loads(cache.read_text())["values"], True
-    except (OSError, ValueError, KeyError):
-        pass
-    with _value_lock:  # one model in memory and one computation at a time: the web server has few cores
+    with _value_lock:  # one model in memory and one computation at a time
         torch.set_num_threads(1)
         value = _load_value(source)
+        values: list[float] = []
         with EpisodeReader(ingest.payload_file(episode)) as reader:
-            images = reader.column("observation/image")
-            states = reader.column("observation/state")
             prompt = reader.meta["prompt"] or episode.prompt or episode.task.name
-        with torch.no_grad():
-            values = [round(float(v), 5) for v in value.predict(images, states, prompt)]
+            for start in range(0, reader.steps, VALUE_BLOCK):
+                images = reader.column("observation/image", start, start + VALUE_BLOCK)
+                states = reader.column("observation/state", start, start + VALUE_BLOCK)
+                with torch.no_grad():
+                    values += [round(float(v), 5) for v in value.predict(images, states, prompt)]
+                progress(min(start + VALUE_BLOCK, reader.steps) / max(reader.steps, 1))
     _write_atomic(cache, json.dumps({"values": values, "identity": source["identity"]}))
+    storage.upload(storage.key_of(cache), cache)
     return values, False
+
+
+VALUE_BLOCK = 64  # frames per value-network call while a plot is computed
+
+
+def render_episode_value(episode_id: str) -> Optional[str]:
+    """The Celery task's body (learner.render_episode_value): the episode's value plot with progress, if there is a
+    value function; its job row says how far it is (robots/replay.py)."""
+    episode = Episode.objects.select_related("task").filter(pk=episode_id).first()
+    source = value_source()
+    if episode is None or source is None or episode.status != Episode.Status.VERIFIED or not episode.payload_path:
+        return None
+    key = storage.key_of(_value_cache_path(episode, source))
+    job = replay.queue(episode, MediaJob.Kind.VALUE, key, replay.VALUE_TASK, [episode_id], send=False)
+    done = replay.run(job.pk, lambda job, progress: episode_values(episode, source, progress))
+    return done.state if done is not None else None
 
 
 @login_required
@@ -405,12 +441,15 @@ def episode_value(request, episode_id):
     source = value_source()
     if source is None:
         return JsonResponse({"available": False, "reason": "no_value_function", "message": NO_VALUE_MESSAGE})
-    try:
-        values, cached = episode_values(episode, source)
-    except Exception as exc:  # a corrupt value file or payload must not break the episode page
-        log.warning("value of episode %s with %s failed: %s", episode.pk, source["identity"], exc)
-        return JsonResponse({"available": False, "reason": "error",
-                             "message": f"the value function could not be evaluated: {exc}"})
+    values, cached = _cached_values(episode, source), True
+    if values is None:  # computed in the background (robots/replay.py): the page shows the progress and asks again
+        key = storage.key_of(_value_cache_path(episode, source))
+        job = replay.queue(episode, MediaJob.Kind.VALUE, key, replay.VALUE_TASK, [str(episode.pk)])
+        if job.state == MediaJob.State.FAILED:
+            return JsonResponse({"available": False, "reason": "error",
+                                 "message": f"the value function could not be evaluated: {job.error}"})
+        return JsonResponse({"available": False, "reason": "rendering", **replay.job_view(job),
+                             "message": "computing V(o_t) in the background"})
     scale = int(source["scales"].get(episode.task.name) or episode.task.max_steps or len(values) or 1)
     returns = recap_math.episode_returns(len(values), episode.outcome or "", scale, source["c_fail"])
     return JsonResponse({

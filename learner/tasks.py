@@ -69,3 +69,11 @@ def resume_stalled_runs() -> list[int]:
 def cleanup_orphan_checkpoints() -> int:
     """Beat, hourly: weight files a publisher wrote but never committed (it was killed in between)."""
     return services.cleanup_orphan_checkpoints()
+
+
+@shared_task(name="learner.render_episode_value", acks_late=True)
+def render_episode_value(episode_id: str):
+    """An episode's value plot V(o_t), made in the background after it was verified or when a page asks for it."""
+    from learner import pages
+
+    return pages.render_episode_value(episode_id)

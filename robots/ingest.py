@@ -20,7 +20,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from . import payload_check, protocol, tasking
+from . import payload_check, protocol, replay, tasking
 from .episode_file import EpisodeFileError, Limits, Segment
 from .exceptions import (
     ChecksumMismatch,
@@ -118,11 +118,7 @@ def stored_path(episode_id) -> Path:
     return Path("episodes") / str(episode_id)[:2] / f"{episode_id}.h5"
 
 
-def payload_file(episode: Episode) -> Path:
-    """A local file with a verified episode's bytes: the stored file, or (object storage) this host's cache copy,
-    fetched on first use and checked against the verified size and sha256 (storage.StorageError if it cannot be)."""
-    return storage.ensure_local(storage.episode_key(episode.payload_path), sha256=episode.payload_sha256,
-                                size=episode.payload_size)
+payload_file = replay.payload_file  # every reader of verified bytes: the learner, pages, exports
 
 
 def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
@@ -417,6 +413,10 @@ def _finish(robot: Robot, episode: Episode, token: str) -> Episode:
             raise
     log.info("episode %s of robot %s verified (%d steps, %s)", episode.id, robot.name, episode.steps, episode.outcome,
              extra=ids(robot=robot.name, episode=episode.id))
+    try:  # its replay is made in the background now, so that nobody waits for an encoder later (robots/replay.py)
+        replay.queue_replays(episode)
+    except Exception:  # the episode is stored; a replay that cannot be queued is queued when someone asks for it
+        log.exception("episode %s: its replay could not be queued", episode.id)
     return episode
 
 

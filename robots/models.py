@@ -12,6 +12,7 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from .protocol import HELP_KINDS, ControlSource, Outcome, RobotState, Split
 
@@ -321,3 +322,33 @@ class OperatorPresence(models.Model):
     capacity = models.PositiveSmallIntegerField(default=1, help_text="Requests assigned at once (1 unless they ask)")
     connected_at = models.DateTimeField()
     seen_at = models.DateTimeField(db_index=True)
+
+
+class MediaJob(models.Model):
+    """A replay made in the background (robots/replay.py): an episode's MP4 or its value plot, with its progress, so
+    that every web node can show how far it is."""
+
+    class Kind(models.TextChoices):
+        VIDEO = "video"
+        VALUE = "value"
+
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    episode = models.ForeignKey(Episode, on_delete=models.CASCADE, related_name="media_jobs")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    key = models.CharField(max_length=300, help_text="What it makes: a storage key (MP4) or a cache key (values)")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.QUEUED)
+    progress = models.FloatField(default=0.0)
+    error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["episode", "kind", "key"], name="one_media_job_per_key")]
+
+    def __str__(self):
+        return f"{self.kind} of {self.episode_id}: {self.state}"

@@ -7,16 +7,11 @@ through robots/tasking.py, ingest.py and control.py.
 from __future__ import annotations
 
 import datetime as dt
-import fractions
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
-import numpy as np
 from django import forms
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -28,12 +23,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from sop_web import storage
 from sop_web.files import accel_redirect
 
-from . import catalog, control, ingest, tasking
-from .episode_file import EpisodeFileError, EpisodeReader
-from .models import AuditEvent, ControlLease, Episode, HelpRequest, Robot, Task, TaskAssignment
+from . import catalog, control, replay, tasking
+from .models import AuditEvent, ControlLease, Episode, HelpRequest, MediaJob, Robot, Task, TaskAssignment
+from .replay import video_path  # noqa: F401  (tests and the proxy check import it from here)
 from .protocol import RATED_OUTCOMES, ControlSource, Outcome, Split
 from .roles import can_operate, is_admin
 
@@ -284,8 +278,7 @@ def _episode_or_404(episode_id) -> Episode:
     return episode
 
 
-def _control_hz(episode: Episode) -> float:
-    return episode.control_hz if episode.control_hz and math.isfinite(episode.control_hz) else 10.0
+_control_hz = replay.control_hz
 
 
 @login_required
@@ -299,7 +292,9 @@ def episode(request, episode_id):
         or (f"{s.claimed_operator} (claimed by the robot, no lease on record)" if s.claimed_operator else "")
         or ("simulated operator" if s.source == ControlSource.SIM_OPERATOR.value else "operator"),
         "reason": s.reason, "left": 100 * s.start_step / steps, "width": 100 * s.steps / steps,
-    } for s in episode.segments.all()]
+        "help": ({"id": s.help_request.pk, "kind": s.help_request.kind, "reason": s.help_request.reason}
+                 if s.help_request else None),
+    } for s in episode.segments.select_related("operator", "help_request")]
     relabels = AuditEvent.objects.filter(action="relabel", detail__episode=str(episode.pk)).order_by("-at")[:20]
     duration = (episode.ended_at - episode.started_at).total_seconds() if episode.ended_at else None
     return render(request, "pages/episode.html", {
@@ -330,81 +325,24 @@ def episode_relabel(request, episode_id):
     return redirect("episode", episode_id=episode.pk)
 
 
-def video_path(episode: Episode) -> Path:
-    return settings.DATA_DIR / "videos" / f"{episode.pk}-{(episode.payload_sha256 or 'nosha')[:12]}.mp4"
-
-
-def _codec() -> str:
-    import av
-
-    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
-
-
-def encode_episode_video(source: Path, target: Path, fps: float) -> Path:
-    """Encode the episode's camera frames as an MP4 at its control rate. Written to a temp file beside ``target`` and
-    renamed, so that concurrent requests never serve (or write into) a half-written file."""
-    import av
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    rate = fractions.Fraction(fps).limit_denominator(1000)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".part.mp4", dir=target.parent)
-    os.close(fd)
-    try:
-        with EpisodeReader(source) as reader:
-            h, w = reader.meta["image_shape"][:2]
-            scale = max(1, min(8, math.ceil(256 / max(h, w))))  # small camera images are upscaled (nearest)
-            out_h, out_w = h * scale + (h * scale) % 2, w * scale + (w * scale) % 2  # yuv420p needs even sizes
-            codec = _codec()
-            with av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-                stream = container.add_stream(codec, rate=rate)
-                stream.width, stream.height, stream.pix_fmt = out_w, out_h, "yuv420p"
-                if codec == "libx264":
-                    stream.options = {"crf": "20", "preset": "veryfast", "tune": "animation"}
-                else:
-                    stream.bit_rate = 2_000_000
-                for i, image in enumerate(_frames(reader)):
-                    if scale > 1:
-                        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-                    if image.shape[0] != out_h or image.shape[1] != out_w:
-                        image = np.pad(image, ((0, out_h - image.shape[0]), (0, out_w - image.shape[1]), (0, 0)),
-                                       mode="edge")
-                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-                    frame.pts = i
-                    for packet in stream.encode(frame):
-                        container.mux(packet)
-                for packet in stream.encode():
-                    container.mux(packet)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _frames(reader, block: int = 64):
-    """The episode's camera frames, read ``block`` at a time: a long episode never sits in memory whole."""
-    for start in range(0, reader.steps, block):
-        yield from reader.column("observation/image", start, start + block)
-
-
 @login_required
 @require_GET
 def episode_video(request, episode_id):
+    """The episode's MP4 (with byte ranges, or by X-Accel-Redirect behind the proxy). Not made yet: ``202`` with the
+    background job's progress (robots/replay.py), which the episode page shows and polls; the job is queued if
+    nothing makes it (an episode verified before replays were made in the background, or a job that died)."""
     episode = _episode_or_404(episode_id)
     if episode.status != Episode.Status.VERIFIED or not episode.payload_path:
         raise Http404("This episode has no stored frames (yet).")
-    target = video_path(episode)
-    if not target.exists():
-        try:
-            source = ingest.payload_file(episode)
-        except storage.StorageError as exc:
-            raise Http404(f"The episode's payload could not be fetched: {exc}") from None
-        if not source.exists():
-            raise Http404("The episode's payload file is missing.")
-        try:
-            encode_episode_video(source, target, _control_hz(episode))
-        except EpisodeFileError as exc:
-            raise Http404(f"The episode's payload is unreadable: {exc}") from None
+    target = replay.video_ready(episode)
+    if target is None:
+        job = replay.queue_video(episode)
+        failed = job is not None and job.state == MediaJob.State.FAILED  # the page says why (tried again later)
+        response = JsonResponse({**replay.job_view(job), **({"detail": f"The replay could not be made: {job.error}"}
+                                                           if failed else {})}, status=404 if failed else 202)
+        response["Retry-After"] = "1"
+        response["Cache-Control"] = "no-store"
+        return response
     response = accel_redirect(target, "video/mp4") or _ranged_file(request, target, "video/mp4")
     response["Cache-Control"] = "private, max-age=86400"
     return response

@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from . import control, fleet, ingest
+from . import control, fleet, ingest, replay
 
 
 @shared_task(name="robots.cleanup_stale_uploads")
@@ -19,3 +19,10 @@ def mark_silent_robots_offline() -> int:
 def expire_leases() -> int:
     """Takeover leases not renewed within SOP_LEASE_TIMEOUT_S end; their robots get control.release."""
     return control.expire_leases()
+
+
+@shared_task(name="robots.render_episode_video", acks_late=True)
+def render_episode_video(episode_id: str) -> str:
+    """An episode's MP4, made once after it was verified (robots/replay.py); its progress is in its MediaJob."""
+    job = replay.render_video(episode_id)
+    return job.state if job is not None else "none"

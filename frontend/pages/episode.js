@@ -29,7 +29,49 @@ function seek(step) {
   show(step);
 }
 
+// The MP4 is made in the background once the episode is verified (robots/replay.py): until it exists the server
+// answers 202 with the job's progress, shown here as a bar; the video loads when it is ready.
+const POLL_MS = 1000;
+
+function setBar(bar, box, fraction) {
+  const pct = Math.round(100 * Math.min(1, Math.max(0, fraction || 0)));
+  bar.style.width = `${pct}%`;
+  box.setAttribute("aria-valuenow", String(pct));
+  return pct;
+}
+
+async function loadReplay() {
+  const box = document.getElementById("replay-progress");
+  const bar = document.getElementById("replay-bar");
+  const text = box.querySelector('[data-field="replay-text"]');
+  let reply;
+  try {
+    reply = await fetch(video.dataset.src, { headers: { Range: "bytes=0-0", Accept: "application/json" }, credentials: "same-origin" });
+  } catch (err) {
+    box.hidden = false;
+    text.textContent = `The replay could not be loaded (${err.message}); retrying…`;
+    setTimeout(loadReplay, 5 * POLL_MS);
+    return;
+  }
+  if (reply.status === 200 || reply.status === 206) {
+    box.hidden = true;
+    video.src = video.dataset.src;
+    return;
+  }
+  const job = await reply.json().catch(() => ({}));
+  box.hidden = false;
+  if (reply.status === 202) {
+    const pct = setBar(bar, box.querySelector(".progress"), job.progress);
+    text.textContent = job.state === "running" ? `Making the replay… ${pct}%` : "The replay is queued…";
+    setTimeout(loadReplay, POLL_MS);
+  } else {
+    text.textContent = job.detail || `The replay could not be loaded (HTTP ${reply.status}).`;
+    box.classList.add("error");
+  }
+}
+
 if (video) {
+  loadReplay();
   const tick = () => { show(video.currentTime * hz); if (!video.paused) requestAnimationFrame(tick); };
   video.addEventListener("timeupdate", () => show(video.currentTime * hz));
   video.addEventListener("play", () => requestAnimationFrame(tick));
@@ -93,6 +135,15 @@ async function loadValue() {
     note.textContent = `The value could not be loaded: ${err.message}`;
     return;
   }
+  const progress = document.getElementById("value-progress");
+  if (!d.available && d.reason === "rendering") {  // computed in the background: show how far, ask again
+    progress.hidden = false;
+    const pct = setBar(document.getElementById("value-bar"), progress, d.progress);
+    note.textContent = d.state === "running" ? `Computing V(o_t)… ${pct}%` : "V(o_t) is queued for computation…";
+    setTimeout(loadValue, POLL_MS);
+    return;
+  }
+  progress.hidden = true;
   if (!d.available) { note.textContent = d.message; return; }
   note.hidden = true;
   document.getElementById("value-box").hidden = false;

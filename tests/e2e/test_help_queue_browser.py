@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db.models import Q
 
 from robots import fleet
-from robots.models import Episode, HelpRequest, InterventionSegment, Robot, Task, TaskAssignment
+from robots.models import Episode, HelpRequest, InterventionSegment, MediaJob, Robot, Task, TaskAssignment
 
 from .conftest import free_port, wait_for
 from .test_console_browser import CHROMIUM, _user, browser, login, namespace, shot  # noqa: F401 (fixtures)
@@ -107,6 +107,14 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     segments = list(InterventionSegment.objects.filter(episode=episode, source="operator"))
     assert segments and all(s.help_request_id == request.pk and s.operator_name == "op1" for s in segments)
     assert op1.title().startswith("arm-2")  # no open request left: no count in the tab title
+
+    # The episode's replay was made in the background once it was verified (robots/replay.py): the page plays it.
+    op1.goto(f"{url}/episodes/{episode_id}/")
+    op1.wait_for_function("document.getElementById('video').readyState >= 1", timeout=60_000)
+    assert MediaJob.objects.get(episode_id=episode_id, kind="video").state == "done"
+    answered = op1.get_by_test_id("answered-help").first.inner_text()
+    assert f"answered help request #{request.pk} (stall" in answered
+    op1.goto(f"{url}/robots/arm-2/")
 
     # Esc e-stops the robot on screen, from anywhere on the page.
     op1.get_by_test_id("help-box").wait_for(state="hidden", timeout=10_000)

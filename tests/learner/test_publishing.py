@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from django.conf import settings
 from django.test import Client
 
 from learner import services

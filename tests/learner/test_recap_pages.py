@@ -21,7 +21,7 @@ from learner.algorithms import build_algorithm
 from learner.buffer import FrameIndex
 from learner.config import get_preset
 from learner.models import TrainingMetric, TrainingRun
-from learner.pages import NO_VALUE_MESSAGE
+from learner.pages import NO_VALUE_MESSAGE, render_episode_value
 from learner.policy import build_policy
 from learner.trainer import Trainer
 from learner.value import ValueFunction, save_value
@@ -127,17 +127,29 @@ def test_without_a_value_function_value_json_says_so(client, viewer, dirs, task)
     assert client.get(reverse("episode_value", args=[ep.pk])).json()["reason"] == "no_frames"
 
 
+def value_json(client, episode) -> dict:
+    """The value plot as the episode page gets it: first the background job's progress (nobody waits for the value
+    network in a request), then, once the job ran (here in-process, as the Celery task does), the values."""
+    url = reverse("episode_value", args=[episode.pk])
+    first = client.get(url).json()
+    if first.get("reason") != "rendering":
+        return first
+    assert (first["available"], first["state"], first["progress"]) == (False, "queued", 0.0)
+    assert render_episode_value(str(episode.pk)) == "done"
+    return client.get(url).json()
+
+
 def test_value_json_with_a_pretrained_value_function(client, viewer, dirs, task):
     ok, bad = _stored(task, "success", steps=9), _stored(task, "failure", steps=7)
     path = _pretrained_value(task)
     client.force_login(viewer)
-    d = client.get(reverse("episode_value", args=[ok.pk])).json()
-    assert d["available"] and d["steps"] == 9 and len(d["values"]) == 9 and not d["cached"]
+    d = value_json(client, ok)
+    assert d["available"] and d["steps"] == 9 and len(d["values"]) == 9
     assert all(-1.0 <= v <= 0.0 for v in d["values"])
     assert d["source"] == {"kind": "pretrained", "run": None, "label": f"pretrained {path.name}", "file": path.name}
     # the return-to-go (M = the task's 20 steps, c_fail 1 -> S = 40): success ends at 0
     assert d["returns"][-1] == 0.0 and d["returns"][0] == pytest.approx(-8 / 40)
-    assert client.get(reverse("episode_value", args=[bad.pk])).json()["returns"][-1] == pytest.approx(-20 / 40)
+    assert value_json(client, bad)["returns"][-1] == pytest.approx(-20 / 40)
     # cached on disk, atomically, keyed by the episode and the value function
     cached = list((dirs / "values").glob(f"{ok.pk}-*.json"))
     assert len(cached) == 1 and not list((dirs / "values").glob("*.part"))
@@ -146,8 +158,9 @@ def test_value_json_with_a_pretrained_value_function(client, viewer, dirs, task)
     # a newer value file is another value function: computed afresh
     _pretrained_value(task, "value-reach-2.safetensors")
     os.utime(settings.CHECKPOINT_DIR / "value" / "value-reach-2.safetensors", (2e9, 2e9))
-    newer = client.get(reverse("episode_value", args=[ok.pk])).json()
-    assert not newer["cached"] and newer["source"]["file"] == "value-reach-2.safetensors"
+    assert client.get(reverse("episode_value", args=[ok.pk])).json()["reason"] == "rendering"
+    newer = value_json(client, ok)
+    assert newer["available"] and newer["source"]["file"] == "value-reach-2.safetensors"
 
 
 def test_value_json_uses_a_recap_runs_value_network(client, viewer, dirs, task):
@@ -163,7 +176,7 @@ def test_value_json_uses_a_recap_runs_value_network(client, viewer, dirs, task):
     state = services.trainer_state_path(run)
     trainer.save_state(state)
     client.force_login(viewer)
-    d = client.get(reverse("episode_value", args=[ep.pk])).json()
+    d = value_json(client, ep)
     assert d["available"] and d["source"]["kind"] == "run" and d["source"]["run"] == run.pk
     with EpisodeReader(settings.PAYLOAD_DIR / ep.payload_path) as reader:
         expected = trainer.algorithm.value.predict(reader.column("observation/image"),

@@ -14,11 +14,8 @@ import pytest
 from django.test import Client
 
 from learner import services
-from learner.algorithms import build_algorithm
 from learner.buffer import FrameIndex
-from learner.config import get_preset
 from learner.models import Checkpoint
-from learner.policy import build_policy
 from learner.trainer import Trainer
 from robots import fleet, ingest
 from robots.models import Episode, Task

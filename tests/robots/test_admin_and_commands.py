@@ -1,10 +1,10 @@
 """The admin and the management commands: the operator's doors into the same services."""
 
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import call_command
 
-from robots import auth, catalog
-from robots.models import AuditEvent, Robot, Task
+from robots import auth
+from robots.models import AuditEvent, Robot
 
 pytestmark = pytest.mark.django_db
 

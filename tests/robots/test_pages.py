@@ -14,9 +14,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from robots import episode_file, fleet, selectors, tasking
+from robots import episode_file, fleet, replay, selectors, tasking
 from robots.episode_file import Segment
-from robots.models import AuditEvent, Episode, InterventionSegment, Robot, Task, TaskAssignment
+from robots.models import AuditEvent, Episode, InterventionSegment, MediaJob, Task, TaskAssignment
 from robots.roles import set_role
 
 from .factories import episode_data
@@ -276,9 +276,21 @@ def data_dirs(settings, tmp_path):
     return tmp_path
 
 
-def test_the_video_endpoint_returns_a_decodable_mp4_with_one_frame_per_step(client, viewer, tasks, robots, data_dirs):
+def test_the_video_endpoint_returns_a_decodable_mp4_with_one_frame_per_step(client, viewer, tasks, robots, data_dirs,
+                                                                           monkeypatch):
     ep = _stored_episode(tasks[0], robots[0], steps=23, hz=12.5)
     client_for(client, viewer)
+    # not made yet: the request does not wait for an encoder, it says how far the background job is
+    pending = client.get(reverse("episode_video", args=[ep.pk]))
+    assert pending.status_code == 202 and pending["Retry-After"] == "1"
+    assert pending.json() == {"state": "queued", "progress": 0.0, "error": ""}
+    assert client.get(reverse("episode_video", args=[ep.pk])).status_code == 202  # still one job
+    assert MediaJob.objects.filter(episode=ep, kind="video").count() == 1
+    seen = []
+    monkeypatch.setattr(replay.Progress, "__call__", lambda self, fraction: seen.append(fraction))
+    job = replay.render_video(str(ep.pk))  # what the Celery task runs
+    assert (job.state, job.progress, job.error) == ("done", 1.0, "")
+    assert seen == [(i + 1) / 23 for i in range(23)]  # frame by frame (the job row is written every 0.5 s)
     response = client.get(reverse("episode_video", args=[ep.pk]))
     assert response.status_code == 200 and response["Content-Type"] == "video/mp4"
     body = b"".join(response.streaming_content)
@@ -302,6 +314,34 @@ def test_the_video_endpoint_returns_a_decodable_mp4_with_one_frame_per_step(clie
     tail = client.get(reverse("episode_video", args=[ep.pk]), HTTP_RANGE="bytes=-5")
     assert tail.status_code == 206 and tail.content == body[-5:]
     assert client.get(reverse("episode_video", args=[ep.pk]), HTTP_RANGE=f"bytes={len(body)}-").status_code == 416
+
+
+def test_a_replay_whose_payload_is_unreadable_fails_once_and_says_why(client, viewer, tasks, robots, data_dirs):
+    ep = _stored_episode(tasks[0], robots[0], steps=5)
+    (data_dirs / "payloads" / ep.payload_path).write_bytes(b"not an episode file")
+    client_for(client, viewer)
+    assert client.get(reverse("episode_video", args=[ep.pk])).status_code == 202
+    job = replay.render_video(str(ep.pk))
+    assert job.state == "failed" and job.error
+    failed = client.get(reverse("episode_video", args=[ep.pk]))
+    assert failed.status_code == 404 and b"could not be made" in failed.content
+    assert not list((data_dirs / "videos").glob("*.mp4"))  # no half-written file left behind
+
+
+def test_a_verified_upload_queues_its_replay_at_once(client, viewer, tasks, robots, data_dirs, monkeypatch,
+                                                      django_capture_on_commit_callbacks):
+    from celery import current_app
+
+    from robots import ingest
+
+    ep = _stored_episode(tasks[0], robots[0], steps=5)
+    sent = []
+    monkeypatch.setattr(current_app, "send_task", lambda name, args: sent.append((name, args)))
+    with django_capture_on_commit_callbacks(execute=True):
+        replay.queue_replays(ep)
+    assert sent == [("robots.render_episode_video", [str(ep.pk)]), ("learner.render_episode_value", [str(ep.pk)])]
+    assert MediaJob.objects.get(episode=ep).state == "queued"
+    assert ingest.payload_file is replay.payload_file
 
 
 def test_no_video_for_an_episode_without_frames(client, viewer, tasks, robots, data_dirs):
