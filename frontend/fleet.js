@@ -57,6 +57,7 @@ function ensureTile(name) {
   el.replaceChildren(tileTemplate.content.cloneNode(true));
   setField(el, "name", name);
   setField(el, "link", undefined, { href: robotUrl(name), title: `open ${name}` });
+  el.querySelector("video").setAttribute("aria-label", `live camera of ${name}`);
   tile = { name, el, state: null, viewer: null, visible: !observer, pinnedAt: 0 };
   el.querySelector('[data-action="watch"]').addEventListener("click", () => {
     tile.pinnedAt = Date.now();

@@ -49,6 +49,7 @@ const viewer = new RobotViewer({
       hud = rest;
       hudAt = Date.now();
       renderHud();
+      recordLive(rest);
     }
   },
   onChannel: () => renderLink(teleop.lastPath),
@@ -429,6 +430,28 @@ function render() {
   renderHud();
   renderGrip();
   renderLink(teleop.lastPath);
+}
+
+// ---------------------------------------------------------------- live plot: the robot's last 10 s (hud, 10 Hz)
+
+const LIVE_S = 10;
+const live = []; // {t (ms), hand, grip, action, driver}
+let liveDrawn = 0;
+window.sopConsole.live = live;
+
+function recordLive(msg) {
+  if (!Array.isArray(msg.hand) || msg.hand.length !== 3) return;
+  const now = Date.now();
+  const last = live[live.length - 1];
+  if (last && last.step === msg.step) return; // the robot has not stepped since the last hud
+  live.push({ t: now, step: msg.step, hand: msg.hand, grip: msg.grip, action: msg.action || [], driver: msg.driver || "policy" });
+  while (live.length && live[0].t < now - LIVE_S * 1000) live.shift();
+  if (now - liveDrawn > 250) { // 4 redraws a second are plenty for a person
+    liveDrawn = now;
+    drawTrace($('[data-field="live-plot"]'), live.map((s) => ({ ...s, t: (s.t - now) / 1000 })), { endLabel: "now" });
+    const a = live[live.length - 1].action;
+    setField(root, "live-action", a.length ? `Last action: [${a.map((v) => v.toFixed(2)).join(", ")}] by ${live[live.length - 1].driver.replace("_", " ")}.` : "");
+  }
 }
 
 const URGENCY = { 3: "urgent", 2: "soon", 1: "low" };

@@ -549,6 +549,13 @@ class ChannelHud(wire.Message):
     dropped: DropCounts
     step: int
     video_fps: float
+    # the last control step, for the robot page's live plot (None before the first step)
+    hand: Optional[list[float]] = dataclasses.field(default=None, metadata=spec(min=-100, max=100, min_items=3,
+                                                                                max_items=3))
+    grip: Optional[float] = dataclasses.field(default=None, metadata=spec(min=-100, max=100))
+    action: Optional[list[float]] = dataclasses.field(default=None, metadata=spec(min=-100, max=100, max_items=8))
+    driver: Optional[str] = dataclasses.field(default=None, metadata=spec(choices=("policy", "operator",
+                                                                                   "sim_operator")))
 
 
 @DATA_CHANNEL.register

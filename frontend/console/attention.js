@@ -206,7 +206,7 @@ export function installShortcuts(shortcuts, handlers = {}) {
 /** A small plot of the robot's last seconds before it asked (the request's trace): how far the hand moved along x, y
  * and z from where the trace starts (cm; a stall is three flat lines), with the steps an operator drove shaded. Drawn
  * on a canvas; returns false when there is nothing to draw. */
-export function drawTrace(canvas, trace) {
+export function drawTrace(canvas, trace, { endLabel = "asked" } = {}) {
   const ctx = canvas.getContext && canvas.getContext("2d");
   if (!ctx || !trace || trace.length < 2) return false;
   const ratio = globalThis.devicePixelRatio || 1;
@@ -248,10 +248,10 @@ export function drawTrace(canvas, trace) {
     trace.forEach((s, i) => (i ? ctx.lineTo(x(s.t), y(moved[i][k])) : ctx.moveTo(x(s.t), y(moved[i][k]))));
     ctx.stroke();
     ctx.fillStyle = colors[k];
-    ctx.fillText(`Δ${axis}`, left + 6 + 26 * k, pad);
+    ctx.fillText(`Δ${axis}`, left + 40 + 26 * k, pad);
   });
   ctx.fillStyle = ink;
   ctx.fillText(`${t0.toFixed(1)} s`, left, h - 2);
-  ctx.fillText("asked", w - pad - 28, h - 2);
+  ctx.fillText(endLabel, w - pad - 28, h - 2);
   return true;
 }

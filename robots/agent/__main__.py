@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from robots import protocol
 
 from .agents import Agent, ScriptedExpertAgent, make_agent
-from .attention import HelpMonitor, HelpRule
+from .attention import HelpMonitor, HelpRule, LastStep
 from .backoff import Backoff
 from .config import FALLBACKS, POLICY_NAMES, SIM_EXPERTS, AgentConfig
 from .seeding import robot_key, seeded_builds
@@ -241,6 +241,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             capture = SimulatorCapture(lambda: runtime.environment, size=config.video_size, camera=config.camera)
             camera = CameraThread(capture, fps=config.video_fps, stamp=config.video_stamp)
 
+    last_step = LastStep()  # the console's live plot (the data channel's hud)
     monitor: Optional[HelpMonitor] = None
     if config.help_stall_steps > 0 or config.help_uncertainty > 0:
         # a request goes out in a status at once (not at the next heartbeat): the console hears it within a second
@@ -359,13 +360,14 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         camera.start()
         hub = await WebrtcHub(
             camera, control, connection.send, estop=local_estop,
-            extra_hud=lambda: {"step": runtime.snapshot().step}, max_viewers=config.max_viewers,
+            extra_hud=lambda: {"step": runtime.snapshot().step, **last_step.hud()}, max_viewers=config.max_viewers,
         ).start()
     runtime = Runtime(
         make_env,
         provider,
         [EpisodeRecorder(writer), EventReporter(connection), *([gate] if gate else []),
-         *([CameraPreparer(camera)] if camera is not None else []), *([monitor] if monitor is not None else [])],
+         *([CameraPreparer(camera)] if camera is not None else []), *([monitor] if monitor is not None else []),
+         last_step],
         control_hz=config.control_hz,
         camera=config.camera,
         robot_name=lambda: connection.robot_name or "unknown",

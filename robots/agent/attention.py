@@ -130,3 +130,24 @@ class HelpMonitor(Subscriber):
                   "since": round(self.clock(), 3), "step": step.index, "trace": trace}
         log.warning("asking for help at step %d: %s", step.index, reason)
         self._set(signal)
+
+
+class LastStep(Subscriber):
+    """The last control step's proprioception, action and driver, for the console's live plot (the data channel's
+    hud, every 100 ms). One tuple assignment per step: the asyncio thread reads a consistent one."""
+
+    def __init__(self):
+        self._last: Optional[tuple] = None
+
+    def on_step(self, episode: Episode, step: Step) -> None:
+        state = step.observation["state"]
+        self._last = (state[0:3], state[3] if len(state) > 3 else 0.0, step.decision.action,
+                      ControlSource(step.decision.source).value)
+
+    def hud(self) -> dict[str, Any]:
+        last = self._last
+        if last is None:
+            return {}
+        hand, grip, action, driver = last
+        return {"hand": [round(float(v), 4) for v in hand], "grip": round(float(grip), 4),
+                "action": [round(float(v), 3) for v in list(action)[:8]], "driver": driver}

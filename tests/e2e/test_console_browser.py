@@ -128,6 +128,18 @@ def frames_decoded(page, robot: str) -> int:
     )
 
 
+UNNAMED = """() => [...document.querySelectorAll('button, a[href], input, select, textarea, video, canvas')]
+  .filter((el) => !el.closest('[hidden]') && el.type !== 'hidden')
+  .filter((el) => !((el.getAttribute('aria-label') || el.getAttribute('title') || el.textContent || el.value || '').trim()
+                    || (el.labels && el.labels.length) || el.getAttribute('aria-labelledby')))
+  .map((el) => el.outerHTML.slice(0, 160))"""
+
+
+def unnamed_controls(page) -> list[str]:
+    """Controls a screen reader could not name (no text, label, aria-label or title)."""
+    return page.evaluate(UNNAMED)
+
+
 def robot_row(robot: Robot) -> Robot:
     return Robot.objects.get(pk=robot.pk)
 
@@ -224,6 +236,7 @@ def test_operator_takes_over_drives_releases_estops_and_labels(console, browser)
                        ("training", "/training/"), ("metrics", "/metrics/"), ("audit", "/audit/")]:
         op1.goto(url + path)
         op1.wait_for_load_state("networkidle")
+        assert unnamed_controls(op1) == [], name  # every control has a name a screen reader can say
         shot(op1, name)
 
 

@@ -18,7 +18,8 @@ from robots import fleet
 from robots.models import Episode, HelpRequest, InterventionSegment, MediaJob, Robot, Task, TaskAssignment
 
 from .conftest import free_port, wait_for
-from .test_console_browser import CHROMIUM, _user, browser, login, namespace, shot  # noqa: F401 (fixtures)
+from .test_console_browser import (CHROMIUM, _user, browser, login, namespace, shot,  # noqa: F401 (fixtures)
+                                   unnamed_controls)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -76,6 +77,7 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     assert op1.title().startswith("(1) ")
     assert "assigned to you" in item.inner_text()  # op1 is the one operator online
     assert first_tile(op1) == "arm-2"
+    assert unnamed_controls(op1) == []
     shot(op1, "fleet-help-queue")
 
     # Answer: the robot page opens and claims it, which takes the robot over.
@@ -86,6 +88,7 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     request.refresh_from_db()
     assert (request.status, request.claimed_name) == ("claimed", "op1") and request.lease is not None
     op1.get_by_test_id("help-box").filter(has_text="answered by op1").wait_for()
+    assert unnamed_controls(op1) == []
     assert op1.url.endswith("/robots/arm-2/")  # the ?help= is gone: a reload does not claim again
     episode_id = Robot.objects.get(pk=arm2.pk).current_episode
 
@@ -112,12 +115,16 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     op1.goto(f"{url}/episodes/{episode_id}/")
     op1.wait_for_function("document.getElementById('video').readyState >= 1", timeout=60_000)
     assert MediaJob.objects.get(episode_id=episode_id, kind="video").state == "done"
+    assert unnamed_controls(op1) == []
     answered = op1.get_by_test_id("answered-help").first.inner_text()
     assert f"answered help request #{request.pk} (stall" in answered
     op1.goto(f"{url}/robots/arm-2/")
+    # the live plot: the robot's last seconds from the data channel's hud (hand, action, who drove)
+    op1.wait_for_function("window.sopConsole.live && window.sopConsole.live.length >= 10", timeout=30_000)
+    sample = op1.evaluate("window.sopConsole.live[window.sopConsole.live.length - 1]")
+    assert len(sample["hand"]) == 3 and sample["driver"] == "policy" and len(sample["action"]) == 4
 
     # Esc e-stops the robot on screen, from anywhere on the page.
-    op1.get_by_test_id("help-box").wait_for(state="hidden", timeout=10_000)
     op1.keyboard.press("?")
     op1.get_by_test_id("shortcuts").wait_for()
     assert "E-STOP" in op1.get_by_test_id("shortcuts").inner_text()
@@ -146,6 +153,7 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     answered = decided.filter(lease__isnull=False).count()
     assert op1.inner_text('[data-attn="precision"]') == f"{round(100 * answered / decided.count())}%"
     assert "op1" in op1.get_by_test_id("operators").inner_text()
+    assert unnamed_controls(op1) == []
     shot(op1, "metrics-attention")
     op1.context.close()
 

@@ -3,11 +3,13 @@ for an operator, a working policy never does, a takeover answers the request."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from robots import protocol
 from robots.agent.agents import Agent, Decision, HoldAgent
-from robots.agent.attention import HelpMonitor, HelpRule
+from robots.agent.attention import HelpMonitor, HelpRule, LastStep
 from robots.agent.learned import PolicyAgent, replan_disagreement
 from robots.agent.runtime import Runtime
 from robots.protocol import MAX_HELP_TRACE, ControlSource
@@ -63,7 +65,8 @@ def test_the_trace_keeps_the_last_max_help_trace_steps():
     request = next(r for r in reports if r is not None)
     times = [s["t"] for s in request["trace"]]
     assert len(times) == MAX_HELP_TRACE and request["step"] == 59
-    assert times[-1] == 0.0 and all(a < b for a, b in zip(times, times[1:]))  # seconds before the request
+    # seconds before the request, in order (1 ms steps here, rounded to ms: neighbours may be equal)
+    assert times[-1] == 0.0 and times[0] < 0 and all(a <= b for a, b in zip(times, times[1:]))
 
 
 def test_a_policy_that_makes_progress_never_asks():
@@ -146,3 +149,18 @@ def test_a_policy_whose_replans_keep_contradicting_each_other_asks_for_help_when
     assert request["kind"] == "uncertainty" and "disagree by 2.00" in request["reason"]
     _, reports, _ = run(PolicyAgent(Wavering(), version=3), HelpRule(stall=False, stall_steps=10), max_steps=30)
     assert all(r is None for r in reports)  # off by default
+
+
+def test_the_last_step_feeds_the_consoles_live_plot():
+    last = LastStep()
+    assert last.hud() == {}
+    runtime = Runtime(lambda env_id: ReachingEnvironment(), TowardsGoal(), [last], control_hz=1000.0)
+    runtime.run_episode(assignment(env_id="fake-reach-v0", max_steps=3))
+    hud = last.hud()
+    assert hud["driver"] == "policy" and len(hud["hand"]) == 3 and hud["hand"][0] > 0 and len(hud["action"]) == 4
+    from robots.console_protocol import DATA_CHANNEL, ChannelHud
+    frame = {"type": "hud", "deadman": False, "lease": None, "operator": "", "estopped": False, "estopped_by": "",
+             "last_command_age_ms": None, "applied_seq": None, "applied_t": None, "accepted_seq": None,
+             "accepted_t": None, "deadman_reaction_ms": None, "dropped": {"stale": 0, "replayed": 0}, "step": 3,
+             "video_fps": 0.0, **hud}
+    assert isinstance(DATA_CHANNEL.decode(json.dumps(frame)), ChannelHud)  # within the schema
