@@ -106,8 +106,8 @@ class Split(str, enum.Enum):
 
 
 # Why a robot asks for an operator (docs/console.md, "Help queue"): its own stall detector, its policy's uncertainty,
-# divergence from what it should do, or a person pressing the robot's help button.
-HELP_KINDS = ("stall", "uncertainty", "divergence", "button")
+# or a person pressing the robot's help button.
+HELP_KINDS = ("stall", "uncertainty", "button")
 MAX_HELP_TRACE = 40  # samples of the robot's last seconds sent with a help request
 
 ROLES = ("viewer", "operator", "admin")  # console roles (robots/roles.py), from least to most privileged

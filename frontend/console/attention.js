@@ -3,7 +3,7 @@
 // listing a page's keyboard shortcuts. Pure logic first (tested with node: tests/js/attention.test.mjs), DOM after.
 
 export const ACTIVE = new Set(["open", "claimed"]);
-const KIND_TEXT = { stall: "stalled", uncertainty: "unsure", divergence: "diverging", button: "help button" };
+const KIND_TEXT = { stall: "stalled", uncertainty: "unsure", button: "help button" };
 
 export const kindText = (kind) => KIND_TEXT[kind] || kind;
 

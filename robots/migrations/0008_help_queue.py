@@ -19,7 +19,7 @@ class Migration(migrations.Migration):
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('request_id', models.UUIDField(default=uuid.uuid4, help_text='Made by the robot: its heartbeats repeat it')),
-                ('kind', models.CharField(choices=[('stall', 'stall'), ('uncertainty', 'uncertainty'), ('divergence', 'divergence'), ('button', 'button')], max_length=16)),
+                ('kind', models.CharField(choices=[('stall', 'stall'), ('uncertainty', 'uncertainty'), ('button', 'button')], max_length=16)),
                 ('reason', models.CharField(blank=True, max_length=200)),
                 ('urgency', models.PositiveSmallIntegerField(default=2, help_text='1 low .. 3 high')),
                 ('episode_id', models.UUIDField(blank=True, null=True)),
