@@ -12,6 +12,7 @@ import re
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.http import FileResponse, Http404, HttpResponseRedirect
 from django.urls import reverse
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
@@ -22,10 +23,13 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import helpqueue, ingest, metrics, selectors
-from .auth import IsOperator, IsRobot, RobotTokenAuthentication
+from sop_web import storage
+from sop_web.files import accel_redirect
+
+from . import exports, helpqueue, ingest, metrics, selectors
+from .auth import IsOperator, IsRobot, RobotTokenAuthentication, UserTokenAuthentication
 from .exceptions import PayloadTooLarge, SopError
-from .models import Episode, Robot
+from .models import DatasetExport, Episode, Robot
 from .parsers import StrictJSONParser
 from .serializers import (
     EpisodeAnnouncementSerializer,
@@ -48,6 +52,18 @@ class RobotTokenScheme(OpenApiAuthenticationExtension):
     def get_security_definition(self, auto_schema):
         return {"type": "http", "scheme": "bearer", "bearerFormat": "sop_ + 43 URL-safe characters",
                 "description": "A robot's token (manage.py add_robot prints it once). Robot endpoints only."}
+
+
+class UserTokenScheme(OpenApiAuthenticationExtension):
+    """A person's API token for scripts: ``Authorization: Bearer sopu_...`` (robots/auth.py)."""
+
+    target_class = UserTokenAuthentication
+    name = "userToken"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "bearerFormat": "sopu_ + 43 URL-safe characters",
+                "description": "A person's API token (made on the console's API tokens page, shown once): the "
+                               "console API with that person's role."}
 
 
 class ConsoleSessionScheme(OpenApiAuthenticationExtension):
@@ -246,9 +262,9 @@ class RobotEpisodePayloadView(RobotAPIView):
 
 
 class OperatorAPIMixin:
-    """Console endpoints: a logged-in user's session, never a robot token."""
+    """Console endpoints: a logged-in user's session, or their API token for scripts; never a robot token."""
 
-    authentication_classes = [SessionAuthentication]
+    authentication_classes = [SessionAuthentication, UserTokenAuthentication]
     permission_classes = [IsOperator]
 
 
@@ -319,3 +335,83 @@ class EpisodeDetailView(OperatorAPIMixin, generics.RetrieveAPIView):
 
     def get_object(self):
         return selectors.episode_detail(self.kwargs["episode_id"])
+
+
+# ---------------------------------------------------------------- dataset exports (robots/exports.py)
+
+
+class ExportRequestSerializer(serializers.Serializer):
+    tasks = serializers.ListField(child=serializers.CharField(max_length=100), required=False, max_length=1000,
+                                  help_text="task names (default: all)")
+    robots = serializers.ListField(child=serializers.CharField(max_length=100), required=False, max_length=1000,
+                                   help_text="robot names (default: all)")
+    split = serializers.ChoiceField(choices=["offline", "online", "eval"], required=False)
+    versions = serializers.ListField(child=serializers.IntegerField(min_value=0, max_value=2**31 - 1), required=False,
+                                     max_length=1000,
+                                     help_text="checkpoint versions the episodes ran (default: all)")
+
+
+class ExportSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=["queued", "running", "done", "failed"])
+    progress = serializers.FloatField()
+    error = serializers.CharField()
+    filters = serializers.DictField()
+    episodes = serializers.IntegerField()
+    frames = serializers.IntegerField()
+    size = serializers.IntegerField(help_text="bytes of the .tar")
+    requested_by = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+    download_url = serializers.CharField(allow_null=True)
+
+
+def _export_view(export, request) -> dict:
+    return exports.view(export, reverse("api-export-download", args=[export.pk]))
+
+
+class ExportListView(OperatorAPIMixin, APIView):
+    @console_schema(operation_id="exports_list", summary="Dataset exports, newest first",
+                    responses={200: ExportSerializer(many=True)})
+    def get(self, request):
+        return Response([_export_view(e, request) for e in DatasetExport.objects.all()[:100]])
+
+    @extend_schema(operation_id="exports_create", tags=["console"], request=ExportRequestSerializer,
+                   summary="Export verified episodes as a LeRobotDataset v3.0 (operators, admins)",
+                   responses={202: ExportSerializer, **JSON_BODY_ERRORS, **CONSOLE_AUTH_ERRORS,
+                              429: error("MAX_RUNNING exports of yours are queued or running (quota_exceeded)")})
+    def post(self, request):
+        body = ExportRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        export = exports.request_export(request.user, dict(body.validated_data))
+        return Response(_export_view(export, request), status=202)
+
+
+class ExportDetailView(OperatorAPIMixin, APIView):
+    @console_schema(operation_id="export_detail", summary="One export: its state and progress",
+                    responses={200: ExportSerializer, 404: error("no such export (not_found)")})
+    def get(self, request, export_id):
+        export = DatasetExport.objects.filter(pk=export_id).first()
+        if export is None:
+            raise Http404("no such export")
+        return Response(_export_view(export, request))
+
+
+class ExportDownloadView(OperatorAPIMixin, APIView):
+    @console_schema(operation_id="export_download", summary="The export as one .tar (a LeRobotDataset v3.0 folder)",
+                    responses={(200, "application/x-tar"): OpenApiTypes.BINARY,
+                               302: OpenApiResponse(description="object storage: a signed URL of the bucket"),
+                               404: error("no such export, or not made (yet) (not_found)")})
+    def get(self, request, export_id):
+        export = DatasetExport.objects.filter(pk=export_id).first()
+        if export is None or export.state != DatasetExport.State.DONE:
+            raise Http404("no such export, or it is not made (yet)")
+        name = exports.filename(export)
+        url = storage.download_url(export.key, name)
+        if url is not None:
+            return HttpResponseRedirect(url)
+        path = exports.local_file(export)
+        if path is None:
+            raise Http404("the export's file is gone")
+        return accel_redirect(path, "application/x-tar", name) or FileResponse(
+            open(path, "rb"), as_attachment=True, filename=name, content_type="application/x-tar")

@@ -12,9 +12,10 @@ from typing import Optional
 
 from rest_framework import authentication, exceptions, permissions
 
-from .models import Robot
+from .models import ApiToken, Robot
 
 TOKEN_PREFIX = "sop_"
+USER_TOKEN_PREFIX = "sopu_"  # a person's API token; never starts with TOKEN_PREFIX, so the two never mix
 SHOWN_PREFIX_CHARS = 12  # "sop_" + 8 random characters: tells tokens apart in the admin, useless to an attacker
 MAX_TOKEN_CHARS = 200
 
@@ -111,3 +112,48 @@ class IsOperator(permissions.BasePermission):
         return bool(request.user and request.user.is_authenticated and request.user.is_active) and not isinstance(
             request.auth, Robot
         )
+
+
+# ---------------------------------------------------------------- people's API tokens (scripts)
+
+
+def generate_user_token() -> str:
+    return USER_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def authenticate_user_token(raw: Optional[str]) -> Optional[ApiToken]:
+    """The active token with this value (its user active too), or None."""
+    if not raw or not raw.startswith(USER_TOKEN_PREFIX) or len(raw) > MAX_TOKEN_CHARS:
+        return None
+    token = ApiToken.objects.select_related("user").filter(token_hash=hash_token(raw), revoked_at__isnull=True).first()
+    if token is None or not token.active or not token.user.is_active:
+        return None
+    return token
+
+
+LAST_USED_EVERY_S = 60  # a token's last_used_at is written at most this often (not on every request)
+
+
+class UserTokenAuthentication(authentication.BaseAuthentication):
+    """``Authorization: Bearer sopu_...``: a person's API token, acting with that person's role. Other bearer tokens
+    (a robot's) are not this class's business: it returns None and the view's permission refuses them."""
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request)
+        if not header:
+            return None
+        raw = _bearer(header)
+        if raw is None or not raw.startswith(USER_TOKEN_PREFIX):
+            return None
+        token = authenticate_user_token(raw)
+        if token is None:
+            raise exceptions.AuthenticationFailed("Unknown, expired or revoked API token.")
+        from django.utils import timezone
+
+        now = timezone.now()
+        if token.last_used_at is None or (now - token.last_used_at).total_seconds() > LAST_USED_EVERY_S:
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        return token.user, token
+
+    def authenticate_header(self, request):
+        return 'Bearer realm="api"'

@@ -352,3 +352,59 @@ class MediaJob(models.Model):
 
     def __str__(self):
         return f"{self.kind} of {self.episode_id}: {self.state}"
+
+
+class ApiToken(models.Model):
+    """A person's token for scripts (``Authorization: Bearer sopu_...``, robots/auth.py): the read API and dataset
+    exports, with the role of its user. Stored only as a sha256 hash; shown once when made; revocable; optionally
+    expiring."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="What it is for, e.g. 'nightly export'")
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell tokens apart")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.name}) of {self.user_id}"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())
+
+
+class DatasetExport(models.Model):
+    """Verified episodes exported as a LeRobotDataset v3.0 in the background (robots/exports.py), downloadable as
+    one .tar from the console or with an API token."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    requested_name = models.CharField(max_length=150)
+    filters = models.JSONField(default=dict, help_text="tasks, split, robots, versions as asked")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.QUEUED)
+    progress = models.FloatField(default=0.0)
+    error = models.CharField(max_length=500, blank=True)
+    episodes = models.PositiveIntegerField(default=0)
+    frames = models.PositiveIntegerField(default=0)
+    size = models.BigIntegerField(default=0, help_text="bytes of the .tar")
+    key = models.CharField(max_length=300, blank=True, help_text="Storage key of the .tar")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"export {self.pk} ({self.state})"

@@ -25,8 +25,10 @@ from django.views.decorators.http import require_GET, require_POST
 
 from sop_web.files import accel_redirect
 
-from . import catalog, control, replay, tasking
-from .models import AuditEvent, ControlLease, Episode, HelpRequest, MediaJob, Robot, Task, TaskAssignment
+from . import auth, catalog, control, exports, replay, tasking
+from .exceptions import SopError
+from .models import (ApiToken, AuditEvent, ControlLease, DatasetExport, Episode, HelpRequest, MediaJob, Robot, Task,
+                     TaskAssignment)
 from .replay import video_path  # noqa: F401  (tests and the proxy check import it from here)
 from .protocol import RATED_OUTCOMES, ControlSource, Outcome, Split
 from .roles import can_operate, is_admin
@@ -604,3 +606,81 @@ def audit(request):
         "user_names": AuditEvent.objects.exclude(actor_name="").order_by("actor_name")
         .values_list("actor_name", flat=True).distinct(),
     })
+
+
+# ---------------------------------------------------------------- data: dataset exports and API tokens
+
+TOKEN_LIFETIMES = {"30": 30, "90": 90, "365": 365, "never": None}
+
+
+def _data_page(request, **extra):
+    return render(request, "pages/data.html", {
+        "exports": DatasetExport.objects.all()[:50],
+        "tokens": ApiToken.objects.filter(user=request.user),
+        "task_names": Task.objects.order_by("name").values_list("name", flat=True),
+        "robot_names": Robot.objects.order_by("name").values_list("name", flat=True),
+        "versions": (Episode.objects.exclude(policy_version=None).order_by("-policy_version")
+                     .values_list("policy_version", flat=True).distinct()[:500]),
+        "lifetimes": TOKEN_LIFETIMES, "max_running": exports.MAX_RUNNING, "can_operate": can_operate(request.user),
+        **extra,
+    })
+
+
+@login_required
+@require_GET
+def data(request):
+    """Exports of verified episodes as LeRobotDataset v3.0 (made in the background, downloadable), and the signed-in
+    person's API tokens for scripts (docs/lerobot.md)."""
+    return _data_page(request)
+
+
+@login_required
+@require_POST
+def data_export(request):
+    if not can_operate(request.user):
+        raise PermissionDenied("Operators and admins start exports.")
+    raw = {"tasks": request.POST.getlist("tasks") or None, "robots": request.POST.getlist("robots") or None,
+           "split": request.POST.get("split") or None, "versions": request.POST.getlist("versions") or None}
+    try:
+        export = exports.request_export(request.user, raw)
+    except SopError as exc:
+        messages.error(request, f"Not exported: {exc.detail}")
+    else:
+        messages.success(request, f"Export {export.pk} of {export.episodes} episodes is queued; it appears below "
+                                  f"with its progress, then a download link.")
+    return redirect("data")
+
+
+@login_required
+@require_POST
+def token_create(request):
+    name = (request.POST.get("name") or "").strip()[:100]
+    lifetime = request.POST.get("lifetime", "90")
+    if not name or lifetime not in TOKEN_LIFETIMES:
+        messages.error(request, "Give the token a name (what it is for) and a lifetime.")
+        return redirect("data")
+    raw = auth.generate_user_token()
+    days = TOKEN_LIFETIMES[lifetime]
+    token = ApiToken.objects.create(user=request.user, name=name, token_hash=auth.hash_token(raw),
+                                    prefix=raw[:auth.SHOWN_PREFIX_CHARS],
+                                    expires_at=timezone.now() + dt.timedelta(days=days) if days else None)
+    AuditEvent.objects.create(action="api_token.created", actor=request.user, actor_name=request.user.get_username(),
+                              detail={"token": token.pk, "name": name, "expires_at": str(token.expires_at or "")})
+    # rendered, not redirected: the token is shown this once and never stored anywhere but the hash
+    response = _data_page(request, new_token=raw, new_token_name=name)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def token_revoke(request, token_id: int):
+    token = ApiToken.objects.filter(pk=token_id, user=request.user).first()  # one's own tokens only
+    if token is None:
+        raise Http404("No such token of yours.")
+    if token.revoked_at is None:
+        ApiToken.objects.filter(pk=token.pk).update(revoked_at=timezone.now())
+        AuditEvent.objects.create(action="api_token.revoked", actor=request.user,
+                                  actor_name=request.user.get_username(), detail={"token": token.pk, "name": token.name})
+        messages.success(request, f"Token {token.prefix}… ({token.name}) is revoked.")
+    return redirect("data")

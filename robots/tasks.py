@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from . import control, fleet, ingest, replay
+from . import control, exports, fleet, ingest, replay
 
 
 @shared_task(name="robots.cleanup_stale_uploads")
@@ -26,3 +26,10 @@ def render_episode_video(episode_id: str) -> str:
     """An episode's MP4, made once after it was verified (robots/replay.py); its progress is in its MediaJob."""
     job = replay.render_video(episode_id)
     return job.state if job is not None else "none"
+
+
+@shared_task(name="robots.export_dataset", acks_late=True)
+def export_dataset(export_id: int) -> str:
+    """A LeRobotDataset v3.0 export asked for in the console or the API (robots/exports.py)."""
+    export = exports.run_export(export_id)
+    return export.state if export is not None else "none"

@@ -11,6 +11,9 @@ urlpatterns = [
         "robot/episodes/<uuid:episode_id>/payload", api.RobotEpisodePayloadView.as_view(), name="robot-episode-payload"
     ),
     path("robot/help", api.RobotHelpView.as_view(), name="robot-help"),
+    path("exports/", api.ExportListView.as_view(), name="api-exports"),
+    path("exports/<int:export_id>/", api.ExportDetailView.as_view(), name="api-export"),
+    path("exports/<int:export_id>/download", api.ExportDownloadView.as_view(), name="api-export-download"),
     path("robots/", api.RobotListView.as_view(), name="api-robots"),
     path("tasks/", api.TaskListView.as_view(), name="api-tasks"),
     path("episodes/", api.EpisodeListView.as_view(), name="api-episodes"),

@@ -22,7 +22,8 @@ ACCEL_PREFIX = "/_sop_files"
 
 def accel_areas() -> dict[str, Path]:
     """The directories nginx may serve by internal redirect, by the name of their internal location."""
-    return {"checkpoints": Path(settings.CHECKPOINT_DIR), "videos": Path(settings.DATA_DIR) / "videos"}
+    return {"checkpoints": Path(settings.CHECKPOINT_DIR), "videos": Path(settings.DATA_DIR) / "videos",
+            "exports": Path(settings.DATA_DIR) / "exports"}
 
 
 def accel_redirect(path: Path, content_type: str, filename: str | None = None) -> HttpResponse | None:

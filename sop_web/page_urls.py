@@ -24,4 +24,8 @@ urlpatterns = [
     path("metrics/", pages.metrics, name="metrics"),
     path("metrics/data.json", pages.metrics_data, name="metrics_data"),
     path("audit/", pages.audit, name="audit"),
+    path("data/", pages.data, name="data"),
+    path("data/export", pages.data_export, name="data_export"),
+    path("data/tokens/new", pages.token_create, name="token_create"),
+    path("data/tokens/<int:token_id>/revoke", pages.token_revoke, name="token_revoke"),
 ]

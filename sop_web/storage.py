@@ -59,7 +59,9 @@ def areas() -> dict[str, Path]:
     """The top-level folders of the key space and where they are on this host."""
     return {"payloads": Path(settings.PAYLOAD_DIR), "checkpoints": Path(settings.CHECKPOINT_DIR),
             # replays made from the episodes (robots/replay.py): the MP4s and the value plots
-            "videos": Path(settings.DATA_DIR) / "videos", "values": Path(settings.DATA_DIR) / "values"}
+            "videos": Path(settings.DATA_DIR) / "videos", "values": Path(settings.DATA_DIR) / "values",
+            # datasets exported for download (robots/exports.py)
+            "exports": Path(settings.DATA_DIR) / "exports"}
 
 
 def local_path(key: str) -> Path:

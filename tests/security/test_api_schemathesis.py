@@ -127,7 +127,7 @@ def test_every_operation_answers_as_documented(live, subtests):
     One test and one server for all operations (pytest's subtests report each operation on its own); not
     schemathesis's pytest loader, whose lazy fixture support does not run on pytest 9."""
     operations = _operations()
-    assert len(operations) == 12
+    assert len(operations) == 17
     for operation in operations:
         robot = operation.path.startswith("/api/robot/")
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):

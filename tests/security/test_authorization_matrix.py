@@ -58,6 +58,13 @@ ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
     "metrics": (VIEWER, ("GET",)),
     "metrics_data": (VIEWER, ("GET",)),
     "audit": (VIEWER, ("GET",)),
+    "data": (VIEWER, ("GET",)),
+    "data_export": (OPERATOR_ONLY, ("POST",)),
+    "token_create": (VIEWER, ("POST",)),  # one's own tokens, with one's own role
+    "token_revoke": (VIEWER, ("POST",)),  # one's own only (another's: 404)
+    "api-exports": (VIEWER, ("GET",)),  # POST: operators (EXTRA)
+    "api-export": (VIEWER, ("GET",)),
+    "api-export-download": (VIEWER, ("GET",)),
     "login": (PUBLIC, ("GET", "POST")),
     "healthz": (PUBLIC, ("GET",)),
     "readyz": (PUBLIC, ("GET",)),  # booleans only (tests/ops/test_observability.py)
@@ -78,7 +85,7 @@ ROUTES: dict[str, tuple[str, tuple[str, ...]]] = {
     "admin:": (ADMIN_ONLY, ("GET",)),  # the whole Django admin: staff (admins) only (its forms: Django's own)
     "logout": (PUBLIC, ("POST",)),  # last: it ends the sessions the other checks use
 }
-EXTRA = {("api-runs", "POST"): ADMIN_ONLY, ("tasks", "POST"): ADMIN_ONLY, ("task_edit", "POST"): ADMIN_ONLY}
+EXTRA = {("api-runs", "POST"): ADMIN_ONLY, ("api-exports", "POST"): OPERATOR_ONLY, ("tasks", "POST"): ADMIN_ONLY, ("task_edit", "POST"): ADMIN_ONLY}
 
 IDENTITIES = ("anonymous", "robot", "other_robot", "viewer", "operator", "admin")
 RANK = {"viewer": 1, "operator": 2, "admin": 3}
@@ -155,7 +162,8 @@ def cast(launcher, task, robot, operator, other_operator, admin_user):
     weights.write_bytes(b"w" * 32)
     Checkpoint.objects.create(version=1, run=run, algorithm="bc", path=weights.name, size=32,
                               sha256=hashlib.sha256(b"w" * 32).hexdigest())
-    kwargs = {"name": robot_a.name, "episode_id": episode.pk, "run_id": run.pk, "version": 1}
+    kwargs = {"name": robot_a.name, "episode_id": episode.pk, "run_id": run.pk, "version": 1, "export_id": 1,
+              "token_id": 1}
     sessions = {}
     for identity, user in (("viewer", operator), ("operator", other_operator), ("admin", admin_user)):
         client = Client()

@@ -41,13 +41,16 @@ def test_every_api_route_is_in_the_schema_with_its_security(tmp_path):
 
     walk(get_resolver().url_patterns)
     api_routes = {r for r in routes if r.startswith("api/") and r != "api/schema/"}
-    assert len(schema["paths"]) == len(api_routes) == 12, (sorted(schema["paths"]), sorted(api_routes))
+    assert len(schema["paths"]) == len(api_routes) == 15, (sorted(schema["paths"]), sorted(api_routes))
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            scheme = "robotToken" if path.startswith("/api/robot/") else "cookieAuth"
-            assert operation["security"] == [{scheme: []}], (method, path)
+            robot = path.startswith("/api/robot/")
+            # robot endpoints: the robot's token; console endpoints: a login session or the person's API token
+            assert operation["security"] == ([{"robotToken": []}] if robot else [{"cookieAuth": []}, {"userToken": []}]), \
+                (method, path)
+            scheme = "robotToken" if robot else "cookieAuth"
             codes = set(operation["responses"])
-            assert codes & {"200", "201"} and ("401" if scheme == "robotToken" else "403") in codes, (method, path)
+            assert codes & {"200", "201", "202"} and ("401" if scheme == "robotToken" else "403") in codes, (method, path)
             for code, response in operation["responses"].items():
                 if code >= "400":
                     ref = response["content"]["application/json"]["schema"]["$ref"]

@@ -12,13 +12,8 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from robots import lerobot
-from robots.models import Episode, Robot, Task
+from robots import exports, lerobot
 from robots.protocol import Split
-
-
-def _names(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
 class Command(BaseCommand):
@@ -40,31 +35,12 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         out = Path(opts["out"])
-        episodes = Episode.objects.filter(status=Episode.Status.VERIFIED).select_related("task", "robot")
-        if opts["tasks"] is not None:
-            names = _names(opts["tasks"])
-            known = set(Task.objects.filter(name__in=names).values_list("name", flat=True))
-            if not names or set(names) - known:
-                raise CommandError(f"unknown task(s) {sorted(set(names) - known) or names}; tasks: "
-                                   f"{', '.join(Task.objects.values_list('name', flat=True)) or 'none'}")
-            episodes = episodes.filter(task__name__in=names)
-        if opts["robots"] is not None:
-            names = _names(opts["robots"])
-            known = set(Robot.objects.filter(name__in=names).values_list("name", flat=True))
-            if not names or set(names) - known:
-                raise CommandError(f"unknown robot(s) {sorted(set(names) - known) or names}")
-            episodes = episodes.filter(robot__name__in=names)
-        if opts["split"]:
-            episodes = episodes.filter(split=opts["split"])
-        if opts["versions"] is not None:
-            try:
-                versions = [int(v) for v in _names(opts["versions"])]
-            except ValueError:
-                raise CommandError(f"--versions {opts['versions']!r}: expected comma-separated integers") from None
-            if not versions or min(versions) < 0:
-                raise CommandError("--versions takes checkpoint versions (integers >= 0)")
-            episodes = episodes.filter(policy_version__in=versions)
-        episodes = list(episodes.order_by("started_at", "id"))
+        try:
+            filters = exports.clean_filters({"tasks": opts["tasks"], "robots": opts["robots"], "split": opts["split"],
+                                             "versions": opts["versions"]})
+        except exports.ExportError as exc:
+            raise CommandError(str(exc.detail)) from None
+        episodes = exports.select_episodes(filters)
         if not episodes:
             raise CommandError("no verified episodes match these filters")
 
