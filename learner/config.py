@@ -123,6 +123,10 @@ class TrainConfig:
     # the warm-up min(decay, (1 + t) / (10 + t))); the optimizer trains the raw weights. 0 publishes the raw weights.
     # Off by default: measured in the SOP experiment, 0.999 did not change the final success (docs/policy.md).
     ema_decay: float = 0.0
+    # Data-parallel processes of a run (learner/distributed.py): the worker that claims the run trains as rank 0 and
+    # starts world_size - 1 more on its host, each on its own batches, gradients averaged every step (one batch of
+    # world_size x batch_size). 1: one process.
+    world_size: int = 1
     # -- RECAP (algorithm "recap"; ignored by the others). docs/policy.md "RECAP" explains each. --
     c_fail: float = 1.0  # failure penalty at the last step, in units of the task's max episode length
     value_bins: int = 201  # B: bins of the distributional value function on [-1, 0]
@@ -172,6 +176,8 @@ class TrainConfig:
             raise ConfigError("max_steps_per_s must be >= 0 (0: unpinned)")
         if self.checkpoint_every_steps < 1 or self.checkpoint_every_s <= 0:
             raise ConfigError("checkpoint_every_steps must be >= 1 and checkpoint_every_s > 0")
+        if not 1 <= self.world_size <= 64:
+            raise ConfigError("world_size must be 1 to 64 processes")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ Every door (API, admin, management commands, Celery tasks) calls these. Training
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -23,7 +24,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from learner import checkpoints as ckpt
-from learner import devices, queue
+from learner import devices, distributed, queue
 from learner.algorithms import get_algorithm
 from learner.buffer import FrameIndex
 from learner.config import ConfigError, Preset, get_preset, to_dict
@@ -311,9 +312,16 @@ def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
         return stop_requested or clock() >= deadline
 
     pace = preset.train.max_steps_per_s
+    group = _start_group(run, trainer, index, state_path) if trainer.config.world_size > 1 else None
+    indexed = len(index.episodes)
     round_start, round_first_step = clock(), trainer.step
-    with trainer:
+    with trainer, _closing(group):
         while trainer.step < run.total_steps and not should_stop():
+            if group is not None:
+                if len(index.episodes) != indexed:  # the other ranks index what should_stop() just added
+                    indexed = len(index.episodes)
+                    distributed.write_episodes(group.episodes, _episode_list(index))
+                group.step()
             stats = trainer.train_step()
             if pace > 0:  # pinned: never ahead of max_steps_per_s over the round
                 ahead = (trainer.step - round_first_step) / pace - (clock() - round_start)
@@ -339,6 +347,41 @@ def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
         return "done"
     _release(run, step=trainer.step, failures=0, message=status_message())
     return "continue"
+
+
+def _episode_list(index: FrameIndex) -> list[tuple[str, str]]:
+    return [(str(e.path), e.outcome) for e in index.episodes]
+
+
+def _start_group(run: TrainingRun, trainer, index: FrameIndex, state_path: Path) -> "distributed.Group":
+    """Ranks 1..N-1 of a data-parallel run (learner/distributed.py): they start from this round's state (written
+    after the first refresh, so that the normalisation is fitted once, here) and the files indexed here."""
+    folder = state_path.parent / "ddp"
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer.refresh()
+    state = folder / "round.safetensors"
+    trainer.save_state(state)
+    episodes = folder / "episodes.json"
+    distributed.write_episodes(episodes, _episode_list(index))
+    log.info("training run %s: %d data-parallel processes", run.pk, trainer.config.world_size)
+    return distributed.Group(trainer.config.world_size, state, episodes, device=str(trainer.device),
+                             num_threads=trainer.config.num_threads, log_dir=folder)
+
+
+@contextlib.contextmanager
+def _closing(group: Optional["distributed.Group"]):
+    """The other ranks stop with the round: told so when it ends normally, killed when it failed."""
+    if group is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        group.close(clean=False)
+        raise
+    codes = group.close()
+    if any(codes):
+        log.warning("data-parallel ranks exited with %s (their logs: %s)", codes, group.state.parent)
 
 
 def _claimed(run: TrainingRun):

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Status = HelpRequest.Status
 MAX_CAPACITY = 5  # requests one operator may ask to be assigned at once
+RAISE_EVERY_S = 10.0  # a robot's new requests closer together than this are its last one (a robot cannot flood it)
 
 
 # ---------------------------------------------------------------- requests from robots
@@ -47,6 +48,12 @@ def raise_request(robot: Robot, kind: str, reason: str, *, urgency: int = 2, req
     if found is not None:
         return found, False
     now = timezone.now()
+    recent = HelpRequest.objects.filter(robot_id=robot.pk, raised_at__gt=now - dt.timedelta(seconds=RAISE_EVERY_S)) \
+        .order_by("-raised_at").first()
+    if recent is not None:
+        log.warning("robot %s asks for help again within %.0f s: counted as its request #%s", robot.name,
+                    RAISE_EVERY_S, recent.pk)
+        return recent, False
     robot_since = None
     if since:
         robot_since = dt.datetime.fromtimestamp(since, tz=dt.timezone.utc)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import numpy as np
 import torch
 
+from learner import distributed
 from learner.checkpoints import optimizer_from_tensors, optimizer_to_tensors
 from learner.config import TrainConfig
 from learner.devices import autocast
@@ -92,6 +93,7 @@ def supervised_step(policy: Policy, optimizer: torch.optim.Optimizer, config: Tr
         out = policy.loss(batch, generator=generator, augment_shift=config.augment_shift)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
+    distributed.average_gradients(policy.parameters())  # data-parallel ranks step with the same gradient
     grad_norm = 0.0
     if config.grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip))

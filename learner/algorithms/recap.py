@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from learner import recap_math
+from learner import distributed, recap_math
 from learner.algorithms.base import Algorithm, supervised_step
 from learner.checkpoints import CheckpointError, optimizer_from_tensors, optimizer_to_tensors
 from learner.config import TrainConfig
@@ -221,6 +221,7 @@ class RECAP(Algorithm):
             return None
         self.value_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.value.parameters())
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.value.parameters(), self.config.grad_clip)
         self.value_optimizer.step()

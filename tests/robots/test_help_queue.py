@@ -115,6 +115,17 @@ async def test_the_help_button_asks_through_the_robot_api_once_per_id(robot, oth
     assert (request.kind, request.urgency, request.reason) == ("button", 3, "gripper jammed")
 
 
+def test_a_robot_cannot_flood_the_queue(robot):
+    first, new = helpqueue.raise_request(robot[0], "button", "jammed")
+    assert new
+    for _ in range(20):  # new ids in quick succession: all the same request
+        again, new = helpqueue.raise_request(robot[0], "stall", "still")
+        assert (again.pk, new) == (first.pk, False)
+    HelpRequest.objects.update(raised_at=timezone.now() - timezone.timedelta(seconds=helpqueue.RAISE_EVERY_S + 1))
+    assert helpqueue.raise_request(robot[0], "stall", "still")[1]
+    assert HelpRequest.objects.count() == 2
+
+
 async def test_a_heartbeat_without_help_does_not_withdraw_a_button_request(robot):
     bot = await robot_socket(robot[1])
     await database_sync_to_async(helpqueue.raise_request)(robot[0], "button", "jammed")

@@ -36,6 +36,8 @@ class Command(BaseCommand):
         parser.add_argument("--device", help="train on this device: cpu, cuda, cuda:N (default: the worker's "
                                              "SOP_DEVICE, cpu unless set)")
         parser.add_argument("--amp", choices=["off", "bf16"], help="mixed precision on CUDA (default off)")
+        parser.add_argument("--world-size", type=int, help="data-parallel processes on the worker that claims the run "
+                                                           "(gloo on CPU, NCCL on GPUs; default 1)")
         parser.add_argument("--follow", action="store_true", help="show progress until the run ends")
         parser.add_argument("--stop", type=int, metavar="RUN_ID", help="stop a run instead of starting one")
 
@@ -54,7 +56,7 @@ class Command(BaseCommand):
         if not opts["tasks"]:
             raise CommandError("--tasks is required")
         tasks = [t.strip() for t in opts["tasks"].split(",") if t.strip()]
-        overrides = {k: opts[k] for k in ("device", "amp") if opts[k]}
+        overrides = {k: opts[k] for k in ("device", "amp", "world_size") if opts[k]}
         try:
             run = services.start_run(opts["algorithm"], tasks, preset=opts["preset"], total_steps=opts["steps"],
                                      from_scratch=opts["from_scratch"], policy=opts["policy"],
