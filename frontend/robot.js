@@ -292,6 +292,7 @@ window.addEventListener("blur", () => teleop.releaseAllKeys());
 // Esc: E-STOP, wherever the focus is on this page (a field included); the one shortcut that never waits
 window.addEventListener("keydown", (e) => {
   if (e.key !== "Escape" || e.repeat || !canOperate()) return;
+  if (window.sopConsole.shortcuts && !window.sopConsole.shortcuts.hidden) return; // Esc closes the shortcut list
   e.preventDefault();
   estop();
 }, true);

@@ -55,10 +55,12 @@ def main(argv=None) -> int:
     seen: set[str] = set()
     mtime = args.episodes.stat().st_mtime_ns
     _add_new(index, json.loads(args.episodes.read_text()), seen)
-    trainer = Trainer.resume(args.state, index)
-    trainer._pending_ids = None  # rank 0's planned batch is rank 0's    # its own batches: the sampler's and the augmentations' streams differ per rank
-    trainer.rng = np.random.Generator(np.random.PCG64([config.seed, args.rank]))
-    trainer.generator = torch.Generator().manual_seed(config.seed * 1000 + args.rank)
+    trainer = Trainer.resume(args.state, index, overrides={"device": args.device})
+    trainer._pending_ids = None  # rank 0's planned batch is rank 0's
+    # its own batches: the sampler's and the augmentations' streams differ per rank, and per round (the step)
+    trainer.rng = np.random.Generator(np.random.PCG64([config.seed, args.rank, trainer.step]))
+    trainer.generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([config.seed, args.rank, trainer.step]).generate_state(1)[0]))
     distributed.init(args.rank, args.world_size, args.init_method, distributed.backend_for(args.device))
     steps = 0
     try:

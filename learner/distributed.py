@@ -34,7 +34,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_S = 120.0  # a collective that waits this long for a rank fails (the round is retried)
+# A collective that waits this long for a rank fails (the round is retried). Generous: rank 0 publishes checkpoints and
+# indexes new episodes (downloads, with object storage) while the others wait for its next step.
+TIMEOUT_S = 600.0
 _world = {"size": 1, "rank": 0}
 
 
@@ -51,7 +53,13 @@ def world_size() -> int:
 
 
 def backend_for(device: str) -> str:
-    return "nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo"
+    """gloo for CPU tensors (the step flags, the CPU training of these machines); NCCL for CUDA gradients."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo"
+
+
+def rank_device(device: str, rank_: int) -> str:
+    """Each rank its own GPU (cuda:<rank>); CPU ranks share the CPU."""
+    return f"cuda:{rank_}" if device.startswith("cuda") else "cpu"
 
 
 def init(rank_: int, world: int, init_method: str, backend: str = "gloo", timeout_s: float = TIMEOUT_S) -> None:
@@ -136,11 +144,25 @@ class Group:
         env = {**os.environ, "OMP_NUM_THREADS": str(num_threads)}
         for r in range(1, world):
             out = open(log_dir / f"rank-{r}.log", "ab") if log_dir else subprocess.DEVNULL
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "learner.ddp_rank", "--state", str(state), "--episodes", str(episodes),
-                 "--rank", str(r), "--world-size", str(world), "--init-method", self.init_method,
-                 "--device", device], env=env, stdout=out, stderr=subprocess.STDOUT))
-        init(0, world, self.init_method, backend_for(device))
+            try:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "learner.ddp_rank", "--state", str(state), "--episodes", str(episodes),
+                     "--rank", str(r), "--world-size", str(world), "--init-method", self.init_method,
+                     "--device", rank_device(device, r)], env=env, stdout=out, stderr=subprocess.STDOUT))
+            finally:
+                if out is not subprocess.DEVNULL:
+                    out.close()  # the child has its own copy
+        try:
+            init(0, world, self.init_method, backend_for(device))
+        except BaseException:
+            self._kill()
+            raise
+
+    def _kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
     def step(self) -> None:
         agree(True)
@@ -160,5 +182,6 @@ class Group:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes.append(proc.wait())
-        shutdown()
+        if active():
+            shutdown()
         return codes

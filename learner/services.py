@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -364,8 +365,34 @@ def _start_group(run: TrainingRun, trainer, index: FrameIndex, state_path: Path)
     episodes = folder / "episodes.json"
     distributed.write_episodes(episodes, _episode_list(index))
     log.info("training run %s: %d data-parallel processes", run.pk, trainer.config.world_size)
-    return distributed.Group(trainer.config.world_size, state, episodes, device=str(trainer.device),
-                             num_threads=trainer.config.num_threads, log_dir=folder)
+    with _heartbeat_meanwhile(run):  # the other ranks start, resume and index first: keep the claim alive
+        return distributed.Group(trainer.config.world_size, state, episodes, device=str(trainer.device),
+                                 num_threads=trainer.config.num_threads, log_dir=folder)
+
+
+@contextlib.contextmanager
+def _heartbeat_meanwhile(run: TrainingRun, every_s: float = 5.0):
+    """Heartbeat the run's claim from a thread while the caller blocks (another worker would take a silent run)."""
+    from django.db import connection
+
+    stop = threading.Event()
+
+    def beat():
+        try:
+            while not stop.wait(every_s):
+                _claimed(run).update(heartbeat_at=timezone.now())
+        except Exception:  # noqa: BLE001 - the round's own next heartbeat finds out what is wrong
+            log.warning("training run %s: heartbeat while the ranks start failed", run.pk, exc_info=True)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=beat, name=f"run-{run.pk}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager

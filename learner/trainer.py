@@ -317,11 +317,15 @@ class Trainer:
         embedder: Optional[Embedder] = None,
         on_checkpoint: Optional[Callable[[int], None]] = None,
         clock: Callable[[], float] = time.monotonic,
+        overrides: Optional[dict[str, Any]] = None,
     ) -> "Trainer":
         """A trainer that continues the run saved at ``path`` on ``index`` (rebuilt from the same episode files, in
-        any order: frames and tasks are matched by episode id and task name)."""
+        any order: frames and tasks are matched by episode id and task name). ``overrides`` replace fields of the
+        saved TrainConfig (a data-parallel rank's own device)."""
         tensors, meta = load_trainer_state(path)
         config = from_dict(TrainConfig, meta["train_config"])
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
         policy = policy_from_tensors(tensors, meta["policy"], embedder)
         algorithm = get_algorithm(meta["algorithm"])(config)
         trainer = cls(config, index, policy, algorithm, on_checkpoint=on_checkpoint, clock=clock)

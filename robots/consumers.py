@@ -146,8 +146,8 @@ class RobotConsumer(GuardedConsumer):
                 self.writer.recheck()
         help_id = msg.help["id"] if msg.help else None
         if help_id != self.help_reported:  # raised, withdrawn, or the socket's first word on it: the queue learns it
-            await database_sync_to_async(helpqueue.sync_reported)(self.robot, msg.help)
-            self.help_reported = help_id
+            if await database_sync_to_async(helpqueue.sync_reported)(self.robot, msg.help):
+                self.help_reported = help_id  # else counted as another active request for now: asked again later
         key = (msg.state, msg.task, msg.episode_id, msg.control_source, msg.lease, msg.operator, msg.deadman,
                msg.estopped, msg.estop_local, msg.policy_version, msg.policy_error, msg.viewers, bool(repairs))
         revived, self.writer.revived = self.writer.revived, False

@@ -303,8 +303,12 @@ def claim_help(request_id: int, user, channel: str) -> HelpRequest:
             return request
         raise LeaseHeld(f"help request #{request.pk} is answered by {request.claimed_name}",
                         holder=request.claimed_name)
-    acquire_lease(request.robot, user, f"help #{request.pk}: {request.reason}", channel)
+    lease = acquire_lease(request.robot, user, f"help #{request.pk}: {request.reason}", channel)
     request.refresh_from_db()
+    if request.status == HelpRequest.Status.OPEN:  # this socket held the robot already: the renewal answers it
+        with transaction.atomic():
+            helpqueue.lease_started(lease, user)
+        request.refresh_from_db()
     return request
 
 
@@ -317,11 +321,12 @@ def resolve_help(request_id: int, user, channel: str, outcome: Optional[str] = N
     if request.status != HelpRequest.Status.CLAIMED or lease is None or lease.pk != request.lease_id \
             or lease.operator_id != user.pk or lease.channel_name != channel:
         raise NotHolder(f"claim help request #{request.pk} before resolving it")
-    if outcome:
-        label_episode(request.robot, user, outcome)
     with transaction.atomic():
-        helpqueue.close(request, HelpRequest.Status.RESOLVED, user, outcome=outcome or "", note=note)
+        if not helpqueue.close(request, HelpRequest.Status.RESOLVED, user, outcome=outcome or "", note=note):
+            raise RequestClosed(f"help request #{request.pk} changed meanwhile; look again")
         end_lease(lease, EndReason.RELEASED, actor=user)
+    if outcome:  # after the release: the label ends the episode the operator saw, driven by the policy again
+        label_episode(request.robot, user, outcome)
     return request
 
 
@@ -337,7 +342,8 @@ def dismiss_help(request_id: int, user, channel: str, note: str = "") -> HelpReq
         raise LeaseHeld(f"help request #{request.pk} is answered by {request.claimed_name}",
                         holder=request.claimed_name)
     with transaction.atomic():
-        helpqueue.close(request, HelpRequest.Status.DISMISSED, user, note=note)
+        if not helpqueue.close(request, HelpRequest.Status.DISMISSED, user, note=note):
+            raise RequestClosed(f"help request #{request.pk} changed meanwhile (claimed or closed); look again")
         if mine:
             end_lease(lease, EndReason.RELEASED, actor=user)
     return request

@@ -11,6 +11,7 @@ episode.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import shutil
 import tarfile
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_RUNNING = 2  # queued or running exports per person
 PROGRESS_EVERY_S = 0.5
+STALE_S = 900.0  # a queued or running export not heard from for this long lost its worker: it is marked failed
 
 
 class ExportError(SopError):
@@ -120,6 +122,7 @@ def request_export(user, raw_filters: dict[str, Any]) -> DatasetExport:
     count = len(select_episodes(filters))
     if not count:
         raise ExportError("no verified episodes match these filters")
+    sweep_stale()
     with transaction.atomic():
         running = DatasetExport.objects.select_for_update().filter(
             requested_by=user, state__in=(DatasetExport.State.QUEUED, DatasetExport.State.RUNNING))
@@ -130,6 +133,15 @@ def request_export(user, raw_filters: dict[str, Any]) -> DatasetExport:
         events.audit("dataset_export", actor=user, detail={"export": export.pk, "filters": filters, "episodes": count})
         transaction.on_commit(lambda: _send(export.pk), robust=True)
     return export
+
+
+def sweep_stale() -> int:
+    """Exports whose worker died (killed, out of memory) stop counting against their owner's quota: failed."""
+    return DatasetExport.objects.filter(
+        state__in=(DatasetExport.State.QUEUED, DatasetExport.State.RUNNING),
+        updated_at__lt=timezone.now() - dt.timedelta(seconds=STALE_S),
+    ).update(state=DatasetExport.State.FAILED, error="its worker stopped before it was done; export again",
+             finished_at=timezone.now())
 
 
 def _send(export_id: int) -> None:
@@ -172,9 +184,13 @@ def run_export(export_id: int) -> Optional[DatasetExport]:
         storage.upload(key, tar_path)
         size = tar_path.stat().st_size
         storage.place(key, tar_path)
-    except (lerobot.LeRobotError, storage.StorageError, OSError) as exc:
-        log.warning("export %s failed: %s", export.pk, exc)
-        _update(export, state=DatasetExport.State.FAILED, error=str(exc)[:500], finished_at=timezone.now())
+    except Exception as exc:  # whatever it is, the export ends failed with the reason, never "running"
+        if isinstance(exc, (lerobot.LeRobotError, storage.StorageError, OSError)):
+            log.warning("export %s failed: %s", export.pk, exc)
+        else:
+            log.exception("export %s failed", export.pk)
+        _update(export, state=DatasetExport.State.FAILED, error=(str(exc) or type(exc).__name__)[:500],
+                finished_at=timezone.now())
     else:
         _update(export, state=DatasetExport.State.DONE, progress=1.0, key=key, size=size,
                 episodes=summary["episodes"], frames=summary["frames"], finished_at=timezone.now())

@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from django.db.models import Q, Subquery
 from django.utils import timezone
 
-from . import auth, control, events, protocol, tasking
+from . import auth, control, events, helpqueue, protocol, tasking
 from .exceptions import SopError
 from .models import ControlLease, Robot, Task, validate_name
 from .protocol import RobotState
@@ -281,6 +281,7 @@ def robot_disconnected(robot: Robot, connected_at: dt.datetime) -> bool:
     ) == 1
     if offline:
         control.end_leases_for_robot(robot.pk)
+        helpqueue.robot_offline(robot.pk)  # nobody can answer a robot that is gone; it asks again when back
     return offline
 
 
@@ -295,6 +296,7 @@ def mark_silent_robots_offline() -> int:
     )
     for robot_id in ids:
         control.end_leases_for_robot(robot_id)
+        helpqueue.robot_offline(robot_id)
         events.broadcast_state_on_commit(robot_id)
     return count
 

@@ -46,13 +46,24 @@ def raise_request(robot: Robot, kind: str, reason: str, *, urgency: int = 2, req
     request_id = str(request_id or uuid.uuid4())
     found = HelpRequest.objects.filter(robot_id=robot.pk, request_id=request_id).first()
     if found is not None:
+        if found.status == Status.WITHDRAWN and kind != "button":
+            # withdrawn while the robot was offline (or between two heartbeats), and it still asks: open again
+            if HelpRequest.objects.filter(pk=found.pk, status=Status.WITHDRAWN).update(
+                    status=Status.OPEN, closed_at=None, note=""):
+                found.refresh_from_db()
+                events.help_on_commit([found.pk])
+                rebalance_on_commit()
+                return found, True
         return found, False
     now = timezone.now()
-    recent = HelpRequest.objects.filter(robot_id=robot.pk, raised_at__gt=now - dt.timedelta(seconds=RAISE_EVERY_S)) \
-        .order_by("-raised_at").first()
+    active = HelpRequest.objects.filter(robot_id=robot.pk, status__in=HelpRequest.ACTIVE)
+    # A robot cannot flood the queue: while its button request is active, another press is that request; any new
+    # request within RAISE_EVERY_S of an active one is that one.
+    recent = (active.filter(kind="button").order_by("-raised_at").first() if kind == "button" else None) or \
+        active.filter(raised_at__gt=now - dt.timedelta(seconds=RAISE_EVERY_S)).order_by("-raised_at").first()
     if recent is not None:
-        log.warning("robot %s asks for help again within %.0f s: counted as its request #%s", robot.name,
-                    RAISE_EVERY_S, recent.pk)
+        log.warning("robot %s asks for help again while request #%s is active: counted as that one", robot.name,
+                    recent.pk)
         return recent, False
     robot_since = None
     if since:
@@ -76,10 +87,11 @@ def raise_request(robot: Robot, kind: str, reason: str, *, urgency: int = 2, req
     return request, True
 
 
-def sync_reported(robot: Robot, signal: Optional[dict[str, Any]]) -> list[int]:
+def sync_reported(robot: Robot, signal: Optional[dict[str, Any]]) -> bool:
     """A heartbeat's ``help`` changed (or the socket's first heartbeat): record the request it carries, and withdraw
     the robot's open detector requests it no longer reports. Button requests are not in heartbeats and stay.
-    Returns the ids of the requests that changed."""
+    Returns whether the reported state is recorded (False: the request was counted as another active one for now,
+    and the socket should ask again with a later heartbeat)."""
     changed: list[int] = []
     keep = signal["id"] if signal else None
     with transaction.atomic():
@@ -95,18 +107,30 @@ def sync_reported(robot: Robot, signal: Optional[dict[str, Any]]) -> list[int]:
         if changed:
             events.help_on_commit(changed)
             rebalance_on_commit()
-    if signal is not None:
-        request, new = raise_request(
-            robot, signal["kind"], signal["reason"], urgency=signal.get("urgency", 2), request_id=signal["id"],
-            episode_id=None, step=signal.get("step", 0), trace=signal.get("trace", ()), since=signal.get("since"),
-        )
-        if new:
-            changed.append(request.pk)
-            # The episode the robot runs (the signal's own id is the request's): stored for the queue and the page.
-            episode = Robot.objects.filter(pk=robot.pk).values_list("current_episode", flat=True).first()
-            if episode:
-                HelpRequest.objects.filter(pk=request.pk).update(episode_id=episode)
-    return changed
+    if signal is None:
+        return True
+    request, new = raise_request(
+        robot, signal["kind"], signal["reason"], urgency=signal.get("urgency", 2), request_id=signal["id"],
+        episode_id=None, step=signal.get("step", 0), trace=signal.get("trace", ()), since=signal.get("since"),
+    )
+    if new:
+        # The episode the robot runs (the signal's own id is the request's): stored for the queue and the page.
+        episode = Robot.objects.filter(pk=robot.pk).values_list("current_episode", flat=True).first()
+        if episode:
+            HelpRequest.objects.filter(pk=request.pk).update(episode_id=episode)
+    return str(request.request_id) == signal["id"]
+
+
+def robot_offline(robot_id: int) -> list[int]:
+    """The robot went offline: nobody can answer its open requests now. They are withdrawn; one it still reports
+    when it comes back opens again (raise_request)."""
+    ids = list(HelpRequest.objects.filter(robot_id=robot_id, status=Status.OPEN).values_list("pk", flat=True))
+    if ids:
+        HelpRequest.objects.filter(pk__in=ids, status=Status.OPEN).update(
+            status=Status.WITHDRAWN, closed_at=timezone.now(), note="the robot went offline")
+        events.help_on_commit(ids)
+        rebalance_on_commit()
+    return ids
 
 
 # ---------------------------------------------------------------- leases (robots/control.py calls these)
@@ -146,17 +170,21 @@ def lease_ended(lease: ControlLease) -> list[int]:
     return ids
 
 
-def close(request: HelpRequest, status: str, user, *, outcome: str = "", note: str = "") -> HelpRequest:
-    """Resolve or dismiss ``request`` as ``user`` (robots/control.py checks who may)."""
+def close(request: HelpRequest, status: str, user, *, outcome: str = "", note: str = "") -> bool:
+    """Resolve or dismiss ``request`` as ``user`` (robots/control.py checks who may), if it is still in the state it
+    was read in (False: someone else changed it meanwhile; nothing is written)."""
     now = timezone.now()
+    if not HelpRequest.objects.filter(pk=request.pk, status=request.status).update(
+            status=status, closed_at=now, closed_by=user, closed_name=user.get_username(), outcome=outcome,
+            note=note[:500]):
+        return False
     request.status, request.closed_at, request.closed_by = status, now, user
     request.closed_name, request.outcome, request.note = user.get_username(), outcome, note[:500]
-    request.save(update_fields=["status", "closed_at", "closed_by", "closed_name", "outcome", "note"])
     events.audit("help_dismissed" if status == Status.DISMISSED else "help_resolved", robot=request.robot, actor=user,
                  detail={"request": request.pk, "outcome": outcome, "note": note[:500]})
     events.help_on_commit([request.pk])
     rebalance_on_commit()
-    return request
+    return True
 
 
 # ---------------------------------------------------------------- operators and assignment
@@ -208,6 +236,8 @@ def rebalance() -> list[int]:
     with transaction.atomic():
         active = list(HelpRequest.objects.select_for_update().filter(status__in=HelpRequest.ACTIVE)
                       .order_by("-urgency", "raised_at", "pk"))
+        offline = set(Robot.objects.filter(pk__in={r.robot_id for r in active}, connected=False)
+                      .values_list("pk", flat=True))
         for request in active:  # an operator who left gives back what they had not claimed yet
             if request.status == Status.OPEN and request.assigned_to_id and request.assigned_to_id not in capacity:
                 request.assigned_to_id, request.assigned_at = None, None
@@ -221,7 +251,7 @@ def rebalance() -> list[int]:
                     .annotate(at=Max("assigned_at")).values_list("assigned_to_id", "at"))
         epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
         for request in active:
-            if request.status != Status.OPEN or request.assigned_to_id:
+            if request.status != Status.OPEN or request.assigned_to_id or request.robot_id in offline:
                 continue
             free = [u for u in capacity if load[u] < capacity[u]]
             if not free:

@@ -355,8 +355,9 @@ class MediaJob(models.Model):
 
 
 class ApiToken(models.Model):
-    """A person's token for scripts (``Authorization: Bearer sopu_...``, robots/auth.py): the read API and dataset
-    exports, with the role of its user. Stored only as a sha256 hash; shown once when made; revocable; optionally
+    """A person's token for scripts (``Authorization: Bearer sopu_...``, robots/auth.py): the console HTTP API with the
+    role of its user (reads, exports, and for an admin's token also starting and stopping runs); never the live
+    console or the robot endpoints. Stored only as a sha256 hash; shown once when made; revocable; optionally
     expiring."""
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")

@@ -66,7 +66,8 @@ def job_view(job: Optional[MediaJob]) -> dict:
 
 def queue(episode: Episode, kind: str, key: str, task: str, args: list, send: bool = True) -> MediaJob:
     """The job making ``key`` for ``episode``; queued (the Celery ``task`` sent after the commit; ``send=False``: the
-    caller is that task) if there is none yet, or if the last one failed or went silent more than STALE_S ago."""
+    caller is that task) if there is none yet, if the last one failed or went silent more than STALE_S ago, or if it
+    is done but its result is not here (callers ask only when they found none: a cache evicted, another host)."""
     job = MediaJob.objects.filter(episode_id=episode.pk, kind=kind, key=key).first()
     if job is None:
         try:
@@ -74,8 +75,8 @@ def queue(episode: Episode, kind: str, key: str, task: str, args: list, send: bo
                 job = MediaJob.objects.create(episode_id=episode.pk, kind=kind, key=key)
         except IntegrityError:  # another request queued it this instant
             return MediaJob.objects.get(episode_id=episode.pk, kind=kind, key=key)
-    elif job.state == MediaJob.State.DONE or (timezone.now() - job.updated_at).total_seconds() < STALE_S:
-        return job  # done, in progress, or failed a moment ago (the page says why; it is tried again later)
+    elif job.state != MediaJob.State.DONE and (timezone.now() - job.updated_at).total_seconds() < STALE_S:
+        return job  # in progress, or failed a moment ago (the page says why; it is tried again later)
     else:
         MediaJob.objects.filter(pk=job.pk).update(state=MediaJob.State.QUEUED, progress=0.0, error="",
                                                   updated_at=timezone.now())
@@ -107,6 +108,10 @@ class Progress:
             MediaJob.objects.filter(pk=self.job_id).update(progress=min(max(fraction, 0.0), 0.999),
                                                            updated_at=timezone.now())
 
+    def alive(self) -> None:
+        """A step without a fraction (a download, an upload) ended: the job is not stale."""
+        MediaJob.objects.filter(pk=self.job_id).update(updated_at=timezone.now())
+
 
 def run(job_id: int, work: Callable[[MediaJob, Progress], None]) -> Optional[MediaJob]:
     """Run ``work`` for the job (claimed with a conditional update: a redelivered task does not run a finished job
@@ -118,9 +123,12 @@ def run(job_id: int, work: Callable[[MediaJob, Progress], None]) -> Optional[Med
                                               updated_at=timezone.now())
     try:
         work(job, Progress(job.pk))
-    except (EpisodeFileError, storage.StorageError, OSError, ValueError) as exc:
-        log.warning("%s of episode %s failed: %s", job.kind, job.episode_id, exc)
-        MediaJob.objects.filter(pk=job.pk).update(state=MediaJob.State.FAILED, error=str(exc)[:500],
+    except Exception as exc:  # whatever it is, the job ends (failed, with the reason for the page), never "running"
+        if isinstance(exc, (EpisodeFileError, storage.StorageError, OSError, ValueError)):
+            log.warning("%s of episode %s failed: %s", job.kind, job.episode_id, exc)
+        else:
+            log.exception("%s of episode %s failed", job.kind, job.episode_id)
+        MediaJob.objects.filter(pk=job.pk).update(state=MediaJob.State.FAILED, error=str(exc)[:500] or type(exc).__name__,
                                                   updated_at=timezone.now())
     else:
         MediaJob.objects.filter(pk=job.pk).update(state=MediaJob.State.DONE, progress=1.0, updated_at=timezone.now())
@@ -174,7 +182,10 @@ def render_video(episode_id: str) -> Optional[MediaJob]:
     def work(job: MediaJob, progress: Progress) -> None:
         target = video_path(episode)
         if not target.exists():
-            encode_episode_video(payload_file(episode), target, control_hz(episode), progress=progress)
+            source = payload_file(episode)  # a download with object storage: the job says it is alive around it
+            progress.alive()
+            encode_episode_video(source, target, control_hz(episode), progress=progress)
+        progress.alive()
         storage.upload(video_key(episode), target)
 
     return run(job.pk, work)

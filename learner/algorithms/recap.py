@@ -218,6 +218,13 @@ class RECAP(Algorithm):
                                    augment_shift=self.config.augment_shift)
         self.value_updates += 1
         if loss is None:
+            if distributed.active():  # the other ranks average their value gradients now: take part with none
+                self.value_optimizer.zero_grad(set_to_none=True)
+                distributed.average_gradients(self.value.parameters())
+                if any(p.grad is not None for p in self.value.parameters()):
+                    if self.config.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.value.parameters(), self.config.grad_clip)
+                    self.value_optimizer.step()
             return None
         self.value_optimizer.zero_grad(set_to_none=True)
         loss.backward()
