@@ -5,7 +5,6 @@ each checkpoint version once."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -19,26 +18,12 @@ from learner.config import ConfigError, TrainConfig
 from learner.models import Checkpoint, TrainingRun
 from robots.models import Task
 
-
-def _rank(rank: int, world: int, init_method: str, out: str) -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    data = torch.arange(24, dtype=torch.float32).view(8, 3) / 10
-    target = torch.ones(8, 2)
-    distributed.init(rank, world, init_method)
-    mine = slice(rank * 4, rank * 4 + 4)  # each rank its own half of the batch
-    loss = torch.nn.functional.mse_loss(model(data[mine]), target[mine])
-    loss.backward()
-    distributed.average_gradients(model.parameters())
-    torch.optim.SGD(model.parameters(), lr=0.5).step()
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank-{rank}.pt"))
-    assert distributed.agree(True) is True
-    distributed.shutdown()
+from . import ddp_worker
 
 
 def test_averaged_gradients_step_every_rank_like_one_process_on_the_whole_batch(tmp_path):
     init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
-    mp.spawn(_rank, args=(2, init_method, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(ddp_worker.linear_step, args=(2, init_method, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     single = torch.nn.Linear(3, 2)

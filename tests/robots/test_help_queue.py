@@ -164,9 +164,10 @@ async def test_claim_takes_the_robot_over_once_and_resolve_labels_and_gives_it_b
     resolved = await help_frame(b, "resolved")
     assert (resolved["closed_by"], resolved["outcome"], resolved["note"]) == ("alice", "failure",
                                                                               "pushed the drawer shut")
-    label = await next_of(bot, "episode.label")
-    assert (label["outcome"], label["by"]) == ("failure", "alice")
-    assert (await next_of(bot, "control.release"))["lease"] == claimed["lease"]
+    # the robot is given back, then the label ends the episode the operator saw
+    sent = {f["type"]: f for f in await frames_for(bot, 1.0)}
+    assert sent["control.release"]["lease"] == claimed["lease"]
+    assert (sent["episode.label"]["outcome"], sent["episode.label"]["by"]) == ("failure", "alice")
     lease = await database_sync_to_async(ControlLease.objects.get)(pk=claimed["lease"])
     assert lease.end_reason == "released"
     error = await error_for(a, type="help.dismiss", id=request.pk)
@@ -262,13 +263,21 @@ def test_an_operator_driving_a_robot_nobody_asked_about_is_busy(robot, other_rob
     alice, bob, _, _ = cast
     for user, channel in ((alice, "chan-a"), (bob, "chan-b")):
         helpqueue.operator_online(user, channel)
-    fleet_robot = robot[0]
-    fleet_robot.connected = True
-    fleet_robot.save()
-    control.acquire_lease(fleet_robot, alice, "checking", "chan-a")  # no request: a takeover of her own
+    for online in (robot[0], other_robot[0]):
+        online.connected = True
+        online.save()
+    control.acquire_lease(robot[0], alice, "checking", "chan-a")  # no request: a takeover of her own
     request, _ = helpqueue.raise_request(other_robot[0], "button", "jammed")
     request.refresh_from_db()
     assert request.assigned_to == bob
+    # a robot that goes offline: its open request is withdrawn (nobody can answer it) and the operator is free again
+    from robots import fleet as fleet_services
+
+    other = other_robot[0]
+    other.refresh_from_db()
+    fleet_services.robot_disconnected(other, other.connected_at)
+    request.refresh_from_db()
+    assert (request.status, request.note) == ("withdrawn", "the robot went offline")
 
 
 def test_presence_not_refreshed_within_sop_presence_s_does_not_count(robot, cast, settings):
