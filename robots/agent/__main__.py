@@ -86,9 +86,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                        help="write the capture time into the top of each frame (glass-to-glass benchmark)")
     video.add_argument("--max-viewers", type=int, default=8, help="WebRTC sessions at once (default 8)")
     helpg = p.add_argument_group("asking for help (docs/console.md, Help queue)")
-    helpg.add_argument("--help-stall-steps", type=int, default=30,
+    helpg.add_argument("--help-stall-steps", type=int, default=15,
                        help="ask an operator for help when the hand moves less than --help-still-m over this many "
-                            "steps while the policy drives (default 30: 3 s at 10 Hz); 0 = never")
+                            "steps while the policy drives (default 15: 1.5 s at 10 Hz; measured in benchmarks/results/help_detector.json); 0 = never")
     helpg.add_argument("--help-still-m", type=float, default=0.01, help="metres of net hand motion that count as still")
     helpg.add_argument("--help-uncertainty", type=float, default=0.0,
                        help="also ask when a learned policy's re-plans disagree by more than this on average over the "

@@ -49,7 +49,7 @@ class AgentConfig:
     video_size: int = 224  # the video frames are video_size x video_size
     video_stamp: bool = False  # write the capture time into each frame (glass-to-glass benchmark)
     max_viewers: int = 8  # WebRTC sessions at once; one more is answered with an error
-    help_stall_steps: int = 30  # ask for help when the hand stays still this many steps under the policy; 0 = never
+    help_stall_steps: int = 15  # ask for help when the hand stays still this many steps under the policy; 0 = never
     help_still_m: float = 0.01  # "still": less net hand motion than this over help_stall_steps (metres)
     help_uncertainty: float = 0.0  # ask when the policy's re-plans disagree by more than this on average; 0 = off
 
