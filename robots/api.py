@@ -353,7 +353,7 @@ class ExportRequestSerializer(serializers.Serializer):
 
 class ExportSerializer(serializers.Serializer):
     id = serializers.IntegerField()
-    state = serializers.ChoiceField(choices=["queued", "running", "done", "failed"])
+    state = serializers.ChoiceField(choices=["queued", "running", "done", "failed", "expired"])
     progress = serializers.FloatField()
     error = serializers.CharField()
     filters = serializers.DictField()

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -142,6 +143,25 @@ def sweep_stale() -> int:
         updated_at__lt=timezone.now() - dt.timedelta(seconds=STALE_S),
     ).update(state=DatasetExport.State.FAILED, error="its worker stopped before it was done; export again",
              finished_at=timezone.now())
+
+
+def expire_old(now=None) -> int:
+    """Delete the files of exports finished more than SOP_EXPORT_RETENTION_DAYS ago (their rows stay, ``expired``):
+    a .tar is a copy of data the server keeps anyway, and exports would otherwise fill the disk."""
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(days=settings.SOP_EXPORT_RETENTION_DAYS)
+    expired = 0
+    for export in DatasetExport.objects.filter(state=DatasetExport.State.DONE, finished_at__lt=cutoff):
+        try:
+            storage.delete(export.key)
+        except storage.StorageError as exc:  # the bucket did not answer: the next sweep tries again
+            log.warning("export %s not deleted yet: %s", export.pk, exc)
+            continue
+        expired += DatasetExport.objects.filter(pk=export.pk, state=DatasetExport.State.DONE).update(
+            state=DatasetExport.State.EXPIRED, updated_at=now)
+    if expired:
+        log.info("%d dataset export(s) older than %s days deleted", expired, settings.SOP_EXPORT_RETENTION_DAYS)
+    return expired
 
 
 def _send(export_id: int) -> None:

@@ -389,6 +389,7 @@ class DatasetExport(models.Model):
         RUNNING = "running"
         DONE = "done"
         FAILED = "failed"
+        EXPIRED = "expired"  # its file was deleted after SOP_EXPORT_RETENTION_DAYS
 
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     requested_name = models.CharField(max_length=150)

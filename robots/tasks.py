@@ -28,6 +28,12 @@ def render_episode_video(episode_id: str) -> str:
     return job.state if job is not None else "none"
 
 
+@shared_task(name="robots.expire_exports")
+def expire_exports() -> int:
+    """Beat, hourly: exports older than SOP_EXPORT_RETENTION_DAYS lose their file (robots/exports.py)."""
+    return exports.expire_old()
+
+
 @shared_task(name="robots.export_dataset", acks_late=True)
 def export_dataset(export_id: int) -> str:
     """A LeRobotDataset v3.0 export asked for in the console or the API (robots/exports.py)."""

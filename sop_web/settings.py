@@ -205,6 +205,7 @@ CELERY_BEAT_SCHEDULE = {
     "resume-stalled-training-runs": {"task": "learner.resume_stalled_runs",
                                      "schedule": float(env_str("SOP_WATCHDOG_S", "30"))},
     "cleanup-orphan-checkpoints": {"task": "learner.cleanup_orphan_checkpoints", "schedule": 3600.0},
+    "expire-dataset-exports": {"task": "robots.expire_exports", "schedule": 3600.0},
 }
 
 # ---- SOP settings
@@ -218,6 +219,8 @@ SOP_MAX_EPISODE_DECODED_BYTES = env_int("SOP_MAX_EPISODE_DECODED_BYTES", 4 * SOP
 SOP_MAX_OPEN_UPLOADS = env_int("SOP_MAX_OPEN_UPLOADS", 8)  # per robot, unfinished uploads with bytes on the server
 SOP_MAX_PARTIAL_BYTES_PER_ROBOT = env_int("SOP_MAX_PARTIAL_BYTES_PER_ROBOT", 2 * SOP_MAX_EPISODE_BYTES)
 SOP_HEARTBEAT_S = float(env_str("SOP_HEARTBEAT_S", "2.0"))
+# Dataset exports (the Data page, /api/exports/) are deleted this many days after they were made (their rows stay)
+SOP_EXPORT_RETENTION_DAYS = float(env_str("SOP_EXPORT_RETENTION_DAYS", "7"))
 # Bearer token a Prometheus scraper sends to /metrics/prometheus (console users need none); "" = console users only
 SOP_METRICS_TOKEN = env_str("SOP_METRICS_TOKEN")
 SOP_ROBOT_SILENT_S = float(env_str("SOP_ROBOT_SILENT_S", "20"))  # no heartbeat for this long -> shown offline

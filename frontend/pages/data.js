@@ -19,6 +19,7 @@ function stateCell(e) {
       <div class="progress" role="progressbar" aria-label="export ${e.id}" aria-valuemin="0" aria-valuemax="100" aria-valuenow="${pct}"><div class="bar" style="width:${pct}%"></div></div>`;
   }
   if (e.state === "failed") return `<span class="badge failed">failed</span> <span class="small error">${esc(e.error)}</span>`;
+  if (e.state === "expired") return `<span class="badge stopped">expired</span> <span class="small muted">deleted after its retention; export again</span>`;
   return `<span class="badge done">done</span> <span class="small muted">${e.frames} frames</span>`;
 }
 

@@ -153,6 +153,24 @@ def test_an_export_runs_in_the_background_and_downloads_as_a_lerobot_dataset(cli
     assert not list((data_dirs / "exports").glob("export-*"))  # the work folder is gone; the .tar stays
 
 
+def test_old_exports_lose_their_file_but_keep_their_row(operator, stored, data_dirs, settings):
+    from asgiref.sync import async_to_sync
+
+    set_role(operator, OPERATOR)
+    export = exports.run_export(exports.request_export(operator, {}).pk)
+    tar = data_dirs / "exports" / f"sop-export-{export.pk}.tar"
+    assert tar.exists()
+    assert exports.expire_old() == 0  # young: kept
+    later = timezone.now() + dt.timedelta(days=settings.SOP_EXPORT_RETENTION_DAYS, seconds=1)
+    assert exports.expire_old(now=later) == 1
+    export.refresh_from_db()
+    assert export.state == "expired" and not tar.exists()
+    client = Client()
+    client.force_login(operator)
+    assert client.get(reverse("api-export-download", args=[export.pk])).status_code == 404
+    assert async_to_sync(api)("GET", f"/api/exports/{export.pk}/", None).status_code == 403  # still needs a login
+
+
 def test_each_person_runs_at_most_max_running_exports_at_once(operator, stored):
     set_role(operator, OPERATOR)
     for _ in range(exports.MAX_RUNNING):
