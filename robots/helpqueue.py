@@ -187,6 +187,22 @@ def close(request: HelpRequest, status: str, user, *, outcome: str = "", note: s
     return True
 
 
+def escalate(now: Optional[dt.datetime] = None) -> list[int]:
+    """Open requests nobody answered for SOP_HELP_ESCALATE_S (since they were raised or last escalated) grow one level
+    more urgent, up to 3: a request does not wait behind newer, louder ones for ever. Returns the changed ids."""
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(seconds=settings.SOP_HELP_ESCALATE_S)
+    changed = []
+    with transaction.atomic():
+        for request in HelpRequest.objects.select_for_update().filter(status=Status.OPEN, urgency__lt=3):
+            if (request.escalated_at or request.raised_at) <= cutoff:
+                HelpRequest.objects.filter(pk=request.pk).update(urgency=request.urgency + 1, escalated_at=now)
+                changed.append(request.pk)
+        if changed:
+            events.help_on_commit(changed)
+    return changed
+
+
 # ---------------------------------------------------------------- operators and assignment
 
 

@@ -278,6 +278,8 @@ class HelpRequest(models.Model):
     kind = models.CharField(max_length=16, choices=[(k, k) for k in HELP_KINDS])
     reason = models.CharField(max_length=200, blank=True)
     urgency = models.PositiveSmallIntegerField(default=2, help_text="1 low .. 3 high")
+    escalated_at = models.DateTimeField(null=True, blank=True,
+                                        help_text="Last time an unanswered request's urgency rose (SOP_HELP_ESCALATE_S)")
     episode_id = models.UUIDField(null=True, blank=True)
     step = models.PositiveIntegerField(default=0)
     trace = models.JSONField(default=list, blank=True, help_text="The robot's last seconds before it asked")

@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from . import control, exports, fleet, ingest, replay
+from . import control, exports, fleet, helpqueue, ingest, replay
 
 
 @shared_task(name="robots.cleanup_stale_uploads")
@@ -26,6 +26,12 @@ def render_episode_video(episode_id: str) -> str:
     """An episode's MP4, made once after it was verified (robots/replay.py); its progress is in its MediaJob."""
     job = replay.render_video(episode_id)
     return job.state if job is not None else "none"
+
+
+@shared_task(name="robots.escalate_help")
+def escalate_help() -> int:
+    """Beat, every 10 s: unanswered help requests grow more urgent with time (robots/helpqueue.py)."""
+    return len(helpqueue.escalate())
 
 
 @shared_task(name="robots.expire_exports")

@@ -206,6 +206,7 @@ CELERY_BEAT_SCHEDULE = {
                                      "schedule": float(env_str("SOP_WATCHDOG_S", "30"))},
     "cleanup-orphan-checkpoints": {"task": "learner.cleanup_orphan_checkpoints", "schedule": 3600.0},
     "expire-dataset-exports": {"task": "robots.expire_exports", "schedule": 3600.0},
+    "escalate-help-requests": {"task": "robots.escalate_help", "schedule": 10.0, "options": {"expires": 10.0}},
 }
 
 # ---- SOP settings
@@ -244,6 +245,8 @@ SOP_EVAL_SEED = env_int("SOP_EVAL_SEED", 2601)  # root of the held-out evaluatio
 SOP_LEASE_TIMEOUT_S = float(env_str("SOP_LEASE_TIMEOUT_S", "5"))  # a takeover lease not renewed for this long ends
 # An operator's console not heard from for this long (its pings come every 15 s) is no longer assigned help requests
 SOP_PRESENCE_S = float(env_str("SOP_PRESENCE_S", "60"))
+# A help request nobody answered grows one urgency level more urgent every this many seconds (up to 3)
+SOP_HELP_ESCALATE_S = float(env_str("SOP_HELP_ESCALATE_S", "60"))
 
 
 def _ice_servers(raw: str) -> list[dict]:

@@ -280,6 +280,22 @@ def test_an_operator_driving_a_robot_nobody_asked_about_is_busy(robot, other_rob
     assert (request.status, request.note) == ("withdrawn", "the robot went offline")
 
 
+def test_an_unanswered_request_grows_more_urgent_with_time(robot, other_robot, settings):
+    low, _ = helpqueue.raise_request(robot[0], "button", "jammed", urgency=1)
+    answered, _ = helpqueue.raise_request(other_robot[0], "button", "jammed", urgency=1)
+    HelpRequest.objects.filter(pk=answered.pk).update(status="claimed")
+    start = timezone.now()
+    assert helpqueue.escalate(start) == []  # not yet
+    step = timezone.timedelta(seconds=settings.SOP_HELP_ESCALATE_S + 1)
+    assert helpqueue.escalate(start + step) == [low.pk]
+    assert helpqueue.escalate(start + step) == []  # once per interval
+    assert helpqueue.escalate(start + 2 * step) == [low.pk]
+    assert helpqueue.escalate(start + 3 * step) == []  # 3 is the top
+    low.refresh_from_db()
+    answered.refresh_from_db()
+    assert (low.urgency, answered.urgency) == (3, 1)  # a claimed request stays as it was
+
+
 def test_presence_not_refreshed_within_sop_presence_s_does_not_count(robot, cast, settings):
     alice = cast[0]
     helpqueue.operator_online(alice, "chan-a")
