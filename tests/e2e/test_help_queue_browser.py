@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import tarfile
 import time
 
 import pytest
@@ -15,7 +16,8 @@ from django.conf import settings
 from django.db.models import Q
 
 from robots import fleet
-from robots.models import Episode, HelpRequest, InterventionSegment, MediaJob, Robot, Task, TaskAssignment
+from robots.models import (DatasetExport, Episode, HelpRequest, InterventionSegment, MediaJob, Robot, Task,
+                           TaskAssignment)
 
 from .conftest import free_port, wait_for
 from .test_console_browser import (CHROMIUM, _user, browser, login, namespace, shot,  # noqa: F401 (fixtures)
@@ -159,6 +161,24 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     assert "op1" in op1.get_by_test_id("operators").inner_text()
     assert unnamed_controls(op1) == []
     shot(op1, "metrics-attention")
+
+    # The Data page: arm-2's episodes exported as a LeRobotDataset by the real worker, progress, then the download.
+    op1.goto(f"{url}/data/")
+    op1.select_option("select[name=robots]", ["arm-2"])
+    op1.get_by_test_id("export").click()
+    op1.get_by_test_id("download").wait_for(timeout=120_000)
+    assert unnamed_controls(op1) == []
+    shot(op1, "data")
+    with op1.expect_download() as download:
+        op1.get_by_test_id("download").click()
+    saved = download.value.path()
+    with tarfile.open(saved) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("meta/info.json") for n in names) and any(n.endswith(".mp4") for n in names)
+    export = DatasetExport.objects.get()
+    assert (export.state, export.filters["robots"]) == ("done", ["arm-2"])
+    # arm-2's verified episodes when it was asked for (more may have been verified since)
+    assert 1 <= export.episodes <= Episode.objects.filter(robot=arm2, status=Episode.Status.VERIFIED).count()
     op1.context.close()
 
     # The live pages in a dark system theme, for a person to look at (and the page background is the dark one).
