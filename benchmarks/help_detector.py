@@ -61,7 +61,7 @@ def _run(policy, env_id: str, prompt: str, max_steps: int, episodes: int, seed: 
             result = runtime.run_episode(TaskAssigned(task="detector", env_id=env_id, prompt=prompt,
                                                       max_steps=max_steps, split=Split.EVAL.value))
             out.append({"success": result.outcome == Outcome.SUCCESS, "steps": result.steps,
-                        "hand": np.array(recorder.hand), "doubt": [d for d in recorder.doubt]})
+                        "hand": np.array(recorder.hand), "doubt": recorder.doubt})
     finally:
         runtime.stop()
         env.close()
@@ -76,9 +76,8 @@ def first_stall(hand: np.ndarray, window: int, still_m: float = STILL_M):
 
 
 def first_doubt(doubt: list, window: int, threshold: float):
-    values = [d for d in doubt]
-    for t in range(len(values)):
-        recent = [d for d in values[max(0, t - window + 1):t + 1] if d is not None]
+    for t in range(len(doubt)):
+        recent = [d for d in doubt[max(0, t - window + 1):t + 1] if d is not None]
         if len(recent) == window and float(np.mean(recent)) > threshold:
             return t
     return None

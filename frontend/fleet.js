@@ -3,7 +3,7 @@
 import { sharedSocket } from "./console/socket.js";
 import { RobotViewer } from "./console/video.js";
 import { ago, controlBadge, countersText, episodeText, esc, mismatchText, num, pct, setField, stateWord } from "./console/ui.js";
-import { Alerts, HelpQueue, installShortcuts, kindText, sinceText, sortTiles, titleWithCount } from "./console/attention.js";
+import { Alerts, HelpQueue, installShortcuts, kindText, sinceText, sortTiles, titleWithCount, urgencyText } from "./console/attention.js";
 
 const LEARN_REFRESH_MS = 5000;
 const EPISODES_REFRESH_MS = 5000;
@@ -214,7 +214,6 @@ function orderTiles() {
 
 const queueBox = document.getElementById("help-queue");
 const queueList = queueBox.querySelector('[data-field="help-list"]');
-const URGENCY = { 3: "urgent", 2: "soon", 1: "low" };
 
 function helpItem(r) {
   const mine = r.assigned_to && r.assigned_to === me;
@@ -225,7 +224,7 @@ function helpItem(r) {
        <button type="button" data-action="dismiss" data-help="${r.id}" aria-label="dismiss ${esc(r.robot)}'s request as a false alarm">False alarm</button>`
     : `<a class="button" href="${esc(robotUrl(r.robot))}">Open</a>`;
   return `<li class="help-item ${r.status} urgency-${r.urgency}${mine ? " mine" : ""}" data-help="${r.id}" data-robot="${esc(r.robot)}" data-testid="help-item">
-    <span class="badge urgency u${r.urgency}">${URGENCY[r.urgency] || r.urgency}</span>
+    <span class="badge urgency u${r.urgency}">${urgencyText(r.urgency)}</span>
     <div class="help-text"><a href="${esc(robotUrl(r.robot))}"><strong>${esc(r.robot)}</strong></a>
       <span class="kind">${esc(kindText(r.kind))}</span> · ${esc(r.reason)}
       <div class="small muted">asking for <span data-since="${esc(r.raised_at)}">${sinceText(r.raised_at)}</span> · ${who}</div></div>

@@ -4,7 +4,7 @@ import { sharedSocket } from "./console/socket.js";
 import { RobotViewer } from "./console/video.js";
 import { TELEOP_KEYS, TeleopController } from "./console/teleop.js";
 import { controlBadge, countersText, episodeText, mismatchText, num, operatorOf, setField, shortId, stateWord } from "./console/ui.js";
-import { Alerts, HelpQueue, drawTrace, installShortcuts, kindText, sinceText, titleWithCount } from "./console/attention.js";
+import { Alerts, HelpQueue, drawTrace, installShortcuts, kindText, sinceText, titleWithCount, urgencyText } from "./console/attention.js";
 
 const root = document.getElementById("robot-console");
 const ROBOT = root.dataset.robot;
@@ -455,7 +455,6 @@ function recordLive(msg) {
   }
 }
 
-const URGENCY = { 3: "urgent", 2: "soon", 1: "low" };
 let drawnTrace = null;
 
 function renderHelp() {
@@ -467,7 +466,7 @@ function renderHelp() {
   if (!request) return;
   const mine = holding && request.status === "claimed" && request.claimed_by === me;
   setField(root, "help-title", request.status === "open" ? `${ROBOT} asks for help` : `answered by ${request.claimed_by}${mine ? " (you)" : ""}`);
-  setField(root, "help-urgency", URGENCY[request.urgency] || String(request.urgency), { class: `badge urgency u${request.urgency}` });
+  setField(root, "help-urgency", urgencyText(request.urgency), { class: `badge urgency u${request.urgency}` });
   setField(root, "help-reason", `${kindText(request.kind)}: ${request.reason}`);
   const assigned = request.assigned_to ? (request.assigned_to === me ? "assigned to you" : `assigned to ${request.assigned_to}`) : "unassigned";
   setField(root, "help-meta", `asking for ${sinceText(request.raised_at)} · step ${request.step} · ${assigned} · request #${request.id}`);

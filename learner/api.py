@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, serializers
@@ -29,7 +28,7 @@ from robots.auth import IsRobot, RobotTokenAuthentication
 from robots.exceptions import SopError
 from robots.serializers import MAX_DB_INT
 from sop_web import storage
-from sop_web.files import accel_redirect
+from sop_web.files import send_stored
 
 
 class NotFound(SopError):
@@ -61,14 +60,11 @@ class RobotCheckpointFileView(APIView):
             raise NotFound(str(exc)) from None
         # Object storage: the bucket serves the bytes (a signed URL valid SOP_S3_URL_EXPIRE_S seconds); the robot
         # follows the redirect without its token and checks size and sha256 as always.
-        url = storage.download_url(storage.checkpoint_key(checkpoint.path), checkpoint.path)
-        if url is not None:
-            return HttpResponseRedirect(url)
-        path = services.checkpoint_local(checkpoint)
-        if not path.exists():
+        response = send_stored(storage.checkpoint_key(checkpoint.path), checkpoint.path, "application/octet-stream",
+                               lambda: services.checkpoint_local(checkpoint))
+        if response is None:
             raise NotFound(f"checkpoint v{version} is registered but its file is missing")
-        return (accel_redirect(path, "application/octet-stream", filename=path.name)
-                or FileResponse(open(path, "rb"), content_type="application/octet-stream", filename=path.name))
+        return response
 
 
 class CheckpointSerializer(serializers.ModelSerializer):

@@ -12,7 +12,7 @@ import re
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import FileResponse, Http404, HttpResponseRedirect
+from django.http import Http404
 from django.urls import reverse
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
@@ -23,8 +23,7 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sop_web import storage
-from sop_web.files import accel_redirect
+from sop_web.files import send_stored
 
 from . import exports, helpqueue, ingest, metrics, selectors
 from .auth import IsOperator, IsRobot, RobotTokenAuthentication, UserTokenAuthentication
@@ -406,12 +405,8 @@ class ExportDownloadView(OperatorAPIMixin, APIView):
         export = DatasetExport.objects.filter(pk=export_id).first()
         if export is None or export.state != DatasetExport.State.DONE:
             raise Http404("no such export, or it is not made (yet)")
-        name = exports.filename(export)
-        url = storage.download_url(export.key, name)
-        if url is not None:
-            return HttpResponseRedirect(url)
-        path = exports.local_file(export)
-        if path is None:
+        response = send_stored(export.key, exports.filename(export), "application/x-tar",
+                               lambda: exports.local_file(export), attachment=True)
+        if response is None:
             raise Http404("the export's file is gone")
-        return accel_redirect(path, "application/x-tar", name) or FileResponse(
-            open(path, "rb"), as_attachment=True, filename=name, content_type="application/x-tar")
+        return response

@@ -291,15 +291,19 @@ def _help_request(request_id: int) -> HelpRequest:
     return request
 
 
+def _answers(lease: Optional[ControlLease], request: HelpRequest, user, channel: str) -> bool:
+    """Whether ``lease`` is the one that claimed ``request`` and ``user`` holds it from ``channel``."""
+    return (lease is not None and lease.pk == request.lease_id and lease.operator_id == user.pk
+            and lease.channel_name == channel)
+
+
 def claim_help(request_id: int, user, channel: str) -> HelpRequest:
     """Answer a help request: take the robot over (the lease answers it, helpqueue.lease_started). Claimed by someone
     else: LeaseHeld. Claiming again from the socket that holds it is a no-op."""
     _require_operator(user)
     request = _help_request(request_id)
     if request.status == HelpRequest.Status.CLAIMED:
-        lease = active_lease(request.robot_id)
-        if lease is not None and lease.pk == request.lease_id and lease.operator_id == user.pk \
-                and lease.channel_name == channel:
+        if _answers(active_lease(request.robot_id), request, user, channel):
             return request
         raise LeaseHeld(f"help request #{request.pk} is answered by {request.claimed_name}",
                         holder=request.claimed_name)
@@ -318,8 +322,7 @@ def resolve_help(request_id: int, user, channel: str, outcome: Optional[str] = N
     _require_operator(user)
     request = _help_request(request_id)
     lease = active_lease(request.robot_id)
-    if request.status != HelpRequest.Status.CLAIMED or lease is None or lease.pk != request.lease_id \
-            or lease.operator_id != user.pk or lease.channel_name != channel:
+    if request.status != HelpRequest.Status.CLAIMED or not _answers(lease, request, user, channel):
         raise NotHolder(f"claim help request #{request.pk} before resolving it")
     with transaction.atomic():
         if not helpqueue.close(request, HelpRequest.Status.RESOLVED, user, outcome=outcome or "", note=note):
@@ -336,8 +339,7 @@ def dismiss_help(request_id: int, user, channel: str, note: str = "") -> HelpReq
     _require_operator(user)
     request = _help_request(request_id)
     lease = active_lease(request.robot_id)
-    mine = lease is not None and lease.pk == request.lease_id and lease.operator_id == user.pk \
-        and lease.channel_name == channel
+    mine = _answers(lease, request, user, channel)
     if request.status == HelpRequest.Status.CLAIMED and not mine and not roles.is_admin(user):
         raise LeaseHeld(f"help request #{request.pk} is answered by {request.claimed_name}",
                         holder=request.claimed_name)

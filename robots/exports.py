@@ -103,7 +103,11 @@ def clean_filters(raw: dict[str, Any]) -> dict[str, Any]:
 
 def select_episodes(filters: dict[str, Any]) -> list[Episode]:
     """The verified episodes the (cleaned) filters name, oldest first."""
-    episodes = Episode.objects.filter(status=Episode.Status.VERIFIED).select_related("task", "robot")
+    return list(_selected(filters).select_related("task", "robot").order_by("started_at", "id"))
+
+
+def _selected(filters: dict[str, Any]):
+    episodes = Episode.objects.filter(status=Episode.Status.VERIFIED)
     if filters.get("tasks") is not None:
         episodes = episodes.filter(task__name__in=filters["tasks"])
     if filters.get("robots") is not None:
@@ -112,7 +116,7 @@ def select_episodes(filters: dict[str, Any]) -> list[Episode]:
         episodes = episodes.filter(split=filters["split"])
     if filters.get("versions") is not None:
         episodes = episodes.filter(policy_version__in=filters["versions"])
-    return list(episodes.order_by("started_at", "id"))
+    return episodes
 
 
 def request_export(user, raw_filters: dict[str, Any]) -> DatasetExport:
@@ -120,7 +124,7 @@ def request_export(user, raw_filters: dict[str, Any]) -> DatasetExport:
     if not roles.can_operate(user):
         raise ExportForbidden()
     filters = clean_filters(raw_filters)
-    count = len(select_episodes(filters))
+    count = _selected(filters).count()
     if not count:
         raise ExportError("no verified episodes match these filters")
     sweep_stale()

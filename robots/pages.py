@@ -25,7 +25,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from sop_web.files import accel_redirect
 
-from . import auth, catalog, control, exports, replay, tasking
+from . import auth, catalog, control, events, exports, replay, tasking
 from .exceptions import SopError
 from .models import (ApiToken, AuditEvent, ControlLease, DatasetExport, Episode, HelpRequest, MediaJob, Robot, Task,
                      TaskAssignment)
@@ -664,8 +664,8 @@ def token_create(request):
     token = ApiToken.objects.create(user=request.user, name=name, token_hash=auth.hash_token(raw),
                                     prefix=raw[:auth.SHOWN_PREFIX_CHARS],
                                     expires_at=timezone.now() + dt.timedelta(days=days) if days else None)
-    AuditEvent.objects.create(action="api_token.created", actor=request.user, actor_name=request.user.get_username(),
-                              detail={"token": token.pk, "name": name, "expires_at": str(token.expires_at or "")})
+    events.audit("api_token.created", actor=request.user,
+                 detail={"token": token.pk, "name": name, "expires_at": str(token.expires_at or "")})
     # rendered, not redirected: the token is shown this once and never stored anywhere but the hash
     response = _data_page(request, new_token=raw, new_token_name=name)
     response["Cache-Control"] = "no-store"
@@ -680,7 +680,6 @@ def token_revoke(request, token_id: int):
         raise Http404("No such token of yours.")
     if token.revoked_at is None:
         ApiToken.objects.filter(pk=token.pk).update(revoked_at=timezone.now())
-        AuditEvent.objects.create(action="api_token.revoked", actor=request.user,
-                                  actor_name=request.user.get_username(), detail={"token": token.pk, "name": token.name})
+        events.audit("api_token.revoked", actor=request.user, detail={"token": token.pk, "name": token.name})
         messages.success(request, f"Token {token.prefix}… ({token.name}) is revoked.")
     return redirect("data")

@@ -11,19 +11,40 @@ deployments and the tests' plain daphne).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 from urllib.parse import quote
 
 from django.conf import settings
-from django.http import HttpResponse
+from django.http import FileResponse, HttpResponse, HttpResponseRedirect
 from django.utils.http import content_disposition_header
+
+from . import storage
 
 ACCEL_PREFIX = "/_sop_files"
 
 
+ACCEL_AREAS = ("checkpoints", "videos", "exports")  # storage areas whose files leave through the proxy
+
+
 def accel_areas() -> dict[str, Path]:
-    """The directories nginx may serve by internal redirect, by the name of their internal location."""
-    return {"checkpoints": Path(settings.CHECKPOINT_DIR), "videos": Path(settings.DATA_DIR) / "videos",
-            "exports": Path(settings.DATA_DIR) / "exports"}
+    """The directories nginx may serve by internal redirect, by the name of their internal location: storage areas
+    (sop_web/storage.py) of large downloads."""
+    return {name: folder for name, folder in storage.areas().items() if name in ACCEL_AREAS}
+
+
+def send_stored(key: str, filename: str, content_type: str, local: Callable[[], Optional[Path]], *,
+                attachment: bool = False) -> Optional[HttpResponse]:
+    """A stored object for download: with object storage a redirect to the bucket's signed URL; else this host's
+    file handed to nginx (X-Accel-Redirect) or streamed. ``local()`` finds the file (called only without a bucket);
+    None when it has none (the caller answers 404)."""
+    url = storage.download_url(key, filename)
+    if url is not None:
+        return HttpResponseRedirect(url)
+    path = local()
+    if path is None or not path.exists():
+        return None
+    return accel_redirect(path, content_type, filename) or FileResponse(
+        open(path, "rb"), content_type=content_type, filename=filename, as_attachment=attachment)
 
 
 def accel_redirect(path: Path, content_type: str, filename: str | None = None) -> HttpResponse | None:

@@ -6,6 +6,8 @@ export const ACTIVE = new Set(["open", "claimed"]);
 const KIND_TEXT = { stall: "stalled", uncertainty: "unsure", button: "help button" };
 
 export const kindText = (kind) => KIND_TEXT[kind] || kind;
+const URGENCY_TEXT = { 3: "urgent", 2: "soon", 1: "low" };
+export const urgencyText = (urgency) => URGENCY_TEXT[urgency] || String(urgency);
 
 /** Most urgent first, then the oldest; claimed ones (someone answers them) after every open one. */
 export function requestOrder(a, b) {

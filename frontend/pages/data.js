@@ -1,7 +1,8 @@
 // Data page: the exports table follows its background jobs (GET /api/exports/ every 2 s while one is queued or
 // running): a progress bar, then the download link.
+import { esc } from "../console/ui.js";
+
 const table = document.getElementById("exports");
-const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const POLL_MS = 2000;
 
 function size(bytes) {

@@ -1,4 +1,5 @@
 // Metrics page: four charts from one JSON endpoint (/metrics/data.json), refreshed every 30 s.
+import { esc } from "../console/ui.js";
 import { COLORS, OUTCOME_COLORS, getJSON, line, pct, percentAxis, setup } from "./charts.js";
 
 const Chart = setup();
@@ -91,7 +92,6 @@ function render(data) {
 }
 
 const attention = document.getElementById("attention");
-const escHtml = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 
 function duration(s) {
   if (s === null || s === undefined) return "–";
@@ -113,7 +113,7 @@ function renderAttention(a) {
     `Operators drive ${pct(a.intervened_step_share, 1)} of robot time, with ${a.interventions_per_robot_hour === null ? "–" : a.interventions_per_robot_hour.toFixed(1)} takeovers per robot-hour` +
     (a.median_response_s !== null ? ` and ${duration(a.median_response_s)} to answer each request.` : "; no answered request yet to time the response."));
   const body = attention.querySelector("tbody");
-  body.innerHTML = a.operators.length ? a.operators.map((o) => `<tr><td>${escHtml(o.name)}</td><td>${o.takeovers}</td>
+  body.innerHTML = a.operators.length ? a.operators.map((o) => `<tr><td>${esc(o.name)}</td><td>${o.takeovers}</td>
     <td>${duration(o.driving_s)}</td><td>${o.answered}</td><td>${o.false_alarms}</td></tr>`).join("")
     : `<tr><td colspan="5" class="muted">No takeovers in this range.</td></tr>`;
 }

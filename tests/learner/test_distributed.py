@@ -24,7 +24,7 @@ from . import ddp_worker
 def test_averaged_gradients_step_every_rank_like_one_process_on_the_whole_batch(tmp_path):
     init_method = f"tcp://127.0.0.1:{distributed.free_port()}"
     mp.spawn(ddp_worker.linear_step, args=(2, init_method, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in range(2)]
     torch.manual_seed(0)
     single = torch.nn.Linear(3, 2)
     data = torch.arange(24, dtype=torch.float32).view(8, 3) / 10

@@ -22,7 +22,7 @@ from robots.models import ApiToken, AuditEvent, DatasetExport, Episode, Task
 from robots.roles import OPERATOR, set_role
 from sop_web.asgi import application
 
-from .factories import bearer, episode_bytes, episode_data
+from .factories import bearer, episode_data
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
