@@ -12,7 +12,9 @@ Per seed: demonstrations of every task (post-trained and held-out) and a base po
 - ``offline``    HG-DAgger's loss on exactly the data the hg_dagger run collected, from the base, same steps, no loop;
 - ``recap``      SOP + RECAP (same robots, budget and pinned learner);
 - ``fleet1``, ``fleet4``: SOP + HG-DAgger with 1 and 4 robots (Table B; the 2-robot point is ``hg_dagger``);
-- ``sampler``    the ablation: SOP + HG-DAgger with the mixing formula on relative losses.
+- ``sampler``    the ablation: SOP + HG-DAgger with the mixing formula on relative losses;
+- ``flow_base``, ``flow``: the second policy family (flow_vla, a flow-matching action head over the same encoders):
+                 its own base (same demonstrations, same BC steps) and SOP + HG-DAgger from it, as ``base``/``hg_dagger``.
 
 Every online run gets the same wall-clock budget and the same pinned learner pace (TrainConfig.max_steps_per_s), so
 fleet sizes differ only in the data they bring. After a run (never during one) its saved checkpoints are evaluated
@@ -46,11 +48,16 @@ from learner.stats import wilson_interval  # noqa: E402
 
 POST_TRAINED = ("reach", "drawer-open", "button-press-topdown", "window-open", "door-open")
 HELD_OUT = ("drawer-close", "window-close")  # only in the demonstrations: does post-training keep them?
-ROWS = ("base", "hg_dagger", "bc_long", "offline", "recap", "fleet1", "fleet4", "sampler")  # controls need hg_dagger
+ROWS = ("base", "hg_dagger", "bc_long", "offline", "recap", "fleet1", "fleet4", "sampler",  # controls need hg_dagger
+        "flow_base", "flow")
 TABLE_A = ("base", "bc_long", "offline", "hg_dagger", "recap", "sampler")
-FLEET = {"hg_dagger": 2, "recap": 2, "fleet1": 1, "fleet4": 4, "sampler": 2}
+TABLE_C = ("base", "flow_base", "hg_dagger", "flow")  # the two policy families, before and after SOP
+FLEET = {"hg_dagger": 2, "recap": 2, "fleet1": 1, "fleet4": 4, "sampler": 2, "flow": 2}
 ALGORITHM = {"hg_dagger": "hg_dagger", "recap": "recap", "fleet1": "hg_dagger", "fleet4": "hg_dagger",
-             "sampler": "hg_dagger"}
+             "sampler": "hg_dagger", "flow": "hg_dagger"}
+# the policy family of a row (default small_vla) and the base row it starts from
+POLICY = {"flow_base": "flow_vla", "flow": "flow_vla"}
+BASE_ROW = {"small_vla": "base", "flow_vla": "flow_base"}
 # the ablation: SOP's mixing formula on relative losses (raw losses leave w_on at ~0.5, docs/experiment.md)
 OVERRIDES = {"sampler": {"sampler_losses": "relative"}}
 
@@ -159,8 +166,9 @@ class Seed:
 
     # -- the base, shared by every row of this seed ------------------------------------------------------------
 
-    def base(self) -> Path:
-        base = self.root / "base"
+    def base(self, policy: str = "small_vla") -> Path:
+        """The seed's demonstrations and BC base of one policy family (the same demonstrations for every family)."""
+        base = self.root / BASE_ROW[policy]
         if (base / "ready").exists():
             return base
         shutil.rmtree(base, ignore_errors=True)
@@ -172,13 +180,13 @@ class Seed:
             self.manage(base, "collect_demos", "--tasks", ",".join(group), "--episodes", str(count), "--noise", "0.1",
                         "--image-size", "96", "--seed", str(self.seed))
         self.manage(base, "pretrain", "--tasks", ",".join(self.all_tasks), "--steps",
-                    str(self.knobs["pretrain_steps"]), "--preset", "sop", "--seed", str(self.seed))
+                    str(self.knobs["pretrain_steps"]), "--preset", "sop", "--seed", str(self.seed), "--policy", policy)
         (base / "ready").write_text(json.dumps({"setup_s": round(time.time() - t0, 1)}))
-        log(f"seed {self.seed}: base v1 ready in {time.time() - t0:.0f} s")
+        log(f"seed {self.seed}: {policy} base v1 ready in {time.time() - t0:.0f} s")
         return base
 
     def copy_of_base(self, name: str) -> Path:
-        base, data = self.base(), self.root / name
+        base, data = self.base(POLICY.get(name, "small_vla")), self.root / name
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(base, data, ignore=shutil.ignore_patterns("logs", "spool", "*.log", "ready"))
         return data
@@ -188,8 +196,8 @@ class Seed:
     def row(self, row: str, done: dict) -> dict:
         log(f"== {row}, seed {self.seed}")
         t0 = time.time()
-        if row == "base":
-            data = self.base()
+        if row in ("base", "flow_base"):
+            data = self.base(POLICY.get(row, "small_vla"))
             out = {"row": row, "seed": self.seed, "robots": 0, "minutes": 0.0, "learner_steps": 0,
                    "expert_steps_online": 0, "robot_hours": 0.0}
             out["final"] = self.evaluate(data, 1, self.all_tasks)
@@ -209,8 +217,9 @@ class Seed:
             checkpoints = out.pop("checkpoints")
             final = checkpoints[-1][0]
             out["final"] = self.evaluate(data, final, self.all_tasks)
-            curve = [{"minutes": 0.0, "version": 1, **self.curve_point(done[f"base/seed-{self.seed}"]["final"])}
-                     if f"base/seed-{self.seed}" in done else None]
+            base_key = f"{BASE_ROW[POLICY.get(row, 'small_vla')]}/seed-{self.seed}"
+            curve = [{"minutes": 0.0, "version": 1, **self.curve_point(done[base_key]["final"])}
+                     if base_key in done else None]
             for minutes in self.knobs["curve_minutes"]:
                 version = max((v for v, m in checkpoints if m <= minutes), default=None)
                 if version is not None and version != final and version > 1:
@@ -547,7 +556,8 @@ def time_to(curve: list[dict], level: float):
 
 NAMES = {"base": "base BC", "bc_long": "BC trained as long", "offline": "offline (same data, no loop)",
          "hg_dagger": "SOP + HG-DAgger", "recap": "SOP + RECAP", "fleet1": "SOP + HG-DAgger, 1 robot",
-         "fleet4": "SOP + HG-DAgger, 4 robots", "sampler": "SOP + HG-DAgger, relative-loss sampler (ablation)"}
+         "fleet4": "SOP + HG-DAgger, 4 robots", "sampler": "SOP + HG-DAgger, relative-loss sampler (ablation)",
+         "flow_base": "base BC, flow_vla", "flow": "SOP + HG-DAgger, flow_vla"}
 
 
 def _cell(stat: dict | None) -> str:
@@ -573,18 +583,23 @@ def tables(results: dict) -> str:
              f"{protocol['budget_min']:g} min online; learner pinned at {protocol['pace']:g} steps/s)", ""]
     head = ["row", "seeds", *post, *(f"{t}*" for t in held), "post-trained mean", "pooled 95 % (Wilson)",
             "held-out mean", "learner steps", "expert steps online", "autonomous successes / robot-hour"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in TABLE_A:
-        e = summary.get(row)
-        if not e:
-            lines.append(f"| {NAMES[row]} | not run yet |" + " |" * (len(head) - 2))
-            continue
-        pooled = e.get("post_trained", {}).get("pooled_wilson")
-        lines.append("| " + " | ".join([
-            NAMES[row], ",".join(map(str, e["seeds"])), *(_cell(e["tasks"].get(t)) for t in post + held),
-            _cell(e.get("post_trained")), f"[{pooled[0]:.2f}, {pooled[1]:.2f}]" if pooled else "-",
-            _cell(e.get("held_out")), f"{e['learner_steps']:.0f}", f"{e['expert_steps_online']:.0f}",
-            _cell(e.get("autonomous_successes_per_robot_hour"))]) + " |")
+
+    def method_rows(rows):
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows:
+            e = summary.get(row)
+            if not e:
+                out.append(f"| {NAMES[row]} | not run yet |" + " |" * (len(head) - 2))
+                continue
+            pooled = e.get("post_trained", {}).get("pooled_wilson")
+            out.append("| " + " | ".join([
+                NAMES[row], ",".join(map(str, e["seeds"])), *(_cell(e["tasks"].get(t)) for t in post + held),
+                _cell(e.get("post_trained")), f"[{pooled[0]:.2f}, {pooled[1]:.2f}]" if pooled else "-",
+                _cell(e.get("held_out")), f"{e['learner_steps']:.0f}", f"{e['expert_steps_online']:.0f}",
+                _cell(e.get("autonomous_successes_per_robot_hour"))]) + " |")
+        return out
+
+    lines += method_rows(TABLE_A)
     lines += ["", "## Table B: fleet scaling (SOP + HG-DAgger, same budget and learner pace)", "",
               "| robots | seeds | final post-trained mean | time to 0.8 (min) | time to 0.9 (min) | speed-up to 0.8 "
               "| real loop Hz (min over snapshots) | learner steps/s |", "|---|---|---|---|---|---|---|---|"]
@@ -606,6 +621,9 @@ def tables(results: dict) -> str:
         lines.append(f"| {robots} | {','.join(map(str, e['seeds']))} | {_cell(e.get('post_trained'))} | "
                      f"{times(0.8)} | {times(0.9)} | {speedup.get(str(robots), '-')} | "
                      f"{', '.join(f'{h:.1f}' for h in hz) or '-'} | {', '.join(f'{x:.2f}' for x in sps) or '-'} |")
+    lines += ["", "## Table C: policy families (small_vla: regression head; flow_vla: flow-matching head over the same "
+              "encoders; same demonstrations, BC steps, fleet, budget and learner pace)", ""]
+    lines += method_rows(TABLE_C)
     lines += ["", "## The sampler's online weight w_on per task (min-max over each run, after its first 1000 steps)",
               "", "| run | " + " | ".join(post) + " |", "|---|" + "---|" * len(post)]
     for key, run in sorted(results["runs"].items()):
@@ -627,7 +645,7 @@ def headline(results: dict) -> str:
     summary, protocol = results.get("summary", {}), results["protocol"]
     lines = ["| row | seeds | post-trained tasks: mean [95 % t over seeds] | pooled Wilson 95 % | held-out tasks |",
              "|---|---|---|---|---|"]
-    for row in TABLE_A + ("fleet1", "fleet4"):
+    for row in TABLE_A + ("fleet1", "fleet4", "flow_base", "flow"):
         e = summary.get(row)
         if not e:
             lines.append(f"| {NAMES[row]} | not run yet | | | |")

@@ -55,6 +55,7 @@ class PolicyConfig:
     advantage_conditioning: bool = False
     guidance_beta: float = 1.0  # classifier-free guidance weight the robots use (1 = the conditional pass only)
     eval_guidance_beta: float = 1.0  # ... and the one evaluation uses (learner/evaluation.py)
+    flow_steps: int = 10  # flow_vla: Euler steps from noise to an action chunk in act (pi0 uses 10)
     # Settings of a plug-in policy (docs/policy.md "Bring your own policy"): JSON values its class reads; the fields
     # above are the built-in small_vla's and a plug-in may ignore them.
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
@@ -73,6 +74,8 @@ class PolicyConfig:
             raise ConfigError("guidance_beta and eval_guidance_beta must be >= 0")
         if self.loss not in ("l1", "mse"):
             raise ConfigError(f"loss must be 'l1' or 'mse', not {self.loss!r}")
+        if not 1 <= self.flow_steps <= 100:
+            raise ConfigError("flow_steps must be 1 to 100")
         if self.horizon < 1 or self.action_dim < 1 or self.image_size < 8:
             raise ConfigError("horizon, action_dim must be >= 1 and image_size >= 8")
         if any(not 0 <= i < self.state_dim for i in (*self.state_indices, *self.task_input_indices)):

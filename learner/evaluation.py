@@ -49,6 +49,8 @@ def evaluate_policy(policy, env_id: str, prompts: list[str], max_steps: int, epi
     successes, lengths = 0, []
     try:
         for i in range(episodes):
+            if hasattr(policy, "reseed"):  # a sampling policy (flow_vla) draws the same noise for the same placement
+                policy.reseed(stream_seed(seed, "eval", env_id, "noise", i))
             result = runtime.run_episode(TaskAssigned(task="eval", env_id=env_id, prompt=rng.choice(prompts),
                                                       max_steps=max_steps, split=Split.EVAL.value))
             successes += int(result.outcome == Outcome.SUCCESS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import math
 import re
 from typing import Any, Optional, TypedDict
 
@@ -193,7 +194,7 @@ class SmallVLA(Policy):
         n_state = policy_state_width(config)
         self.state_proj = nn.Sequential(nn.Linear(n_state, config.state_features), nn.ReLU(inplace=True))
         head: list[nn.Module] = []
-        width = config.image_features + config.prompt_features + config.state_features
+        width = self.context_width = config.image_features + config.prompt_features + config.state_features
         for hidden in config.hidden:
             head += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
             width = hidden
@@ -202,8 +203,7 @@ class SmallVLA(Policy):
         # RECAP's advantage indicator, added to the head's input. Absent (no parameters, no state-dict keys) unless
         # config.advantage_conditioning, so policies without it keep their exact architecture and checkpoints.
         self.indicator: Optional[nn.Embedding] = (
-            _indicator_embedding(config.image_features + config.prompt_features + config.state_features)
-            if config.advantage_conditioning else None
+            _indicator_embedding(self.context_width) if config.advantage_conditioning else None
         )
         self.register_buffer("state_index", torch.tensor(config.state_indices, dtype=torch.long), persistent=False)
         self.register_buffer("task_index", torch.tensor(config.task_input_indices, dtype=torch.long), persistent=False)
@@ -258,9 +258,9 @@ class SmallVLA(Policy):
         task = ((states.index_select(1, self.task_index) - self.state_mean[n:]) / self.state_std[n:]).clamp_(-10, 10)
         return torch.cat([out, torch.where(allowed, task, torch.zeros_like(task))], dim=1)
 
-    def forward(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, states: torch.Tensor,
+    def context(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, states: torch.Tensor,
                 indicator: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Preprocessed inputs -> normalised action chunk [B, H, action_dim].
+        """Preprocessed inputs -> the observation's features [B, context_width] the action head reads.
 
         ``indicator`` (int64 [B]: ``NEGATIVE``, ``POSITIVE`` or ``DROPPED``) is only used by an advantage-conditioned
         policy; None there means ``DROPPED`` (the unconditional prediction)."""
@@ -271,6 +271,12 @@ class SmallVLA(Policy):
             if indicator is None:
                 indicator = torch.full((features.shape[0],), DROPPED, dtype=torch.long)
             features = features + self.indicator(indicator.to(features.device))
+        return features
+
+    def forward(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, states: torch.Tensor,
+                indicator: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Preprocessed inputs -> normalised action chunk [B, H, action_dim] (see ``context``)."""
+        features = self.context(images, prompt_embeddings, states, indicator)
         return self.head(features).view(-1, self.config.horizon, self.config.action_dim)
 
     def enable_advantage_conditioning(self, guidance_beta: float = 1.0, eval_guidance_beta: float = 1.0) -> None:
@@ -278,7 +284,7 @@ class SmallVLA(Policy):
         the guidance weights in its config. The embedding starts at zero, so every indicator value predicts exactly
         what the policy predicted before. Idempotent for the embedding; the betas are always updated."""
         if self.indicator is None:
-            self.indicator = _indicator_embedding(self.head[0].in_features)
+            self.indicator = _indicator_embedding(self.context_width).to(self.device)
         self.config = dataclasses.replace(self.config, advantage_conditioning=True, guidance_beta=float(guidance_beta),
                                           eval_guidance_beta=float(eval_guidance_beta))
 
@@ -295,6 +301,18 @@ class SmallVLA(Policy):
         ``uncond + beta * (cond - uncond)`` (on normalised actions, before clipping); ``guidance_beta`` defaults to
         the checkpoint's ``config.guidance_beta``, and beta = 1 runs the conditional pass only. Other policies ignore
         ``guidance_beta``."""
+        with torch.inference_mode():
+            images, prompts, states = self._one(observation, prompt, env_id)
+            if self.indicator is None:
+                out = self.forward(images, prompts, states)[0]
+            else:
+                out = self._guided(images, prompts, states,
+                                   self.config.guidance_beta if guidance_beta is None else float(guidance_beta))
+            return (out * self.action_scale).clamp_(-1.0, 1.0).cpu().numpy()
+
+    def _one(self, observation: Observation, prompt: str,
+             env_id: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ONE observation, checked, -> the network's preprocessed inputs (batch of one). In inference mode."""
         state = np.array(observation["state"], dtype=np.float32)  # a copy: torch wants writable arrays
         image = np.asarray(observation["image"])
         if state.shape != (self.config.state_dim,):
@@ -303,16 +321,10 @@ class SmallVLA(Policy):
             raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
         if not (image.flags.c_contiguous and image.flags.writeable):
             image = np.array(image, order="C")
-        with torch.inference_mode():
-            images = self._images(torch.from_numpy(image)[None])
-            prompts = torch.from_numpy(self.prompts.get(prompt))[None].to(self.device)
-            states = self._states(torch.from_numpy(state)[None], None if env_id is None else [env_id])
-            if self.indicator is None:
-                out = self.forward(images, prompts, states)[0]
-            else:
-                out = self._guided(images, prompts, states,
-                                   self.config.guidance_beta if guidance_beta is None else float(guidance_beta))
-            return (out * self.action_scale).clamp_(-1.0, 1.0).cpu().numpy()
+        images = self._images(torch.from_numpy(image)[None])
+        prompts = torch.from_numpy(self.prompts.get(prompt))[None].to(self.device)
+        states = self._states(torch.from_numpy(state)[None], None if env_id is None else [env_id])
+        return images, prompts, states
 
     def _guided(self, images: torch.Tensor, prompts: torch.Tensor, states: torch.Tensor, beta: float) -> torch.Tensor:
         """Classifier-free guidance for ONE preprocessed observation -> normalised chunk [H, action_dim]."""
@@ -335,14 +347,109 @@ class SmallVLA(Policy):
         target = batch["action"].to(pred.device, non_blocking=True) / self.action_scale
         diff = pred.float() - target
         err = (diff.abs() if self.config.loss == "l1" else diff.square()).mean(dim=2)  # [B, H]
-        mask = batch["action_mask"].to(err.device).to(err.dtype)
-        valid = mask.sum(dim=1)
-        per_sample = (err * mask).sum(dim=1) / valid.clamp(min=1.0)
-        loss = per_sample[valid > 0].mean() if bool((valid > 0).any()) else err.sum() * 0.0
-        return {"loss": loss, "per_sample": per_sample.detach()}
+        return _masked_chunk_loss(err, batch["action_mask"])
 
 
-POLICIES: dict[str, type[Policy]] = {"small_vla": SmallVLA}  # built in; plug-ins come from ENTRY_POINT_GROUP
+def _masked_chunk_loss(err: torch.Tensor, action_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-step errors [B, H] -> the loss over labelled steps (``action_mask``) and one detached loss per sample (0 for
+    a sample without a label)."""
+    mask = action_mask.to(err.device).to(err.dtype)
+    valid = mask.sum(dim=1)
+    per_sample = (err * mask).sum(dim=1) / valid.clamp(min=1.0)
+    loss = per_sample[valid > 0].mean() if bool((valid > 0).any()) else err.sum() * 0.0
+    return {"loss": loss, "per_sample": per_sample.detach()}
+
+
+def _time_features(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Sinusoidal features [B, width] of flow times t [B] in [0, 1] (periods from 2 down to ~1/500)."""
+    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), width // 2, device=t.device)) * math.pi
+    angles = t[:, None].float() * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class FlowVLA(SmallVLA):
+    """The same encoders as SmallVLA (image CNN, frozen prompt embedding, proprio state) with a flow-matching action
+    head, the family of pi0 and SmolVLA: the head learns a velocity field that carries Gaussian noise to the action
+    chunk, and ``act`` integrates it in ``config.flow_steps`` Euler steps (openpi's conventions: x_t = t * noise +
+    (1 - t) * actions, target velocity noise - actions, t ~ Beta(1.5, 1) on [0.001, 1], integrated from t = 1 to 0).
+
+    Unlike a regression head it models a distribution of chunks, so two ways of doing a task are not averaged into a
+    third; and RECAP's indicator conditions a likelihood: classifier-free guidance mixes the conditional and
+    unconditional velocities at every integration step (pi*0.6). ``config.loss`` does not apply (the flow loss is the
+    squared velocity error). Robots draw the noise from a generator of their own (``reseed``), so a process that acts on
+    the same observations from the same seed acts identically. docs/policy.md "Two policy families".
+    """
+
+    TIME_FEATURES = 32
+
+    def __init__(self, config: PolicyConfig, embedder: Optional[Embedder] = None):
+        super().__init__(config, embedder)
+        chunk = config.horizon * config.action_dim
+        layers: list[nn.Module] = []
+        width = self.context_width + chunk + self.TIME_FEATURES
+        for hidden in config.hidden:
+            layers += [nn.Linear(width, hidden), nn.SiLU()]  # smooth in x and t: the velocity field is integrated
+            width = hidden
+        layers.append(nn.Linear(width, chunk))
+        self.head = nn.Sequential(*layers)  # replaces the regression head: (context, x_t, t) -> velocity
+        self._noise = torch.Generator().manual_seed(0)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the acting noise from ``seed`` (evaluation and robots call it for reproducible rollouts)."""
+        self._noise.manual_seed(int(seed))
+
+    def velocity(self, context: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t | observation): context [B, C], x [B, H, A] (normalised actions), t [B] -> [B, H, A]."""
+        inputs = torch.cat([context, x.flatten(1), _time_features(t, self.TIME_FEATURES).to(context.dtype)], dim=1)
+        return self.head(inputs).view_as(x)
+
+    def forward(self, images: torch.Tensor, prompt_embeddings: torch.Tensor, states: torch.Tensor,
+                indicator: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Preprocessed inputs -> a sampled normalised chunk [B, H, action_dim] (from ``noise``, else drawn)."""
+        context = self.context(images, prompt_embeddings, states, indicator)
+        return self._integrate(lambda x, t: self.velocity(context, x, t), context.shape[0], noise)
+
+    def _integrate(self, field, batch: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        shape = (batch, self.config.horizon, self.config.action_dim)
+        x = (torch.randn(shape, generator=self._noise) if noise is None else noise).to(self.device)
+        steps = self.config.flow_steps
+        for k in range(steps):
+            t = torch.full((batch,), 1.0 - k / steps, device=self.device)
+            x = x - field(x, t) / steps
+        return x
+
+    def _guided(self, images: torch.Tensor, prompts: torch.Tensor, states: torch.Tensor, beta: float) -> torch.Tensor:
+        """CFG on the velocity: v = v_uncond + beta * (v_cond - v_uncond) at every step, for ONE observation."""
+        if beta == 1.0:
+            return self.forward(images, prompts, states, torch.tensor([POSITIVE], device=self.device))[0]
+        both = self.context(images.expand(2, -1, -1, -1), prompts.expand(2, -1), states.expand(2, -1),
+                            torch.tensor([POSITIVE, DROPPED], device=self.device))
+
+        def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v = self.velocity(both, x.expand(2, -1, -1), t.expand(2))
+            return v[1:] + beta * (v[:1] - v[1:])
+
+        return self._integrate(field, 1, None)[0]
+
+    def loss(
+        self, batch: dict[str, Any], *, generator: Optional[torch.Generator] = None, augment_shift: int = 0
+    ) -> dict[str, torch.Tensor]:
+        images = self._images(batch["image"])
+        if augment_shift > 0:
+            images = random_shift(images, augment_shift, generator)
+        context = self.context(images, self._prompt_batch(batch["prompt"]),
+                               self._states(batch["state"], batch.get("env_id")), batch.get("indicator"))
+        actions = batch["action"].to(context.device, non_blocking=True) / self.action_scale
+        b = actions.shape[0]
+        # noise and times drawn on the CPU generator (the same draws on every device, and on resume), then moved
+        noise = torch.randn(actions.shape, generator=generator).to(context.device)
+        t = (torch.rand(b, generator=generator) ** (1.0 / 1.5) * 0.999 + 0.001).to(context.device)  # Beta(1.5, 1)
+        x_t = t[:, None, None] * noise + (1.0 - t[:, None, None]) * actions
+        err = (self.velocity(context, x_t, t).float() - (noise - actions)).square().mean(dim=2)  # [B, H]
+        return _masked_chunk_loss(err, batch["action_mask"])
+
+
+POLICIES: dict[str, type[Policy]] = {"small_vla": SmallVLA, "flow_vla": FlowVLA}  # built in; plug-ins come from ENTRY_POINT_GROUP
 ENTRY_POINT_GROUP = "sop.policies"
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 

@@ -23,6 +23,8 @@ class Command(BaseCommand):
         parser.add_argument("--steps", type=int, help="learner steps (default: the preset's)")
         parser.add_argument("--preset", default="default", help="learner/config.py preset (default 'default')")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--policy", help="the policy implementation (default: the preset's, small_vla); e.g. "
+                                             "flow_vla, an installed plug-in's name or module:Class")
 
     def handle(self, *args, **opts):
         offline = Episode.objects.filter(split="offline", status=Episode.Status.VERIFIED)
@@ -45,7 +47,7 @@ class Command(BaseCommand):
             overrides["steps"] = opts["steps"]
         try:
             run = services.start_run("bc", tasks, preset=opts["preset"], overrides=overrides, from_scratch=True,
-                                     enqueue=False)
+                                     policy=opts["policy"], enqueue=False)
         except services.LearnerError as exc:
             raise CommandError(str(exc)) from None
         # Publish once, at the end: the base policy is one version, not one per checkpoint interval.
