@@ -73,6 +73,12 @@ GROUPS = {
     "": {"observation", "action", "control_source", "reward", "success", "timestamp"},
     "observation": {"image", "state"},
 }
+# More cameras (optional; a file without them has no such group): "observation/cameras/<name>", each a dataset like
+# observation/image (uint8 [T, H, W, 3], one frame per chunk, LZF or none; its own H and W). observation/image is the
+# primary camera, named by the "camera" attribute; the names here are the others, never the primary's.
+CAMERAS = "observation/cameras"
+MAX_EXTRA_CAMERAS = 4
+CAMERA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
 
 # protocol.ControlSource values and CONTROL_SOURCE_CODES (not imported: protocol pulls in more than this core needs
 # and the checker child should import as little as possible; tests/robots/test_payload_check.py keeps them equal).
@@ -161,6 +167,7 @@ class EpisodeData:
     successes: np.ndarray  # bool [T]   the environment's success flag after the step
     timestamps: np.ndarray  # float64 [T] seconds since the episode started, measured, never nominal
     segments: list[Segment] = dataclasses.field(default_factory=list)
+    cameras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # more cameras: name -> uint8 [T,H,W,3]
 
     @property
     def steps(self) -> int:
@@ -197,6 +204,8 @@ def write_episode(path: str | os.PathLike, data: EpisodeData, limits: Limits = D
         # One chunk per frame: the sampler reads a single frame without touching the rest. LZF is fast enough for
         # the agent's background writer and roughly halves rendered frames.
         f.create_dataset("observation/image", data=data.images, chunks=(1, h, w, c), compression="lzf")
+        for name, frames in sorted(data.cameras.items()):
+            f.create_dataset(f"{CAMERAS}/{name}", data=frames, chunks=(1, *frames.shape[1:]), compression="lzf")
         f.create_dataset("observation/state", data=data.states.astype(np.float32))
         f.create_dataset("action", data=data.actions.astype(np.float32))
         f.create_dataset("control_source", data=data.control_source.astype(np.uint8))
@@ -226,6 +235,12 @@ def _check_arrays(data: EpisodeData, limits: Limits) -> None:
         if arr.shape[0] != t:
             raise EpisodeFileError(f"{name} has {arr.shape[0]} rows, expected {t}")
     _check_dims(data.images.shape, data.states.shape, data.actions.shape, limits)
+    check_camera_names(list(data.cameras), str(data.meta.get("camera", "")))
+    for name, frames in data.cameras.items():
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != t:
+            raise EpisodeFileError(f"camera {name!r}: frames must be uint8 [{t},H,W,3], got {frames.dtype} "
+                                   f"{frames.shape}")
+        _check_image_shape(frames.shape, limits, f"camera {name!r}")
     if _decoded_bytes_of_arrays(data) > limits.max_decoded_bytes:
         raise EpisodeFileError(f"the episode takes more than {limits.max_decoded_bytes} bytes")
     for seg in data.segments:
@@ -241,14 +256,30 @@ def _check_arrays(data: EpisodeData, limits: Limits) -> None:
 def _decoded_bytes_of_arrays(data: EpisodeData) -> int:
     t = data.steps
     per_step = (int(np.prod(data.images.shape[1:])) + 4 * data.states.shape[1] + 4 * data.actions.shape[1]
-                + 1 + 4 + 1 + 8)
+                + 1 + 4 + 1 + 8 + sum(int(np.prod(frames.shape[1:])) for frames in data.cameras.values()))
     return t * per_step
 
 
-def _check_dims(image_shape: tuple, state_shape: tuple, action_shape: tuple, limits: Limits) -> None:
-    _, h, w, c = image_shape
+def check_camera_names(names: list[str], primary: str) -> None:
+    """The names of the cameras besides the primary: at most ``MAX_EXTRA_CAMERAS``, each ``CAMERA_NAME``, none the
+    primary's (that one is observation/image)."""
+    if len(names) > MAX_EXTRA_CAMERAS:
+        raise EpisodeFileError(f"{len(names)} more cameras; the format allows {MAX_EXTRA_CAMERAS} besides the primary")
+    for name in names:
+        if not isinstance(name, str) or not CAMERA_NAME.fullmatch(name):
+            raise EpisodeFileError(f"camera name {_short(name)} is not [A-Za-z0-9][A-Za-z0-9_-]* (at most 40)")
+        if name == primary:
+            raise EpisodeFileError(f"camera {name!r} is the primary camera (observation/image); it is not repeated")
+
+
+def _check_image_shape(shape: tuple, limits: Limits, what: str = "images") -> None:
+    _, h, w, c = shape
     if not (1 <= h <= limits.max_image_side and 1 <= w <= limits.max_image_side and c == 3):
-        raise EpisodeFileError(f"images are {h}x{w}x{c}: expected HxWx3 with 1 <= H, W <= {limits.max_image_side}")
+        raise EpisodeFileError(f"{what} are {h}x{w}x{c}: expected HxWx3 with 1 <= H, W <= {limits.max_image_side}")
+
+
+def _check_dims(image_shape: tuple, state_shape: tuple, action_shape: tuple, limits: Limits) -> None:
+    _check_image_shape(image_shape, limits)
     if not 1 <= state_shape[1] <= limits.max_state_dim:
         raise EpisodeFileError(f"state dimension {state_shape[1]} outside [1, {limits.max_state_dim}]")
     if not 1 <= action_shape[1] <= limits.max_action_dim:
@@ -438,7 +469,7 @@ def inspect_file(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> di
 
     The result is ``EpisodeReader.meta`` with ``segments`` as plain dicts, so it is JSON-serialisable:
     the ``ATTRIBUTES``, the ``OPTIONAL_ATTRIBUTES`` (defaults filled in), ``steps``, ``segments``, ``image_shape``
-    (H, W, 3), ``state_dim``, ``action_dim``, ``decoded_bytes`` (all datasets uncompressed) and ``file_bytes``."""
+    (H, W, 3), ``cameras`` (the more cameras: name -> (H, W, 3); empty for most files), ``state_dim``, ``action_dim``, ``decoded_bytes`` (all datasets uncompressed) and ``file_bytes``."""
     f = _open(Path(path))
     try:
         meta = _inspect(f, limits)
@@ -473,12 +504,16 @@ def _inspect_unchecked(f: h5py.File, limits: Limits) -> dict[str, Any]:
     attrs = _read_root_attributes(f, limits)
     check_attribute_values(attrs, limits)
     steps = attrs["steps"]
-    datasets = _datasets(f)
+    datasets = _datasets(f, attrs["camera"])
     decoded = 0
     for name, ds in datasets.items():
         decoded += _check_dataset(name, ds, steps, file_size, limits)
     shapes = {name: ds.shape for name, ds in datasets.items()}
     _check_dims(shapes[IMAGE], shapes["observation/state"], shapes["action"], limits)
+    cameras = {name[len(CAMERAS) + 1:]: tuple(int(n) for n in shape[1:])
+               for name, shape in shapes.items() if _is_camera(name)}
+    for name, shape in cameras.items():
+        _check_image_shape((steps, *shape), limits, f"camera {name!r}")
     if decoded > limits.max_decoded_bytes:
         raise EpisodeFileError(f"the datasets take {decoded} bytes uncompressed, more than the "
                                f"{limits.max_decoded_bytes} allowed")
@@ -494,6 +529,7 @@ def _inspect_unchecked(f: h5py.File, limits: Limits) -> dict[str, Any]:
         steps=steps,
         segments=segments,
         image_shape=tuple(int(n) for n in shapes[IMAGE][1:]),
+        cameras=cameras,
         state_dim=int(shapes["observation/state"][1]),
         action_dim=int(shapes["action"][1]),
         decoded_bytes=int(decoded),
@@ -573,13 +609,35 @@ def _read_attribute(attrs: h5py.AttributeManager, key: str, limits: Limits) -> A
     return float(attrs[key])
 
 
-def _datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
-    """The schema's datasets, found through hard links only; every link is inspected before it is followed."""
+def _is_camera(name: str) -> bool:
+    return name.startswith(CAMERAS + "/")
+
+
+def _is_image(name: str) -> bool:
+    return name == IMAGE or _is_camera(name)
+
+
+def _datasets(f: h5py.File, primary_camera: str) -> dict[str, h5py.Dataset]:
+    """The schema's datasets, found through hard links only; every link is inspected before it is followed. The
+    more-cameras group is optional, its members are the cameras it names (``check_camera_names``)."""
     found: dict[str, Any] = {}
     seen_objects: set[tuple[int, int]] = set()
 
+    def expected_members(group: h5py.Group, path: str) -> set[str]:
+        if path == "observation" and "cameras" in group:  # a name lookup: nothing is followed yet
+            return GROUPS[path] | {"cameras"}
+        if path == CAMERAS:
+            count = len(group)
+            if not 1 <= count <= MAX_EXTRA_CAMERAS:
+                raise EpisodeFileError(f"group '/{CAMERAS}' has {count} members; the format allows 1 to "
+                                       f"{MAX_EXTRA_CAMERAS} cameras")
+            names = list(group)
+            check_camera_names(names, primary_camera)
+            return set(names)
+        return GROUPS[path]
+
     def members(group: h5py.Group, path: str) -> None:
-        expected = GROUPS[path]
+        expected = expected_members(group, path)
         count = len(group)
         names = list(group) if count <= 4 * len(expected) else []
         for name in names:
@@ -612,7 +670,7 @@ def _datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
             seen_objects.add((info.fileno, info.addr))
             if len(obj.attrs):
                 raise EpisodeFileError(f"'/{full}' has attributes; only the root group has any")
-            if full in GROUPS:
+            if full in GROUPS or full == CAMERAS:
                 if not isinstance(obj, h5py.Group):
                     raise EpisodeFileError(f"'/{full}' must be a group")
                 members(obj, full)
@@ -622,12 +680,13 @@ def _datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
                 found[full] = obj
 
     members(f, "")
-    return {name: found[name] for name in DATASETS}
+    return {**{name: found[name] for name in DATASETS}, **{name: found[name] for name in sorted(found)
+                                                            if _is_camera(name)}}
 
 
 def _check_dataset(name: str, ds: h5py.Dataset, steps: int, file_size: int, limits: Limits) -> int:
     """Type, shape, layout, filters and storage of one dataset, from its header only. Returns its decoded size."""
-    dtype, ndim = DATASETS[name]
+    dtype, ndim = DATASETS[IMAGE if _is_camera(name) else name]
     dsid = ds.id
     space = dsid.get_space()
     if space.get_simple_extent_type() != h5py.h5s.SIMPLE:
@@ -666,14 +725,14 @@ def _check_dataset(name: str, ds: h5py.Dataset, steps: int, file_size: int, limi
         raise EpisodeFileError(f"dataset {name!r} has an unknown storage layout {layout}")
     filters = [dcpl.get_filter(i) for i in range(dcpl.get_nfilters())]
     codes = [int(flt[0]) for flt in filters]
-    allowed = ([], [LZF_FILTER]) if name == IMAGE else ([],)
+    allowed = ([], [LZF_FILTER]) if _is_image(name) else ([],)
     if codes not in allowed:
         names = ", ".join(_FILTER_NAMES.get(c, f"unknown filter {c}") for c in codes)
         raise EpisodeFileError(f"dataset {name!r} uses the filter(s) {names}; the format allows "
-                               f"{'LZF or no filter on observation/image' if name == IMAGE else 'no filter'} here")
+                               f"{'LZF or no filter on images' if _is_image(name) else 'no filter'} here")
 
     if layout == h5py.h5d.CONTIGUOUS:
-        if name == IMAGE:
+        if _is_image(name):
             raise EpisodeFileError(f"dataset {name!r} must be chunked one frame per chunk")
         if codes:
             raise EpisodeFileError(f"dataset {name!r} is contiguous but has a filter pipeline")
@@ -689,7 +748,7 @@ def _check_dataset(name: str, ds: h5py.Dataset, steps: int, file_size: int, limi
     chunks = tuple(int(n) for n in dcpl.get_chunk())
     if len(chunks) != ndim or any(c < 1 for c in chunks):
         raise EpisodeFileError(f"dataset {name!r} has invalid chunks {chunks}")
-    if name == IMAGE and chunks != (1, *shape[1:]):
+    if _is_image(name) and chunks != (1, *shape[1:]):
         raise EpisodeFileError(f"dataset {name!r} has chunks {chunks}, expected one frame per chunk "
                                f"{(1, *shape[1:])}")
     chunk_bytes = math.prod(chunks) * itemsize
@@ -765,6 +824,41 @@ class FrameLayout:
     state_dim: int
     action_offset: int  # float32 [steps, action_dim], C order
     action_dim: int
+    cameras: dict[str, "ImageChunks"] = dataclasses.field(default_factory=dict)  # the more cameras' chunks, by name
+
+    def chunks(self, camera: Optional[str] = None) -> "ImageChunks":
+        """The image chunks of the primary camera (None) or of a more camera."""
+        if camera is None:
+            return ImageChunks(self.frame_shape, self.offsets, self.sizes, self.raw)
+        return self.cameras[camera]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageChunks:
+    """One camera's frames in the file: ``offsets[i]`` / ``sizes[i]`` of chunk i, ``raw[i]`` stored uncompressed."""
+
+    frame_shape: tuple[int, ...]
+    offsets: np.ndarray
+    sizes: np.ndarray
+    raw: np.ndarray
+
+
+def _image_chunks(image: h5py.Dataset, steps: int) -> Optional[ImageChunks]:
+    if image.chunks != (1, *image.shape[1:]) or image.dtype != np.uint8 or image.compression not in (None, "lzf"):
+        return None
+    offsets = np.full(steps, -1, np.int64)
+    sizes = np.zeros(steps, np.uint32)
+    raw = np.full(steps, image.compression is None)
+
+    def visit(info) -> None:  # StoreInfo(chunk_offset, filter_mask, byte_offset, size)
+        i = info.chunk_offset[0]
+        offsets[i], sizes[i] = info.byte_offset, info.size
+        raw[i] |= info.filter_mask != 0  # LZF skipped (a chunk it could not shrink is stored as it is)
+
+    image.id.chunk_iter(visit)
+    if (offsets < 0).any():
+        return None  # a frame without a chunk (never written): nothing to read directly
+    return ImageChunks(tuple(image.shape[1:]), offsets, sizes, raw)
 
 
 class EpisodeReader:
@@ -795,6 +889,7 @@ class EpisodeReader:
         f = self._f
         return {
             "image": f["observation/image"][i],
+            "cameras": {name: f[f"{CAMERAS}/{name}"][i] for name in self.meta["cameras"]},
             "state": f["observation/state"][i],
             "action": f["action"][i],
             "control_source": int(f["control_source"][i]),
@@ -804,8 +899,9 @@ class EpisodeReader:
         }
 
     def column(self, name: str, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
-        """A slice of one dataset, e.g. ``column("action", t, t + horizon)`` for an action chunk."""
-        if name not in DATASETS:
+        """A slice of one dataset, e.g. ``column("action", t, t + horizon)`` for an action chunk, or
+        ``column("observation/cameras/gripperPOV")`` for a more camera's frames."""
+        if name not in DATASETS and not (_is_camera(name) and name[len(CAMERAS) + 1:] in self.meta["cameras"]):
             raise KeyError(f"no dataset {name!r} in the episode format")
         return self._f[name][start:stop]
 
@@ -821,36 +917,37 @@ class EpisodeReader:
             successes=f["success"][:],
             timestamps=f["timestamp"][:],
             segments=list(self.meta["segments"]),
+            cameras={name: f[f"{CAMERAS}/{name}"][:] for name in self.meta["cameras"]},
         )
+
+    def camera_dataset(self, camera: str) -> str:
+        """The dataset that holds the frames of ``camera`` (the primary's or a more camera's name); KeyError naming
+        the cameras this episode has otherwise."""
+        if camera == self.meta["camera"]:
+            return IMAGE
+        if camera in self.meta["cameras"]:
+            return f"{CAMERAS}/{camera}"
+        raise KeyError(f"camera {camera!r} was not recorded in this episode (it has "
+                       f"{', '.join([self.meta['camera'], *self.meta['cameras']])})")
 
     def frame_layout(self) -> Optional["FrameLayout"]:
         """Where each step's bytes lie in the file, for a reader that fetches single steps without HDF5 (the
-        learner's loader, learner/buffer.py): every image chunk's byte offset and size, and the offsets of the
-        contiguous state and action columns. None when this file is not laid out that way (then read through HDF5)."""
-        image, state, action = self._f["observation/image"], self._f["observation/state"], self._f["action"]
-        steps = self.steps
-        if (image.chunks != (1, *image.shape[1:]) or image.dtype != np.uint8 or image.compression not in (None, "lzf")
-                or state.chunks is not None or action.chunks is not None
-                or state.dtype != np.float32 or action.dtype != np.float32 or steps == 0):
+        learner's loader, learner/buffer.py): every image chunk's byte offset and size (of every camera), and the
+        offsets of the contiguous state and action columns. None when this file is not laid out that way (then read
+        through HDF5)."""
+        state, action = self._f["observation/state"], self._f["action"]
+        if (state.chunks is not None or action.chunks is not None or state.dtype != np.float32
+                or action.dtype != np.float32 or self.steps == 0):
             return None
         state_offset, action_offset = state.id.get_offset(), action.id.get_offset()
-        if state_offset is None or action_offset is None:
+        primary = _image_chunks(self._f[IMAGE], self.steps)
+        cameras = {name: _image_chunks(self._f[f"{CAMERAS}/{name}"], self.steps) for name in self.meta["cameras"]}
+        if state_offset is None or action_offset is None or primary is None or None in cameras.values():
             return None
-        offsets = np.full(steps, -1, np.int64)
-        sizes = np.zeros(steps, np.uint32)
-        raw = np.full(steps, image.compression is None)
-
-        def visit(info) -> None:  # StoreInfo(chunk_offset, filter_mask, byte_offset, size)
-            i = info.chunk_offset[0]
-            offsets[i], sizes[i] = info.byte_offset, info.size
-            raw[i] |= info.filter_mask != 0  # LZF skipped (a chunk it could not shrink is stored as it is)
-
-        image.id.chunk_iter(visit)
-        if (offsets < 0).any():
-            return None  # a frame without a chunk (never written): nothing to read directly
-        return FrameLayout(file_size=self.path.stat().st_size, frame_shape=tuple(image.shape[1:]), offsets=offsets,
-                           sizes=sizes, raw=raw, state_offset=int(state_offset), state_dim=int(state.shape[1]),
-                           action_offset=int(action_offset), action_dim=int(action.shape[1]))
+        return FrameLayout(file_size=self.path.stat().st_size, frame_shape=primary.frame_shape,
+                           offsets=primary.offsets, sizes=primary.sizes, raw=primary.raw,
+                           state_offset=int(state_offset), state_dim=int(state.shape[1]),
+                           action_offset=int(action_offset), action_dim=int(action.shape[1]), cameras=cameras)
 
     def close(self) -> None:
         self._f.close()

@@ -53,6 +53,7 @@ from .episode_file import (
     EpisodeFileError,
     Limits,
     check_attribute_values,
+    check_camera_names,
     segments_from_json,
 )
 
@@ -387,17 +388,26 @@ def _checked_meta(meta: Any, limits: Limits) -> dict[str, Any]:
         segments = segments_from_json(meta["segments"], steps, limits)
         image_shape = tuple(meta["image_shape"])
         numbers = {key: meta[key] for key in ("state_dim", "action_dim", "decoded_bytes", "file_bytes")}
+        cameras = meta.get("cameras", {})
+        if not isinstance(cameras, dict):
+            raise TypeError
+        check_camera_names(list(cameras), attrs["camera"])
+        cameras = {name: tuple(shape) for name, shape in cameras.items()}
     except KeyError as exc:
         raise EpisodeFileError(f"the payload checker's reply lacks {exc}") from None
     except TypeError:
         raise EpisodeFileError("the payload checker sent an invalid reply on this file") from None
-    if (len(image_shape) != 3 or any(type(n) is not int for n in image_shape) or image_shape[2] != 3
-            or not all(1 <= n <= limits.max_image_side for n in image_shape[:2])
+    if (not all(_frame_shape(shape, limits) for shape in (image_shape, *cameras.values()))
             or any(type(n) is not int or n < 0 for n in numbers.values())
             or numbers["decoded_bytes"] > limits.max_decoded_bytes):
         raise EpisodeFileError("the payload checker sent an invalid reply on this file")
     return {**attrs, "steps": steps, "segments": [dataclasses.asdict(s) for s in segments],
-            "image_shape": image_shape, **numbers}
+            "image_shape": image_shape, "cameras": cameras, **numbers}
+
+
+def _frame_shape(shape: tuple, limits: Limits) -> bool:
+    return (len(shape) == 3 and all(type(n) is int for n in shape) and shape[2] == 3
+            and all(1 <= n <= limits.max_image_side for n in shape[:2]))
 
 
 _default: Optional[PayloadChecker] = None
