@@ -25,7 +25,8 @@ AS_FAST_AS_POSSIBLE_HZ = 1000.0
 
 
 def record(spool_dir: str, task: str, env_id: str, prompts: list[str], max_steps: int, episodes: int, *,
-           noise: float, seed: int, image_size: int, camera: str, robot: str, recover: bool = False) -> int:
+           noise: float, seed: int, image_size: int, camera: str, robot: str, recover: bool = False,
+           extra_cameras: tuple[str, ...] = ()) -> int:
     """Run ``episodes`` expert episodes of one task; each lands in ``spool_dir`` as a complete spool entry.
 
     ``recover``: the scripted expert uses the supervisors of ``robots.agent.supervisors`` where a task has one, as the
@@ -35,8 +36,8 @@ def record(spool_dir: str, task: str, env_id: str, prompts: list[str], max_steps
     ids = random.Random(f"{seed}/{robot}/{task}/episode-ids")  # reproducible ids: the learner orders frames by them
     writer = SpoolWriter(Spool(Path(spool_dir))).start()
     runtime = Runtime(
-        seeded_builds(functools.partial(MetaWorldEnvironment, camera=camera, image_size=image_size), seed, "demos",
-                      robot),
+        seeded_builds(functools.partial(MetaWorldEnvironment, camera=camera, image_size=image_size,
+                                        extra_cameras=tuple(extra_cameras)), seed, "demos", robot),
         ScriptedExpertAgent(noise=noise, seed=seed, recover=recover),
         [EpisodeRecorder(writer)],
         control_hz=AS_FAST_AS_POSSIBLE_HZ,

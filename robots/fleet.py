@@ -107,6 +107,7 @@ def robot_hello(robot: Robot, msg: protocol.Hello) -> list[protocol.Message]:
         last_seen=timezone.now(),
         agent_version=msg.agent_version[:50],
         capabilities=msg.capabilities,
+        cameras=msg.cameras,
         policy_version=db_version(msg.policy_version),
         policy_name=msg.policy[:100],
         spool_pending=db_count(msg.spool_pending),

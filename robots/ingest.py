@@ -464,6 +464,7 @@ def _payload_fields(meta: dict[str, Any], episode: Episode, robot: Optional[Robo
         outcome_source=outcome_source,
         outcome_by=outcome_by,
         image_shape=[int(n) for n in meta["image_shape"]],
+        cameras=[meta["camera"], *meta.get("cameras", {})],
         control_hz=float(meta["control_hz"]),
         split=meta["split"],
         prompt=meta["prompt"][:500],

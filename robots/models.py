@@ -73,6 +73,7 @@ class Robot(models.Model):
     loop_p99_ms = models.FloatField(default=0.0)
     spool_pending = models.PositiveIntegerField(default=0)
     capabilities = models.JSONField(default=list, blank=True)
+    cameras = models.JSONField(default=list, blank=True, help_text="What it records, the primary first (hello)")
     agent_version = models.CharField(max_length=50, blank=True)
     # operator console (docs/console.md): the server's e-stop latch (re-sent at every hello) and what status reports
     estopped = models.BooleanField(default=False, help_text="E-stop latched from the console; cleared only there")
@@ -146,6 +147,7 @@ class Episode(models.Model):
     intervention_steps = models.PositiveIntegerField(default=0)
     control_hz = models.FloatField(default=0.0)
     image_shape = models.JSONField(default=list, blank=True)
+    cameras = models.JSONField(default=list, blank=True, help_text="Recorded cameras, the primary first")
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECORDING, db_index=True)
     payload_path = models.CharField(max_length=300, blank=True, help_text="Relative to PAYLOAD_DIR")

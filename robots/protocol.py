@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Optional
 from . import wire
 from .wire import NAME_PATTERN, SHA256_PATTERN, UUID_PATTERN, ProtocolError, Struct, spec, values
 
+CAMERA_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}"  # robots/episode_file.py CAMERA_NAME
+
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024  # control-plane messages are small; bytes travel over HTTP (the data plane)
 MAX_STRING = wire.MAX_STRING
@@ -201,6 +203,9 @@ class Hello(Message):
     policy_version: Optional[int] = dataclasses.field(default=None, metadata=spec(min=-1))
     policy: str = dataclasses.field(default="", metadata=spec(max_len=100))  # "scripted-expert", "random", "v12"
     spool_pending: int = dataclasses.field(default=0, metadata=_count())  # episodes waiting in the local spool
+    # the cameras it records, the primary (the one streamed first) first: what a policy may read from this robot
+    cameras: list[str] = dataclasses.field(default_factory=list,
+                                           metadata=spec(pattern=CAMERA_PATTERN, max_len=40, max_items=5))
 
 
 @PROTOCOL.register

@@ -94,7 +94,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                        help="also ask when a learned policy's re-plans disagree by more than this on average over the "
                             "window (mean |new chunk - old chunk| on the steps they share, actions in [-1, 1]); 0 = off")
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--camera", default="corner3")
+    p.add_argument("--camera", default="corner3", help="the primary camera (observation/image; the one streamed)")
+    p.add_argument("--extra-cameras", default="", metavar="NAME,...",
+                   help="more cameras to render and record beside it, e.g. gripperPOV (a policy config picks which "
+                        "it reads; the console shows them)")
     p.add_argument("--episodes", type=int, default=None,
                    help="exit 0 once this many episodes have ended and been verified by the server")
     p.add_argument("--timeout", type=float, default=600.0,
@@ -120,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         noise=args.noise,
         image_size=args.image_size,
         camera=args.camera,
+        extra_cameras=tuple(c.strip() for c in args.extra_cameras.split(",") if c.strip()),
         episodes=args.episodes,
         run_timeout_s=args.timeout,
         seed=args.seed,
@@ -170,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The one argument to change for a real robot: a callable env_id -> Environment that drives the hardware.
     # Each build of an environment (every task switch) gets a fresh seed of this robot's own stream (seeding.py).
     make_env = seeded_builds(
-        functools.partial(MetaWorldEnvironment, camera=config.camera, image_size=config.image_size),
+        functools.partial(MetaWorldEnvironment, camera=config.camera, image_size=config.image_size,
+                          extra_cameras=config.extra_cameras),
         config.seed, "episodes", robot_key(config.token),
     )
     agent = None if config.policy == "learned" else make_agent(config.policy, noise=config.noise, seed=config.seed)
@@ -211,6 +216,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
             config.policies_dir, config.server_url, config.token,
             timeout_s=config.http_timeout_s, attempts=config.policy_download_attempts,
             backoff=Backoff(config.backoff_initial_s, config.backoff_max_s), warm_prompts=lambda: list(prompts),
+            cameras=(config.camera, *config.extra_cameras),
         )
         fallback = ScriptedExpertAgent(noise=config.noise, seed=config.seed) if config.fallback == "expert" else None
         learned = LearnedPolicy(updates, fallback=fallback)
@@ -258,6 +264,7 @@ async def serve(config: AgentConfig, make_env: Callable[[str], Environment], age
         return protocol.Hello(
             agent_version=config.agent_version,
             capabilities=["metaworld", "teleop", *(["webrtc"] if hub is not None else [])],
+            cameras=[config.camera, *config.extra_cameras],
             policy_version=version,
             policy=name,
             spool_pending=spool_pending(),

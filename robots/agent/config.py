@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
+from robots.episode_file import EpisodeFileError, check_camera_names
+
 AGENT_VERSION = "0.1.0"
 
 # --policy value -> name reported to the server ("learned" reports the running checkpoint as "v<N>")
@@ -25,6 +27,9 @@ class AgentConfig:
     noise: float = 0.0  # std of gaussian noise added to the scripted expert's action (then clipped to [-1, 1])
     image_size: int = 96  # rendered camera frames are image_size x image_size
     camera: str = "corner3"  # fixed camera recorded into the episode file
+    # more cameras rendered and recorded beside it (observation/cameras/<name>; Meta-World has gripperPOV, corner,
+    # corner2, topview, behindGripper). Each costs one more render per step (~10-15 ms at 96 px on this 2-core host)
+    extra_cameras: tuple[str, ...] = ()
     episodes: Optional[int] = None  # stop after this many episodes are ended AND verified by the server (tests)
     run_timeout_s: float = 600.0  # with ``episodes``: give up (exit 1) if they are not all verified by then
     seed: Optional[int] = None  # seeds task variations, expert noise and the random policy; None = fresh entropy
@@ -65,6 +70,10 @@ class AgentConfig:
             raise ValueError("control_hz and image_size must be positive, noise non-negative")
         if self.episodes is not None and self.episodes <= 0:
             raise ValueError("episodes must be positive")
+        try:
+            check_camera_names(list(self.extra_cameras), self.camera)
+        except EpisodeFileError as exc:
+            raise ValueError(f"--extra-cameras: {exc}") from None
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {list(FALLBACKS)}")
         if self.sim_expert not in SIM_EXPERTS:

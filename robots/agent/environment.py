@@ -6,7 +6,7 @@ import abc
 import dataclasses
 import os
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -14,7 +14,14 @@ import numpy as np
 # an operator can still choose osmesa (or glfw on a desk machine).
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-Observation = dict[str, np.ndarray]  # {"image": uint8 [H, W, 3], "state": float32 [S]}
+# {"image": uint8 [H, W, 3], "state": float32 [S], "cameras": {name: uint8 [H, W, 3]}}: "image" is the primary camera's
+# frame; "cameras" (optional) holds every camera by name, the primary's included (the same array, not a copy).
+Observation = dict[str, Any]
+
+
+def flips(camera: str) -> bool:
+    """Whether Meta-World's ``camera`` renders upside down (its corner cameras do) and its frames need flipping."""
+    return camera.startswith("corner")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +37,9 @@ class Environment(abc.ABC):
     Contract:
     - ``reset()`` starts a new episode with a fresh task variation (object/goal positions) and returns the first
       observation. ``step(action)`` applies one action of ``action_dim`` floats in [-1, 1] and returns the result.
-    - Observations are ``{"image": uint8 [H, W, 3], "state": float32 [state_dim]}``; the arrays belong to the caller
-      (an implementation must not reuse or mutate them later).
+    - Observations are ``{"image": uint8 [H, W, 3], "state": float32 [state_dim]}``, and an environment with several
+      cameras adds ``"cameras": {name: uint8 [H, W, 3]}`` (every camera, the primary ``camera`` included); the arrays
+      belong to the caller (an implementation must not reuse or mutate them later).
     - ``step`` must return within a control period in the normal case; the runtime measures and reports when it does
       not. The number of steps is the runtime's business (the assignment's ``max_steps``), not the environment's.
     - ``close()`` releases the simulator / hardware; the runtime calls it before creating an environment for another
@@ -40,6 +48,7 @@ class Environment(abc.ABC):
 
     env_id: str  # which task family this environment runs (e.g. "reach-v3")
     camera: str  # name of the camera that produces observation["image"]
+    extra_cameras: tuple[str, ...] = ()  # the other cameras in observation["cameras"], recorded beside the primary
 
     @abc.abstractmethod
     def reset(self) -> Observation: ...
@@ -59,7 +68,8 @@ class MetaWorldEnvironment(Environment):
     would instead cycle through 50 pre-sampled variations and costs 50 resets to build.)
     """
 
-    def __init__(self, env_id: str, camera: str = "corner3", image_size: int = 96, seed: Optional[int] = None):
+    def __init__(self, env_id: str, camera: str = "corner3", image_size: int = 96, seed: Optional[int] = None,
+                 extra_cameras: tuple[str, ...] = ()):
         import mujoco
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
@@ -80,7 +90,14 @@ class MetaWorldEnvironment(Environment):
         # SawyerXYZEnv raises once curr_path_length passes max_path_length (500); the runtime enforces max_steps.
         env.max_path_length = 1_000_000_000
         self._env = env
-        self._flip = camera.startswith("corner")  # corner cameras render upside down
+        names = {env.model.camera(i).name for i in range(env.model.ncam)}
+        unknown = [c for c in (camera, *extra_cameras) if c not in names]
+        if unknown or camera in extra_cameras or len(set(extra_cameras)) != len(extra_cameras):
+            env.close()
+            raise ValueError(f"cameras {[camera, *extra_cameras]}: {'unknown ' + str(unknown) if unknown else 'repeated'}"
+                             f"; {env_id} has {', '.join(sorted(names))}")
+        self.extra_cameras = tuple(extra_cameras)
+        self._flip = flips(camera)
         # Held around every physics change (reset, step): the video capture thread (media.py) copies the scene under
         # it (~0.02 ms), so it never sees a half-stepped state and the control thread never waits longer than that.
         self.sim_lock = threading.Lock()
@@ -131,12 +148,16 @@ class MetaWorldEnvironment(Environment):
         self._env.close()
 
     def _observation(self, state: np.ndarray) -> Observation:
-        return {"image": self._render(), "state": np.asarray(state, dtype=np.float32)}
+        image = self._render()
+        return {"image": image, "state": np.asarray(state, dtype=np.float32),
+                "cameras": {self.camera: image, **{name: self._render(name) for name in self.extra_cameras}}}
 
-    def _render(self) -> np.ndarray:
-        self._renderer.update_scene(self._env.data, camera=self.camera)
+    def _render(self, camera: Optional[str] = None) -> np.ndarray:
+        camera = camera or self.camera
+        self._renderer.update_scene(self._env.data, camera=camera)
         image = self._renderer.render()
-        return np.ascontiguousarray(image[::-1]) if self._flip else image
+        return np.ascontiguousarray(image[::-1]) if flips(camera) else image
 
     def __repr__(self) -> str:
-        return f"MetaWorldEnvironment({self.env_id!r}, camera={self.camera!r}, image_size={self.image_size})"
+        return (f"MetaWorldEnvironment({self.env_id!r}, camera={self.camera!r}, image_size={self.image_size}, "
+                f"extra_cameras={self.extra_cameras!r})")

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .environment import Environment
+from .environment import Environment, flips
 from .runtime import Subscriber
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,9 @@ class SimulatorCapture(Capture):
     """Renders the runtime's current simulator (``current_env()``) with a renderer of its own.
 
     An environment renders if it has ``model``, ``data``, ``sim_lock`` and ``camera`` (MetaWorldEnvironment); anything
-    else (no environment yet, a fake one) gives a dark grey frame."""
+    else (no environment yet, a fake one) gives a dark grey frame. A robot that records more cameras
+    (``extra_cameras``) streams them all, side by side in one frame (primary first): the operator sees what the
+    policy may see, at one render per camera and frame."""
 
     def __init__(self, current_env: Callable[[], Optional[Environment]], size: int = 224, camera: str = ""):
         self.current_env = current_env
@@ -159,18 +161,19 @@ class SimulatorCapture(Capture):
 
     def frame_of(self, env) -> np.ndarray:
         renderer = self._renderer_for(env)
-        camera = self.camera or env.camera
+        cameras = [self.camera or env.camera, *getattr(env, "extra_cameras", ())]
         started = time.perf_counter()
-        with env.sim_lock:  # the control thread waits at most this long for its next physics step
-            locked = time.perf_counter()
-            renderer.update_scene(env.data, camera=camera)
-        unlocked = time.perf_counter()
-        image = renderer.render()
-        if getattr(env, "flip_image", False):
-            image = np.ascontiguousarray(image[::-1])
-        self.lock_s.append(unlocked - locked)
+        images, locked_s = [], 0.0
+        for camera in cameras:
+            with env.sim_lock:  # the control thread waits at most this long for its next physics step
+                locked = time.perf_counter()
+                renderer.update_scene(env.data, camera=camera)
+            locked_s += time.perf_counter() - locked
+            image = renderer.render()
+            images.append(np.ascontiguousarray(image[::-1]) if flips(camera) else image)
+        self.lock_s.append(locked_s)
         self.render_s.append(time.perf_counter() - started)
-        return image
+        return images[0] if len(images) == 1 else np.concatenate(images, axis=1)
 
     def _close_renderer(self) -> None:
         if self._renderer is not None:

@@ -94,8 +94,10 @@ class PolicyUpdates:
         warm_prompts: Callable[[], Iterable[str]] = lambda: (),
         loader: Callable[..., Any] = _default_loader,
         transport: Optional[httpx.BaseTransport] = None,
+        cameras: Optional[Iterable[str]] = None,
     ):
         self.directory = Path(directory)
+        self.cameras = None if cameras is None else frozenset(cameras)  # what this robot records; None: unchecked
         self.directory.mkdir(parents=True, exist_ok=True)
         self.attempts = max(1, attempts)
         self.backoff = backoff or Backoff(1.0, 30.0)
@@ -180,6 +182,7 @@ class PolicyUpdates:
             meta = json.loads(meta_path.read_text())
             version, sha256, size = int(meta["version"]), str(meta["sha256"]), int(meta["size"])
             checkpoint = self.loader(path, expected_sha256=sha256, expected_size=size, embedder=self.embedder)
+            self._check_cameras(checkpoint.policy)
         except Exception as exc:  # CheckpointError, a damaged json, anything: start without it
             log.warning("not restoring the last policy from %s: %s", path, exc)
             for stale in (meta_path, path):
@@ -314,6 +317,7 @@ class PolicyUpdates:
                 raise DownloadError(f"not a loadable checkpoint: {exc}") from None
             if int(checkpoint.version) != message.version:
                 raise DownloadError(f"the file holds v{checkpoint.version}, the server announced v{message.version}")
+            self._check_cameras(checkpoint.policy)
             self.loaded_versions.append(message.version)
             self._warm(checkpoint.policy)
             return LoadedPolicy(message.version, message.sha256, message.size, checkpoint.policy, final)
@@ -344,6 +348,15 @@ class PolicyUpdates:
             if response.status_code != 200:
                 raise DownloadError(f"GET {url}: HTTP {response.status_code}")
             yield response
+
+    def _check_cameras(self, policy) -> None:
+        """A policy that reads a camera this robot does not record would fail at its first step: refuse it here, so
+        the robot keeps what it runs and reports why (status.policy_error)."""
+        wanted = tuple(getattr(getattr(policy, "config", None), "cameras", ()) or ())
+        missing = [c for c in wanted if self.cameras is not None and c not in self.cameras]
+        if missing:
+            raise DownloadError(f"the policy reads cameras {list(wanted)}; this robot does not record {missing} "
+                                f"(start it with --extra-cameras {','.join(missing)})")
 
     def _warm(self, policy) -> None:
         """Embed the assigned prompts now if the checkpoint lacks them: a miss would otherwise load the sentence

@@ -28,9 +28,11 @@ class _Buffers:
     """Preallocated arrays for one episode, sized at its first step. Rows are only copied into (no per-step
     allocation); an episode longer than the preallocation doubles them, once per doubling."""
 
-    def __init__(self, rows: int, step: Step):
+    def __init__(self, rows: int, step: Step, primary: str):
         image, state, action = step.observation["image"], step.observation["state"], step.decision.action
         self.images = np.empty((rows, *image.shape), dtype=np.uint8)
+        self.cameras = {name: np.empty((rows, *frame.shape), dtype=np.uint8)
+                        for name, frame in step.observation.get("cameras", {}).items() if name != primary}
         self.states = np.empty((rows, state.shape[0]), dtype=np.float32)
         self.actions = np.empty((rows, action.shape[0]), dtype=np.float32)
         self.control_source = np.empty(rows, dtype=np.uint8)
@@ -48,6 +50,9 @@ class _Buffers:
             new = np.empty((rows, *old.shape[1:]), dtype=old.dtype)
             new[: old.shape[0]] = old
             setattr(self, name, new)
+        for name, old in self.cameras.items():
+            self.cameras[name] = np.empty((rows, *old.shape[1:]), dtype=old.dtype)
+            self.cameras[name][: old.shape[0]] = old
 
 
 class EpisodeRecorder(Subscriber):
@@ -65,11 +70,15 @@ class EpisodeRecorder(Subscriber):
 
     def on_step(self, episode: Episode, step: Step) -> None:
         if self._buf is None:
-            self._buf = _Buffers(max(1, min(episode.max_steps, INITIAL_ROWS)), step)
+            self._buf = _Buffers(max(1, min(episode.max_steps, INITIAL_ROWS)), step, episode.camera)
         t, b, decision = self._steps, self._buf, step.decision
         if t == b.rows:
             b.grow(min(2 * b.rows, max(episode.max_steps, 2 * b.rows)))
         b.images[t] = step.observation["image"]
+        if b.cameras:
+            frames = step.observation["cameras"]
+            for name, column in b.cameras.items():
+                column[t] = frames[name]
         b.states[t] = step.observation["state"]
         b.actions[t] = decision.action
         b.control_source[t] = CONTROL_SOURCE_CODES[ControlSource(decision.source)]
@@ -120,6 +129,7 @@ class EpisodeRecorder(Subscriber):
             successes=b.successes[:t],
             timestamps=b.timestamps[:t],
             segments=list(self._segments),
+            cameras={name: column[:t] for name, column in b.cameras.items()},
         )
         self.writer.submit(data)
 

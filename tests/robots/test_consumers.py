@@ -240,3 +240,20 @@ async def test_new_policies_and_assignments_are_relayed_to_live_robots(robot, ot
     assert await two.receive_nothing(timeout=0.3)
     await one.disconnect()
     await two.disconnect()
+
+
+async def test_hello_records_the_cameras_and_refuses_hostile_names(robot, task):
+    comm = await connected(robot[1])
+    await send(comm, type="hello", agent_version="0.1", cameras=["corner3", "gripperPOV"])
+    assert (await receive(comm))["type"] == "welcome"
+    live = await database_sync_to_async(Robot.objects.get)(pk=robot[0].pk)
+    assert live.cameras == ["corner3", "gripperPOV"]
+    await comm.disconnect()
+    for cameras in (["../etc"], ["a"] * 6, ["x" * 41], [1]):
+        comm = await connected(robot[1])
+        await send(comm, type="hello", agent_version="0.1", cameras=cameras)
+        reply = await receive(comm)
+        assert reply["type"] == "error" and "cameras" in reply["message"], reply
+        await comm.disconnect()
+    live = await database_sync_to_async(Robot.objects.get)(pk=robot[0].pk)
+    assert live.cameras == ["corner3", "gripperPOV"]

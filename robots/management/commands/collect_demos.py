@@ -39,6 +39,8 @@ class Command(BaseCommand):
                                  "robots/agent/supervisors.py where a task has one (the simulated operator's expert)")
         parser.add_argument("--image-size", type=int, default=96)
         parser.add_argument("--camera", default="corner3")
+        parser.add_argument("--extra-cameras", default="", metavar="NAME,...",
+                            help="more cameras to record beside it, e.g. gripperPOV")
         parser.add_argument("--workers", type=int, default=2, help="simulator processes (default 2)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--robot", default="demo-collector", help="robot the demonstrations are recorded as")
@@ -78,7 +80,8 @@ class Command(BaseCommand):
                             # per task and slice, whatever else this call collects: the same demos for a seed
                             seed=stream_seed(opts["seed"], "demos", task.name, j, per_job),
                             image_size=opts["image_size"], camera=opts["camera"], robot=robot.name,
-                            recover=opts["expert"] == "recovering"))
+                            recover=opts["expert"] == "recovering",
+                            extra_cameras=tuple(c.strip() for c in opts["extra_cameras"].split(",") if c.strip())))
                 with tqdm(total=total, desc="demonstrations", unit="ep") as bar:
                     while True:
                         for episode_id in spool.complete_entries():

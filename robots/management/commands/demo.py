@@ -41,6 +41,8 @@ class Command(BaseCommand):
         parser.add_argument("--noise", type=float, default=0.3, help="action noise of the scripted robots' policy")
         parser.add_argument("--policy", default="expert", help="robot policy: expert | random")
         parser.add_argument("--hz", type=float, default=10.0, help="robot control rate")
+        parser.add_argument("--extra-cameras", default="", metavar="NAME,...",
+                            help="more cameras each robot records and streams, e.g. gripperPOV (the wrist view)")
         parser.add_argument("--supervised", type=int, default=1,
                             help="the last N robots have no simulated operator: when their policy stalls they ask a "
                                  "person for help (the console's help queue); default 1 (0: every robot is "
@@ -129,7 +131,8 @@ class Command(BaseCommand):
                 self._say(f"{name}      asks a person for help when its policy stalls (the fleet page's help queue)")
             self._spawn(name, [sys.executable, "-m", "robots.agent", "--server", url,
                                "--spool", str(settings.DATA_DIR / "spool" / name), *policy,
-                               "--hz", str(opts["hz"]), "--seed", str(i)],
+                               "--hz", str(opts["hz"]), "--seed", str(i),
+                               *(["--extra-cameras", opts["extra_cameras"]] if opts["extra_cameras"] else [])],
                         agent_env, log_dir)
         if learning and not opts["no_worker"]:
             self._ensure_training_run(tasks, opts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 
@@ -17,9 +18,12 @@ class FakeEnvironment(Environment):
     """A simulator stand-in: deterministic observations, a configurable step time, success at a chosen step."""
 
     def __init__(self, env_id: str = "fake-v0", *, step_s: float = 0.0, slow_steps: dict[int, float] | None = None,
-                 solve_at: int | None = None, image_size: int = 16, state_dim: int = 39, camera: str = "fake-cam"):
+                 solve_at: int | None = None, image_size: int = 16, state_dim: int = 39, camera: str = "fake-cam",
+                 extra_cameras: dict[str, int] | None = None):
         self.env_id = env_id
         self.camera = camera
+        self.extra = dict(extra_cameras or {})  # name -> side: more cameras, as MetaWorldEnvironment(extra_cameras=)
+        self.extra_cameras = tuple(self.extra)
         self.step_s = step_s
         self.slow_steps = slow_steps or {}  # step index -> seconds that step takes instead
         self.solve_at = solve_at  # success flag set after this many steps
@@ -53,7 +57,11 @@ class FakeEnvironment(Environment):
         image = self._rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
         image[0, 0] = self.steps % 256
         state = np.arange(self.state_dim, dtype=np.float32) + self.steps
-        return {"image": image, "state": state}
+        cameras = {self.camera: image}
+        for name, side in self.extra.items():  # pixel (0, 0): the step number plus 100
+            cameras[name] = self._rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            cameras[name][0, 0] = (self.steps + 100) % 256
+        return {"image": image, "state": state, "cameras": cameras}
 
 
 class Collector(Subscriber):
@@ -106,8 +114,9 @@ def make_checkpoint(tmp_path):
 
     directory = tmp_path / "published"
 
-    def make(version: int):
-        policy = build_policy(get_preset("debug").policy, embedder=FakeEmbedder(), seed=version)
+    def make(version: int, **config):
+        policy_config = dataclasses.replace(get_preset("debug").policy, **config)
+        policy = build_policy(policy_config, embedder=FakeEmbedder(), seed=version)
         policy.prompts.ensure(CHECKPOINT_PROMPTS)
         return save_checkpoint(directory, policy, version=version)
 

@@ -142,3 +142,24 @@ def test_the_simulator_camera_has_its_own_renderer_and_barely_holds_the_control_
     finally:
         camera.stop()
         env.close()
+
+
+def test_a_robot_with_more_cameras_streams_them_side_by_side():
+    from robots.agent.environment import MetaWorldEnvironment
+
+    env = MetaWorldEnvironment("reach-v3", camera="corner3", image_size=32, seed=0, extra_cameras=("gripperPOV",))
+    capture = SimulatorCapture(lambda: env, size=48)
+    try:
+        frame = capture.frame()
+        assert frame.shape == (48, 96, 3)  # the primary, then the wrist view
+        alone = SimulatorCapture(lambda: env, size=48, camera="corner3")
+        env.extra_cameras, extra = (), env.extra_cameras
+        try:
+            np.testing.assert_array_equal(alone.frame(), frame[:, :48])  # same scene, same renderer settings
+        finally:
+            env.extra_cameras = extra
+            alone.close()
+        assert not np.array_equal(frame[:, :48], frame[:, 48:])
+    finally:
+        capture.close()
+        env.close()

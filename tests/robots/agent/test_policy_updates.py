@@ -272,3 +272,22 @@ def test_a_damaged_kept_checkpoint_is_not_restored(files, updates, make_checkpoi
     assert LearnedPolicy(again).restore() is None
     assert not current.exists() and not (u.directory / CURRENT_META).exists()
     again.stop()
+
+
+def test_a_policy_that_reads_a_camera_this_robot_lacks_is_refused_and_the_old_one_kept(files, updates,
+                                                                                       make_checkpoint):
+    u = updates(cameras=("corner3",))
+    provider = LearnedPolicy(u)
+    u.offer(publish(files, make_checkpoint(1, cameras=("corner3",))))
+    wait_until(lambda: u.staged_version == 1, what="v1 staged")
+    running(provider, u, 1)
+
+    u.offer(publish(files, make_checkpoint(2, cameras=("corner3", "gripperPOV"))))
+    wait_until(lambda: u.error is not None, what="v2 refused")
+    assert "reads cameras ['corner3', 'gripperPOV']; this robot does not record ['gripperPOV']" in u.error
+    assert "--extra-cameras gripperPOV" in u.error
+    running(provider, u, 1)  # the robot keeps what it runs
+
+    wider = updates(cameras=("corner3", "gripperPOV"))  # a robot that records the wrist view takes it
+    wider.offer(publish(files, make_checkpoint(3, cameras=("corner3", "gripperPOV"))))
+    wait_until(lambda: wider.staged_version == 3, what="v3 staged")

@@ -143,3 +143,18 @@ def test_recover_moves_an_unreadable_payload_to_rejected_instead_of_deleting_it(
 
     assert spool.recover() == []
     assert (spool.rejected / "bad.h5").read_bytes() == b"not hdf5"
+
+
+def test_more_cameras_are_recorded_beside_the_primary(tmp_path, monkeypatch, collector):
+    monkeypatch.setattr(recorder, "INITIAL_ROWS", 4)  # and they grow with the other columns
+    spool, (episode_id,), _ = record(tmp_path, max_steps=9, collector=collector,
+                                     extra_cameras={"gripperPOV": 12, "topview": 20})
+    with episode_file.EpisodeReader(spool.payload(episode_id)) as reader:
+        data = reader.load()
+        assert reader.meta["cameras"] == {"gripperPOV": (12, 12, 3), "topview": (20, 20, 3)}
+    assert set(data.cameras) == {"gripperPOV", "topview"}  # the primary is observation/image, not repeated
+    np.testing.assert_array_equal(data.images[:, 0, 0, 0], np.arange(9))
+    for name in data.cameras:
+        np.testing.assert_array_equal(data.cameras[name][:, 0, 0, 0], np.arange(100, 109))
+        np.testing.assert_array_equal(data.cameras[name], np.stack([s.observation["cameras"][name]
+                                                                     for s in collector.steps]))
