@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import torch
 
-from robots.episode_file import EpisodeReader, FrameLayout
+from robots.episode_file import IMAGE, EpisodeReader, FrameLayout
 from robots.protocol import CONTROL_SOURCE_CODES, ControlSource, Split
 
 POLICY_CODE = CONTROL_SOURCE_CODES[ControlSource.POLICY]
@@ -47,6 +47,8 @@ class EpisodeEntry:
     image_shape: tuple[int, int, int]
     outcome: str = ""  # protocol.Outcome value: success, failure, timeout, aborted (RECAP's rewards use it)
     env_id: str = ""  # the environment it ran in: decides the policy's task inputs (learner.policy.task_input_mask)
+    # the index's cameras (FrameIndex.cameras), in order: (the dataset holding them, their frame shape) in this file
+    cameras: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
 
 def _file_access() -> h5py.h5p.PropFAID:
@@ -79,6 +81,7 @@ class _OpenEpisode:
                 raise ValueError(f"{entry.path} changed since it was indexed")
             self._file_space = self._image_id.get_space()
             self._mem_space = h5py.h5s.create_simple((1, *self.frame_shape))
+            self._cameras = {}  # dataset -> (id, file space, memory space), opened on first use
         except Exception:
             self.close()
             raise
@@ -95,6 +98,17 @@ class _OpenEpisode:
         self._file_space.select_hyperslab((i, 0, 0, 0), (1, *self.frame_shape))
         self._image_id.read(self._mem_space, self._file_space, out)
 
+    def read_camera(self, dataset: str, i: int, out: np.ndarray) -> None:
+        """Frame ``i`` of a camera's dataset (observation/image or observation/cameras/<name>) into ``out``."""
+        if dataset == IMAGE:
+            return self.read_image(i, out)
+        if dataset not in self._cameras:
+            ds = h5py.h5d.open(self._fid, dataset.encode())
+            self._cameras[dataset] = (ds, ds.get_space(), h5py.h5s.create_simple((1, *ds.shape[1:])))
+        ds, file_space, mem_space = self._cameras[dataset]
+        file_space.select_hyperslab((i, 0, 0, 0), (1, *ds.shape[1:]))
+        ds.read(mem_space, file_space, out)
+
     def read_rows(self, t: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """State row ``t`` and action rows ``t:end``."""
         return self.states[t], self.actions[t:end]
@@ -102,7 +116,7 @@ class _OpenEpisode:
     def close(self) -> None:
         # Dropping the last references closes the dataset, then the file (CPython frees them right here). Not
         # FileID.close(): it walks every object h5py has open, which made it cost ~1.4 ms with 512 files open.
-        self._image_id = self._file_space = self._mem_space = self._fid = None
+        self._image_id = self._file_space = self._mem_space = self._fid = self._cameras = None
 
 
 @functools.cache
@@ -136,19 +150,27 @@ class _DirectEpisode:
         self._state_row = 4 * layout.state_dim
         self._action_row = 4 * layout.action_dim
 
-    def read_image(self, i: int, out: np.ndarray) -> None:
-        size = int(self.layout.sizes[i])
-        data = os.pread(self._fd, size, int(self.layout.offsets[i]))
+    def read_image(self, i: int, out: np.ndarray, chunks=None) -> None:
+        """Frame ``i`` of the primary camera (or of the camera whose ``ImageChunks`` are given) into ``out``."""
+        layout = chunks or self.layout
+        frame_bytes = int(np.prod(layout.frame_shape))
+        size = int(layout.sizes[i])
+        data = os.pread(self._fd, size, int(layout.offsets[i]))
         if len(data) != size:
             raise ValueError("episode file truncated")
-        if self.layout.raw[i]:
-            if size != self._frame_bytes:
+        if layout.raw[i]:
+            if size != frame_bytes:
                 raise ValueError("raw image chunk of the wrong size")
             out[...] = np.frombuffer(data, np.uint8).reshape(out.shape)
             return
-        assert out.flags.c_contiguous and out.nbytes == self._frame_bytes and out.dtype == np.uint8
-        if _lzf_decompress()(data, size, out.ctypes.data, self._frame_bytes) != self._frame_bytes:
+        assert out.flags.c_contiguous and out.nbytes == frame_bytes and out.dtype == np.uint8
+        if _lzf_decompress()(data, size, out.ctypes.data, frame_bytes) != frame_bytes:
             raise ValueError("image chunk does not decode to one frame")
+
+    def read_camera(self, dataset: str, i: int, out: np.ndarray) -> None:
+        if dataset == IMAGE:
+            return self.read_image(i, out)
+        return self.read_image(i, out, self.layout.cameras[dataset.rsplit("/", 1)[1]])
 
     def read_rows(self, t: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         state = os.pread(self._fd, self._state_row, self.layout.state_offset + t * self._state_row)
@@ -179,10 +201,16 @@ class FrameIndex:
     camera size (the policy resizes to its input); frames of other sizes are resized to it so that a batch stacks.
     Append-only: a frame id, once given, keeps meaning the same frame, so a batch planned before an ``add_episode``
     is still valid after it.
+
+    ``cameras`` (a policy's ``PolicyConfig.cameras``): the named cameras ``load_batch`` delivers as ``cameras``
+    {name: frames}, each at its size in the first indexed episode, the first of them also as ``image``; an episode
+    that did not record one of them is refused by ``add_episode``. Empty: the primary camera only, whatever its name.
     """
 
-    def __init__(self, horizon: int, max_open_episodes: int = 512):
+    def __init__(self, horizon: int, max_open_episodes: int = 512, cameras: tuple[str, ...] = ()):
         self.horizon = int(horizon)
+        self.cameras = tuple(cameras)
+        self.camera_shapes: dict[str, tuple[int, int, int]] = {}  # of the first episode; load_batch delivers these
         self.max_open_episodes = int(max_open_episodes)
         self.episodes: list[EpisodeEntry] = []
         self.tasks: list[str] = []
@@ -220,6 +248,11 @@ class FrameIndex:
                 raise ValueError(f"{path}: unknown split {meta['split']!r}")
             source = np.asarray(reader.column("control_source"), dtype=np.uint8)
             layout = reader.frame_layout()
+            try:
+                cameras = tuple((reader.camera_dataset(c), tuple(meta["image_shape"]) if c == meta["camera"]
+                                 else tuple(meta["cameras"][c])) for c in self.cameras)
+            except KeyError as exc:
+                raise ValueError(f"{path}: {exc.args[0]}; the policy reads {', '.join(self.cameras)}") from None
         task_id = self._task_ids.setdefault(meta["task"], len(self._task_ids))
         if task_id == len(self.tasks):
             self.tasks.append(meta["task"])
@@ -237,9 +270,11 @@ class FrameIndex:
             image_shape=tuple(meta["image_shape"]),
             outcome=str(meta["outcome"] if outcome is None else outcome),
             env_id=str(meta["env_id"]),
+            cameras=cameras,
         )
         if self.image_shape is None:
-            self.image_shape = entry.image_shape
+            self.image_shape = entry.cameras[0][1] if self.cameras else entry.image_shape
+            self.camera_shapes = {name: shape for name, (_, shape) in zip(self.cameras, entry.cameras)}
         online = meta["split"] == Split.ONLINE.value
         chunk = (
             np.full(steps, entry.index, np.int32),
@@ -334,7 +369,8 @@ class FrameIndex:
     def load_batch(self, frame_ids: np.ndarray, label_mask: Optional[np.ndarray] = None) -> dict[str, Any]:
         """Read the sampled frames and assemble a training batch.
 
-        Returns torch tensors: ``image`` uint8 [B, H, W, 3], ``state`` float32 [B, S], ``action`` float32
+        Returns torch tensors: ``image`` uint8 [B, H, W, 3] (with ``cameras``: the first camera's), ``cameras``
+        {name: uint8 [B, H, W, 3]} when the index has named cameras, ``state`` float32 [B, S], ``action`` float32
         [B, horizon, A] (the executed actions t..t+horizon-1, padded past the episode's end by repeating its last
         action), ``action_mask`` bool [B, horizon] (False for padding and, if ``label_mask`` (per global frame) is
         given, for steps that are not labels, e.g. autonomous steps after an intervention ends), ``task`` int64,
@@ -346,6 +382,9 @@ class FrameIndex:
         with self._lock:
             images = None
             states = actions = None
+            extra: list[Optional[np.ndarray]] = [None] + [np.empty((b, *self.camera_shapes[c]), np.uint8)
+                                                          for c in self.cameras[1:]]
+            wanted = [self.image_shape] + [self.camera_shapes[c] for c in self.cameras[1:]]
             mask = np.zeros((b, h), bool)
             prompts: list[str] = [""] * b
             env_ids: list[str] = [""] * b
@@ -360,12 +399,14 @@ class FrameIndex:
                     images = np.empty((b, *self.image_shape), np.uint8)
                     states = np.empty((b, len(state)), np.float32)
                     actions = np.empty((b, h, rows.shape[1]), np.float32)
-                if opened.frame_shape == self.image_shape:
-                    opened.read_image(t, images[k: k + 1])
-                else:
-                    frame = np.empty((1, *opened.frame_shape), np.uint8)
-                    opened.read_image(t, frame)
-                    images[k] = resize_image(frame[0], self.image_shape[:2])
+                extra[0] = images
+                for j, (dataset, shape) in enumerate(entry.cameras or ((IMAGE, entry.image_shape),)):
+                    if shape == wanted[j]:
+                        opened.read_camera(dataset, t, extra[j][k: k + 1])
+                    else:
+                        frame = np.empty((1, *shape), np.uint8)
+                        opened.read_camera(dataset, t, frame)
+                        extra[j][k] = resize_image(frame[0], wanted[j][:2])
                 states[k] = state
                 actions[k, : end - t] = rows
                 actions[k, end - t:] = rows[-1]  # past the episode's end: its last action, repeated
@@ -373,8 +414,12 @@ class FrameIndex:
                 prompts[k] = entry.prompt
                 env_ids[k] = entry.env_id
             self.frames_read += b
+        image = torch.from_numpy(images)
+        cameras = {"cameras": {name: image if j == 0 else torch.from_numpy(extra[j])
+                               for j, name in enumerate(self.cameras)}} if self.cameras else {}
         return {
-            "image": torch.from_numpy(images),
+            **cameras,
+            "image": image,
             "state": torch.from_numpy(states),
             "action": torch.from_numpy(actions),
             "action_mask": torch.from_numpy(mask),

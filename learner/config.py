@@ -33,6 +33,10 @@ class ConfigError(ValueError):
 class PolicyConfig:
     name: str = "small_vla"  # registry key of the Policy implementation (learner.policy.POLICIES)
     image_size: int = 64  # the encoder's input is image_size x image_size; other camera sizes are resized to it
+    # Which cameras the policy reads, by name, in order (one shared encoder; their features are concatenated): e.g.
+    # ("corner3", "gripperPOV") for the scene and the wrist view. Empty: the robot's primary camera, whatever its name
+    # (observation["image"]). Robots must record every camera named here (agent --extra-cameras).
+    cameras: tuple[str, ...] = ()
     state_dim: int = 39  # length of the raw state vector the robot reports (Meta-World: 39)
     state_indices: tuple[int, ...] = PROPRIO_ONLY  # which entries of the raw state the policy always sees
     # Task-specification inputs: these raw-state entries reach the policy only on environments in task_input_envs
@@ -74,6 +78,10 @@ class PolicyConfig:
             raise ConfigError("guidance_beta and eval_guidance_beta must be >= 0")
         if self.loss not in ("l1", "mse"):
             raise ConfigError(f"loss must be 'l1' or 'mse', not {self.loss!r}")
+        object.__setattr__(self, "cameras", tuple(self.cameras))
+        if len(self.cameras) > 5 or len(set(self.cameras)) != len(self.cameras) or not all(
+                isinstance(c, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}", c) for c in self.cameras):
+            raise ConfigError("cameras must be at most 5 distinct camera names ([A-Za-z0-9][A-Za-z0-9_-]*)")
         if not 1 <= self.flow_steps <= 100:
             raise ConfigError("flow_steps must be 1 to 100")
         if self.horizon < 1 or self.action_dim < 1 or self.image_size < 8:

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     _, meta = load_trainer_state(args.state)
     config = from_dict(TrainConfig, meta["train_config"])
     index = FrameIndex(horizon=int(meta["policy"]["policy_config"]["horizon"]),
-                       max_open_episodes=config.max_open_episodes)
+                       max_open_episodes=config.max_open_episodes,
+                       cameras=tuple(meta["policy"]["policy_config"].get("cameras", ())))
     seen: set[str] = set()
     mtime = args.episodes.stat().st_mtime_ns
     _add_new(index, json.loads(args.episodes.read_text()), seen)

@@ -43,7 +43,10 @@ def evaluate_policy(policy, env_id: str, prompts: list[str], max_steps: int, epi
     logging.getLogger("robots.agent").setLevel(logging.WARNING)
     rng = random.Random(seed)
     # The held-out placements: the seed tree's eval stream, disjoint from demonstrations and online episodes.
-    env = MetaWorldEnvironment(env_id, camera=camera, image_size=image_size, seed=stream_seed(seed, "eval", env_id))
+    # a policy that reads several cameras gets them rendered as a robot would (agent --extra-cameras)
+    extra = tuple(c for c in getattr(getattr(policy, "config", None), "cameras", ()) if c != camera)
+    env = MetaWorldEnvironment(env_id, camera=camera, image_size=image_size, seed=stream_seed(seed, "eval", env_id),
+                               extra_cameras=extra)
     agent = PolicyAgent(policy, version, guidance_beta=guidance_beta)
     runtime = Runtime(lambda _: env, agent, control_hz=FAST_HZ, camera=camera)
     successes, lengths = 0, []

@@ -59,11 +59,20 @@ class StartRunForm(forms.Form):
                                "(docs/policy.md, \"Bring your own policy\"); another policy than the deployed "
                                "checkpoint's trains from scratch")
 
+    cameras = forms.CharField(required=False, max_length=250, label="Cameras",
+                              widget=forms.TextInput(attrs={"placeholder": "e.g. corner3, gripperPOV"}),
+                              help_text="the cameras the policy reads, in order (robots must record them); empty: "
+                                        "each robot's primary camera, or the deployed checkpoint's")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # the packages installed now (a plug-in installed while the server runs shows up on the next page load)
         self.fields["policy"].choices = [("", "the preset's (small_vla)")] + [
             (name, f"{name} ({origin})") for name, origin in sorted(available_policies().items())]
+
+    def clean_cameras(self):
+        names = [c.strip() for c in self.cleaned_data["cameras"].split(",") if c.strip()]
+        return names or None
 
     def clean(self):
         data = super().clean()
@@ -116,7 +125,7 @@ def training_start(request):
         try:
             run = services.start_run(data["algorithm"], list(data["tasks"]), preset=data["preset"], total_steps=steps,
                                      from_scratch=data["from_scratch"], policy=data["policy"] or None,
-                                     user=request.user)
+                                     cameras=data["cameras"], user=request.user)
         except services.LearnerError as exc:
             form.add_error(None, str(exc))
         else:

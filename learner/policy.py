@@ -23,9 +23,22 @@ from learner.config import PolicyConfig
 from learner.prompts import Embedder, PromptCache
 
 
-class Observation(TypedDict):
-    image: np.ndarray  # uint8 [H, W, 3], any size (resized to the policy's input)
+class Observation(TypedDict, total=False):
+    image: np.ndarray  # uint8 [H, W, 3], any size (resized to the policy's input): the primary camera
     state: np.ndarray  # float32 [state_dim], the robot's raw state vector (the policy picks from it, see config)
+    cameras: dict[str, np.ndarray]  # every camera by name (the primary's too) on a robot that records several
+
+
+def observation_images(config: PolicyConfig, observation: Observation) -> list[np.ndarray]:
+    """The frames a policy reads from ONE observation: its ``config.cameras`` by name, or the primary image."""
+    if not config.cameras:
+        return [observation["image"]]
+    frames = observation.get("cameras") or {}
+    missing = [c for c in config.cameras if c not in frames]
+    if missing:
+        raise ValueError(f"the policy reads cameras {list(config.cameras)}; this robot does not record {missing} "
+                         f"(it has {sorted(frames) or 'its primary camera only'}: start it with --extra-cameras)")
+    return [frames[c] for c in config.cameras]
 
 
 def policy_state_width(config: PolicyConfig) -> int:
@@ -194,7 +207,9 @@ class SmallVLA(Policy):
         n_state = policy_state_width(config)
         self.state_proj = nn.Sequential(nn.Linear(n_state, config.state_features), nn.ReLU(inplace=True))
         head: list[nn.Module] = []
-        width = self.context_width = config.image_features + config.prompt_features + config.state_features
+        self.num_cameras = max(1, len(config.cameras))  # one encoder, shared by the cameras; features concatenated
+        width = self.context_width = (config.image_features * self.num_cameras + config.prompt_features
+                                      + config.state_features)
         for hidden in config.hidden:
             head += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
             width = hidden
@@ -237,6 +252,25 @@ class SmallVLA(Policy):
 
     # -- network ---------------------------------------------------------------------------------------------------
 
+    def _batch_context(self, batch: dict[str, Any], generator: Optional[torch.Generator],
+                       augment_shift: int) -> torch.Tensor:
+        """A training batch -> its context [B, context_width], images augmented (random shift) when asked."""
+        images = self._batch_images(batch)
+        if augment_shift > 0:
+            images = random_shift(images, augment_shift, generator)
+        # "indicator" (int64 [B]) is set by RECAP; without it a conditioned policy learns the unconditional row
+        return self.context(images, self._prompt_batch(batch["prompt"]),
+                            self._states(batch["state"], batch.get("env_id")), batch.get("indicator"))
+
+    def _batch_images(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A training batch's frames of the policy's cameras -> float [B * num_cameras, 3, S, S] (sample-major)."""
+        if not self.config.cameras:
+            return self._images(batch["image"])
+        if "cameras" not in batch:
+            raise ValueError(f"the policy reads cameras {list(self.config.cameras)}: the batch must come from a "
+                             f"FrameIndex built with those cameras")
+        return torch.stack([self._images(batch["cameras"][c]) for c in self.config.cameras], dim=1).flatten(0, 1)
+
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> float [B, 3, S, S] in [-0.5, 0.5], on the policy's device."""
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
@@ -264,8 +298,10 @@ class SmallVLA(Policy):
 
         ``indicator`` (int64 [B]: ``NEGATIVE``, ``POSITIVE`` or ``DROPPED``) is only used by an advantage-conditioned
         policy; None there means ``DROPPED`` (the unconditional prediction)."""
+        batch = states.shape[0]  # images: [B * num_cameras, 3, S, S], each sample's cameras in a row
         features = torch.cat(
-            [self.image_encoder(images), self.prompt_proj(prompt_embeddings), self.state_proj(states)], dim=1
+            [self.image_encoder(images).view(batch, -1), self.prompt_proj(prompt_embeddings), self.state_proj(states)],
+            dim=1,
         )
         if self.indicator is not None:
             if indicator is None:
@@ -314,14 +350,17 @@ class SmallVLA(Policy):
              env_id: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ONE observation, checked, -> the network's preprocessed inputs (batch of one). In inference mode."""
         state = np.array(observation["state"], dtype=np.float32)  # a copy: torch wants writable arrays
-        image = np.asarray(observation["image"])
         if state.shape != (self.config.state_dim,):
             raise ValueError(f"state must be [{self.config.state_dim}], got {state.shape}")
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-        if not (image.flags.c_contiguous and image.flags.writeable):
-            image = np.array(image, order="C")
-        images = self._images(torch.from_numpy(image)[None])
+        views = []
+        for image in observation_images(self.config, observation):
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+            if not (image.flags.c_contiguous and image.flags.writeable):
+                image = np.array(image, order="C")
+            views.append(self._images(torch.from_numpy(image)[None]))
+        images = views[0] if len(views) == 1 else torch.cat(views)  # [num_cameras, 3, S, S]
         prompts = torch.from_numpy(self.prompts.get(prompt))[None].to(self.device)
         states = self._states(torch.from_numpy(state)[None], None if env_id is None else [env_id])
         return images, prompts, states
@@ -330,7 +369,7 @@ class SmallVLA(Policy):
         """Classifier-free guidance for ONE preprocessed observation -> normalised chunk [H, action_dim]."""
         if beta == 1.0:
             return self.forward(images, prompts, states, torch.tensor([POSITIVE], device=self.device))[0]
-        both = self.forward(images.expand(2, -1, -1, -1), prompts.expand(2, -1), states.expand(2, -1),
+        both = self.forward(images.repeat(2, 1, 1, 1), prompts.expand(2, -1), states.expand(2, -1),
                             torch.tensor([POSITIVE, DROPPED], device=self.device))
         cond, uncond = both[0], both[1]
         return uncond + beta * (cond - uncond)
@@ -338,12 +377,8 @@ class SmallVLA(Policy):
     def loss(
         self, batch: dict[str, Any], *, generator: Optional[torch.Generator] = None, augment_shift: int = 0
     ) -> dict[str, torch.Tensor]:
-        images = self._images(batch["image"])
-        if augment_shift > 0:
-            images = random_shift(images, augment_shift, generator)
-        # "indicator" (int64 [B]) is set by RECAP; without it a conditioned policy learns the unconditional row
-        pred = self.forward(images, self._prompt_batch(batch["prompt"]),
-                            self._states(batch["state"], batch.get("env_id")), batch.get("indicator"))
+        pred = self.head(self._batch_context(batch, generator, augment_shift)).view(
+            -1, self.config.horizon, self.config.action_dim)
         target = batch["action"].to(pred.device, non_blocking=True) / self.action_scale
         diff = pred.float() - target
         err = (diff.abs() if self.config.loss == "l1" else diff.square()).mean(dim=2)  # [B, H]
@@ -422,7 +457,7 @@ class FlowVLA(SmallVLA):
         """CFG on the velocity: v = v_uncond + beta * (v_cond - v_uncond) at every step, for ONE observation."""
         if beta == 1.0:
             return self.forward(images, prompts, states, torch.tensor([POSITIVE], device=self.device))[0]
-        both = self.context(images.expand(2, -1, -1, -1), prompts.expand(2, -1), states.expand(2, -1),
+        both = self.context(images.repeat(2, 1, 1, 1), prompts.expand(2, -1), states.expand(2, -1),
                             torch.tensor([POSITIVE, DROPPED], device=self.device))
 
         def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -434,11 +469,7 @@ class FlowVLA(SmallVLA):
     def loss(
         self, batch: dict[str, Any], *, generator: Optional[torch.Generator] = None, augment_shift: int = 0
     ) -> dict[str, torch.Tensor]:
-        images = self._images(batch["image"])
-        if augment_shift > 0:
-            images = random_shift(images, augment_shift, generator)
-        context = self.context(images, self._prompt_batch(batch["prompt"]),
-                               self._states(batch["state"], batch.get("env_id")), batch.get("indicator"))
+        context = self._batch_context(batch, generator, augment_shift)
         actions = batch["action"].to(context.device, non_blocking=True) / self.action_scale
         b = actions.shape[0]
         # noise and times drawn on the CPU generator (the same draws on every device, and on resume), then moved

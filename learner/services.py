@@ -7,6 +7,7 @@ Every door (API, admin, management commands, Celery tasks) calls these. Training
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -65,6 +66,7 @@ def start_run(
     from_scratch: bool = False,
     policy: Optional[str] = None,
     policy_options: Optional[dict[str, Any]] = None,
+    cameras: Optional[Iterable[str]] = None,
     user=None,
     enqueue: bool = True,
 ) -> TrainingRun:
@@ -72,7 +74,8 @@ def start_run(
     fleet currently runs; ``from_scratch`` starts from fresh weights (as pretraining does). ``policy`` names another
     policy implementation (a built-in name, a plug-in's ``sop.policies`` entry point or ``module:Class``; docs/policy.md
     "Bring your own policy") and ``policy_options`` its settings; a run of another policy than the base checkpoint's
-    starts from scratch."""
+    starts from scratch. ``cameras`` names the cameras the policy reads (PolicyConfig.cameras); a fine-tuning run
+    keeps its base checkpoint's, so asking for others means starting from scratch."""
     task_objs = [t if isinstance(t, Task) else Task.objects.filter(name=t).first() for t in tasks]
     if not task_objs or any(t is None for t in task_objs):
         raise LearnerError("a run needs one or more existing tasks")
@@ -85,7 +88,8 @@ def start_run(
         if total_steps is not None:
             train["steps"] = int(total_steps)
         policy_config = to_dict(base.policy) | ({"name": policy} if policy else {}) | (
-            {"options": dict(policy_options)} if policy_options else {})
+            {"options": dict(policy_options)} if policy_options else {}) | (
+            {"cameras": list(cameras)} if cameras is not None else {})
         config = Preset.from_dict({"name": base.name, "policy": policy_config, "train": train})
         policy_class(config.policy.name)  # a typo or a package missing here fails now, not on the worker later
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
@@ -97,6 +101,13 @@ def start_run(
         if base_policy != config.policy.name:
             raise LearnerError(f"the base checkpoint v{base_checkpoint.version} is a {base_policy} policy; a "
                                f"{config.policy.name} run starts from scratch (from_scratch)")
+    if base_checkpoint is not None:  # the run indexes the cameras of the policy it fine-tunes
+        base_cameras = tuple((base_checkpoint.config or {}).get("policy", {}).get("cameras", ()))
+        if cameras is not None and tuple(cameras) != base_cameras:
+            raise LearnerError(f"the base checkpoint v{base_checkpoint.version} reads cameras "
+                               f"{list(base_cameras) or ['the primary']}; a policy of cameras {list(cameras)} starts "
+                               f"from scratch (from_scratch)")
+        config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, cameras=base_cameras))
     with transaction.atomic():
         run = TrainingRun.objects.create(
             algorithm=algorithm, preset=preset, config=config.to_dict(), base_checkpoint=base_checkpoint,
@@ -183,10 +194,10 @@ class _RunCache:
     indexes: dict[int, tuple[FrameIndex, set[str]]] = {}
 
 
-def _index_for(run: TrainingRun, horizon: int, max_open: int) -> FrameIndex:
+def _index_for(run: TrainingRun, horizon: int, max_open: int, cameras: tuple[str, ...] = ()) -> FrameIndex:
     index, seen = _RunCache.indexes.get(run.pk, (None, set()))
     if index is None:
-        index = FrameIndex(horizon=horizon, max_open_episodes=max_open)
+        index = FrameIndex(horizon=horizon, max_open_episodes=max_open, cameras=cameras)
         _RunCache.indexes[run.pk] = (index, seen)
     new = (
         Episode.objects.filter(task__in=run.tasks.all(), status=Episode.Status.VERIFIED)
@@ -270,7 +281,7 @@ def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
 
     preset = Preset.from_dict(run.config)
     algorithm_cls = get_algorithm(run.algorithm)
-    index = _index_for(run, preset.policy.horizon, preset.train.max_open_episodes)
+    index = _index_for(run, preset.policy.horizon, preset.train.max_open_episodes, preset.policy.cameras)
     trainable = algorithm_cls(preset.train).trainable_mask(index)
     if not len(index) or not trainable.any():
         task_names = ", ".join(run.tasks.values_list("name", flat=True))
@@ -309,7 +320,7 @@ def _train_round(run: TrainingRun, round_s: float, clock: Callable[[], float],
                 raise ClaimLost()
             stop_requested = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.STOPPING).exists()
             # Episodes verified since the round started join the index between steps.
-            _index_for(run, preset.policy.horizon, preset.train.max_open_episodes)
+            _index_for(run, preset.policy.horizon, preset.train.max_open_episodes, preset.policy.cameras)
         return stop_requested or clock() >= deadline
 
     pace = preset.train.max_steps_per_s

@@ -38,8 +38,9 @@ class ValueFunction(nn.Module):
     def __init__(self, policy_config: PolicyConfig, bins: int, prompts=None):
         super().__init__()
         self.bins = int(bins)
+        # one camera: the batch's "image" (the policy's first camera, or the primary)
         self.config = dataclasses.replace(policy_config, name="small_vla", horizon=1, action_dim=self.bins,
-                                          advantage_conditioning=False)
+                                          advantage_conditioning=False, cameras=())
         self.net = SmallVLA(self.config)
         if prompts is not None:
             self.net.prompts = prompts  # share the policy's prompt cache (the same frozen sentence embeddings)

@@ -66,6 +66,7 @@ def make_episode(
     seed: int = 0,
     source: Optional[int] = None,  # control source of the other steps; default: expert for offline, policy online
     outcome: str = "success",
+    cameras: Optional[dict[str, int]] = None,  # more cameras: name -> side
 ) -> Path:
     """A tiny episode file whose actions depend on the state, so a policy can learn something from it."""
     rng = np.random.default_rng(seed)
@@ -100,6 +101,8 @@ def make_episode(
         successes=np.zeros(steps, bool),
         timestamps=np.arange(steps) / 30.0,
         segments=_segments_of(control),
+        cameras={name: rng.integers(0, 255, (steps, side, side, 3), dtype=np.uint8)
+                 for name, side in (cameras or {}).items()},
     )
     write_episode(path, data)
     return path

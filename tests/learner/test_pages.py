@@ -190,3 +190,23 @@ def test_run_metrics_json(client, viewer, checkpoints):
     page = client.get(reverse("training_run", args=[run.pk])).content.decode()
     assert reverse("training_run_metrics", args=[run.pk]) in page and "chart.umd.js" in page
     assert client.get(reverse("training_run_metrics", args=[999])).status_code == 404
+
+
+def test_admin_starts_a_flow_policy_run_that_reads_two_cameras(client, admin_user, tasks, checkpoints):
+    login(client, admin_user)
+    page = client.get(reverse("training")).content.decode()
+    assert 'value="flow_vla"' in page and "Cameras" in page
+    response = client.post(reverse("training_start"), {"algorithm": "bc", "tasks": ["reach"], "preset": "debug",
+                                                       "mode": "steps", "steps": "40", "from_scratch": "on",
+                                                       "policy": "flow_vla", "cameras": "corner3, gripperPOV"})
+    assert response.status_code == 302
+    run = TrainingRun.objects.order_by("-pk").first()
+    assert run.config["policy"]["name"] == "flow_vla" and run.config["policy"]["cameras"] == ["corner3", "gripperPOV"]
+    # fine-tuning keeps the deployed checkpoint's cameras (it read the primary only): other cameras start from scratch
+    response = client.post(reverse("training_start"), {"algorithm": "hg_dagger", "tasks": ["reach"],
+                                                       "preset": "default", "mode": "continuous",
+                                                       "cameras": "gripperPOV"})
+    assert response.status_code == 400 and "starts from scratch" in response.content.decode()
+    response = client.post(reverse("training_start"), {"algorithm": "hg_dagger", "tasks": ["reach"],
+                                                       "preset": "default", "mode": "continuous", "cameras": "a/b"})
+    assert response.status_code == 400 and "cameras must be" in response.content.decode()

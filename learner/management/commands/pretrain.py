@@ -23,6 +23,8 @@ class Command(BaseCommand):
         parser.add_argument("--steps", type=int, help="learner steps (default: the preset's)")
         parser.add_argument("--preset", default="default", help="learner/config.py preset (default 'default')")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--cameras", metavar="NAME,...", help="the cameras the policy reads, e.g. "
+                            "corner3,gripperPOV (default: the primary camera of the demonstrations)")
         parser.add_argument("--policy", help="the policy implementation (default: the preset's, small_vla); e.g. "
                                              "flow_vla, an installed plug-in's name or module:Class")
 
@@ -47,7 +49,9 @@ class Command(BaseCommand):
             overrides["steps"] = opts["steps"]
         try:
             run = services.start_run("bc", tasks, preset=opts["preset"], overrides=overrides, from_scratch=True,
-                                     policy=opts["policy"], enqueue=False)
+                                     policy=opts["policy"], enqueue=False,
+                                     cameras=[c.strip() for c in opts["cameras"].split(",") if c.strip()]
+                                     if opts["cameras"] else None)
         except services.LearnerError as exc:
             raise CommandError(str(exc)) from None
         # Publish once, at the end: the base policy is one version, not one per checkpoint interval.

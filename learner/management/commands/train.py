@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Optional
 
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
@@ -32,6 +33,9 @@ class Command(BaseCommand):
                                              "sop.policies entry point, or module:Class (default: the preset's)")
         parser.add_argument("--policy-option", action="append", default=[], metavar="KEY=JSON",
                             help="a setting of the policy (its options), e.g. hidden=256 or layers='[64, 64]'")
+        parser.add_argument("--cameras", metavar="NAME,...",
+                            help="the cameras the policy reads, e.g. corner3,gripperPOV (default: the robot's primary; "
+                                 "robots must record them: agent --extra-cameras)")
         parser.add_argument("--list-policies", action="store_true", help="print the policies this install can build")
         parser.add_argument("--device", help="train on this device: cpu, cuda, cuda:N (default: the worker's "
                                              "SOP_DEVICE, cpu unless set)")
@@ -60,7 +64,8 @@ class Command(BaseCommand):
         try:
             run = services.start_run(opts["algorithm"], tasks, preset=opts["preset"], total_steps=opts["steps"],
                                      from_scratch=opts["from_scratch"], policy=opts["policy"],
-                                     policy_options=_options(opts["policy_option"]), overrides=overrides or None)
+                                     policy_options=_options(opts["policy_option"]), overrides=overrides or None,
+                                     cameras=_cameras(opts["cameras"]))
         except services.LearnerError as exc:
             raise CommandError(str(exc)) from None
         base = f"from v{run.base_checkpoint.version}" if run.base_checkpoint else "from scratch"
@@ -79,6 +84,10 @@ class Command(BaseCommand):
                     break
                 time.sleep(1.0)
         self.stdout.write(f"run {run.pk} {run.status}: {run.message}")
+
+
+def _cameras(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [c.strip() for c in value.split(",") if c.strip()]
 
 
 def _options(pairs: list[str]) -> dict:
