@@ -42,7 +42,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .episode_file import SEGMENT_SOURCES, EpisodeData, EpisodeFileError, EpisodeReader, Segment, write_episode
+from .episode_file import (
+    SEGMENT_SOURCES,
+    EpisodeData,
+    EpisodeFileError,
+    EpisodeReader,
+    Segment,
+    check_camera_names,
+    write_episode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +164,7 @@ def export_dataset(episodes: Iterable, out_dir: str | os.PathLike, *, fps: int |
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        writer = _DatasetWriter(tmp, features, fps, layout["video_key"], crf=crf, chunks_size=chunks_size,
+        writer = _DatasetWriter(tmp, features, fps, layout["cameras"], crf=crf, chunks_size=chunks_size,
                                 data_bytes=data_files_size_in_mb * 1024**2,
                                 video_bytes=video_files_size_in_mb * 1024**2)
         for k, (ep, path, meta) in enumerate(plan):
@@ -179,7 +187,8 @@ def export_dataset(episodes: Iterable, out_dir: str | os.PathLike, *, fps: int |
     files = [p for p in out.rglob("*") if p.is_file()]
     return {
         "path": str(out), "episodes": info["total_episodes"], "frames": info["total_frames"],
-        "tasks": info["total_tasks"], "fps": fps, "cameras": [layout["video_key"]], "files": len(files),
+        "tasks": info["total_tasks"], "fps": fps, "cameras": [IMAGE_PREFIX + c for c, _ in layout["cameras"]],
+        "files": len(files),
         "bytes": sum(p.stat().st_size for p in files),
     }
 
@@ -215,31 +224,34 @@ def _export_layout(plan: list) -> dict[str, Any]:
                                f"separately (filter by --tasks / --robots)")
         return next(iter(values))
 
-    camera = one("camera", lambda m: m["camera"])
-    if not camera or "/" in camera:
-        raise LeRobotError(f"camera name {camera!r} cannot name a LeRobot feature (empty or containing '/')")
-    image_shape = one("image size", lambda m: tuple(m["image_shape"]))
-    if image_shape[0] % 2 or image_shape[1] % 2:
-        raise LeRobotError(f"images of {image_shape[0]}x{image_shape[1]}: the {VIDEO_PIX_FMT} video encoding needs "
-                           f"even heights and widths")
+    # every camera, the primary first, with its frame size: the same in every episode
+    cameras = one("cameras", lambda m: ((m["camera"], tuple(m["image_shape"])),
+                                        *sorted((name, tuple(shape)) for name, shape in m["cameras"].items())))
+    for camera, (h, w, _) in cameras:
+        if not camera or "/" in camera:
+            raise LeRobotError(f"camera name {camera!r} cannot name a LeRobot feature (empty or containing '/')")
+        if h % 2 or w % 2:
+            raise LeRobotError(f"{camera} images of {h}x{w}: the {VIDEO_PIX_FMT} video encoding needs even heights "
+                               f"and widths")
+    camera, image_shape = cameras[0]
     state_dim = one("state width", lambda m: m["state_dim"])
     action_dim = one("action width", lambda m: m["action_dim"])
     metaworld = all(is_metaworld(meta["env_id"]) for _, _, meta in plan)
     return {"camera": camera, "video_key": IMAGE_PREFIX + camera, "image_shape": image_shape, "state_dim": state_dim,
-            "action_dim": action_dim, "metaworld": metaworld}
+            "action_dim": action_dim, "metaworld": metaworld, "cameras": list(cameras)}
 
 
 def _export_features(layout: dict[str, Any]) -> dict[str, dict]:
     s, a = layout["state_dim"], layout["action_dim"]
     mw = layout["metaworld"]
-    h, w, c = layout["image_shape"]
     return {
         STATE_KEY: {"dtype": "float32", "shape": [s], "names": (
             METAWORLD_STATE_NAMES if mw and s == METAWORLD_DIMS[0] else [f"state_{i}" for i in range(s)])},
         ACTION_KEY: {"dtype": "float32", "shape": [a], "names": (
             METAWORLD_ACTION_NAMES if mw and a == METAWORLD_DIMS[1] else [f"action_{i}" for i in range(a)])},
-        layout["video_key"]: {"dtype": "video", "shape": [h, w, c], "names": ["height", "width", "channels"],
-                              "info": None},  # filled from the written video (as lerobot's get_video_info does)
+        **{IMAGE_PREFIX + camera: {"dtype": "video", "shape": list(shape), "names": ["height", "width", "channels"],
+                                   "info": None}  # filled from the written video (as lerobot's get_video_info does)
+           for camera, shape in layout["cameras"]},
         "control_source": {"dtype": "int64", "shape": [1], "names": list(CONTROL_SOURCE_NAMES)},
         "intervention": {"dtype": "bool", "shape": [1], "names": None},
         "policy_version": {"dtype": "int64", "shape": [1], "names": None},
@@ -411,13 +423,14 @@ class _RollingVideo:
 
 
 class _DatasetWriter:
-    def __init__(self, root: Path, features: dict, fps: int, video_key: str, *, crf: int, chunks_size: int,
+    def __init__(self, root: Path, features: dict, fps: int, cameras: list, *, crf: int, chunks_size: int,
                  data_bytes: int, video_bytes: int):
-        self.root, self.features, self.fps, self.video_key = root, features, fps, video_key
+        self.root, self.features, self.fps = root, features, fps
+        self.primary = cameras[0][0]
         self.chunks_size, self.data_bytes = chunks_size, data_bytes
         self.data = _RollingParquet(root, DATA_PATH, data_bytes, chunks_size)
-        self.video = _RollingVideo(root, video_key, fps, tuple(features[video_key]["shape"]), crf, video_bytes,
-                                   chunks_size)
+        self.videos = {camera: _RollingVideo(root, IMAGE_PREFIX + camera, fps, tuple(shape), crf, video_bytes,
+                                             chunks_size) for camera, shape in cameras}
         self.columns = [k for k, ft in features.items() if ft["dtype"] != "video"]
         self.schema = pa.schema([(k, _arrow_type(features[k])) for k in self.columns])
         self.tasks: dict[str, int] = {}
@@ -452,10 +465,12 @@ class _DatasetWriter:
                                      schema=self.schema)
         chunk, file = self.data.place(table.nbytes)
         self.data.write(table)
-        video_meta = self.video.add_episode(data.images)
-
         stats = {name: vector_stats(values) for name, values in columns.items()}
-        stats[self.video_key] = image_stats(data.images)
+        video_meta = {}
+        for camera, video in self.videos.items():
+            frames = data.images if camera == self.primary else data.cameras[camera]
+            video_meta.update(video.add_episode(frames))
+            stats[video.video_key] = image_stats(frames)
         self.stats.append(stats)
         self.rows.append({
             "episode_index": k, "tasks": [prompt], "length": t,
@@ -474,8 +489,9 @@ class _DatasetWriter:
 
     def finish(self, **settings) -> dict[str, Any]:
         self.data.close()
-        self.video.close()
-        self.features[self.video_key]["info"] = self.video.info()
+        for video in self.videos.values():
+            video.close()
+            self.features[video.video_key]["info"] = video.info()
         self._write_episodes()
         self._write_tasks()
         stats = {name: _jsonable_stats(s) for name, s in aggregate_stats(self.stats).items()}
@@ -927,12 +943,15 @@ class ImportPlan:
     camera: str  # the SOP camera name it becomes
     state_key: str
     action_key: str
+    extra: tuple[tuple[str, str], ...] = ()  # more cameras: (dataset feature, SOP camera name), recorded beside it
 
 
 def plan_import(meta: DatasetMeta, task, *, camera_map: dict[str, str] | None = None,
                 state_key: str = STATE_KEY, action_key: str = ACTION_KEY) -> ImportPlan:
-    """Which dataset features become the episode's camera, state and action; LeRobotError when one cannot."""
+    """Which dataset features become the episode's cameras (the first mapped one its primary camera, the others more
+    cameras), state and action; LeRobotError when one cannot."""
     cameras = meta.camera_keys
+    extra: list[tuple[str, str]] = []
     if camera_map:
         resolved = {}
         for key, name in camera_map.items():
@@ -940,25 +959,30 @@ def plan_import(meta: DatasetMeta, task, *, camera_map: dict[str, str] | None = 
             if full not in cameras:
                 raise LeRobotError(f"the dataset has no camera {key!r}; its cameras: {', '.join(cameras) or 'none'}")
             resolved[full] = name
-        if len(resolved) != 1:
-            raise LeRobotError(f"an SOP episode has one camera: map exactly one of {', '.join(cameras)}")
-        ((camera_key, camera),) = resolved.items()
+        (camera_key, camera), *extra = resolved.items()
+        try:
+            check_camera_names([name for _, name in extra], camera)
+        except EpisodeFileError as exc:
+            raise LeRobotError(f"--camera: {exc}") from None
+        if len({name for _, name in extra}) != len(extra):
+            raise LeRobotError("--camera: two dataset cameras map to one SOP camera name")
     elif len(cameras) == 1:
         camera_key = cameras[0]
         camera = camera_key.removeprefix(IMAGE_PREFIX)
     elif not cameras:
         raise LeRobotError("the dataset has no camera (no video or image feature); SOP episodes need one")
     else:
-        raise LeRobotError(f"the dataset has {len(cameras)} cameras ({', '.join(cameras)}) and an SOP episode has "
-                           f"one: choose it with --camera KEY=NAME (camera_map)")
+        raise LeRobotError(f"the dataset has {len(cameras)} cameras ({', '.join(cameras)}): name the ones to import "
+                           f"with --camera KEY=NAME, the primary first (camera_map)")
     if not camera or len(camera) > 100 or "\x00" in camera:
         raise LeRobotError(f"camera name {camera!r} must have 1 to 100 characters")
-    shape = list(meta.features[camera_key]["shape"])
-    if len(shape) != 3 or 3 not in (shape[0], shape[2]):
-        raise LeRobotError(f"camera {camera_key!r} has shape {shape}; SOP episodes take RGB frames [H, W, 3]")
-    height, width = (shape[0], shape[1]) if shape[2] == 3 else (shape[1], shape[2])
-    if not (1 <= height <= 1024 and 1 <= width <= 1024):
-        raise LeRobotError(f"camera {camera_key!r} has {height}x{width} frames; SOP episodes take at most 1024x1024")
+    for key in (camera_key, *(k for k, _ in extra)):
+        shape = list(meta.features[key]["shape"])
+        if len(shape) != 3 or 3 not in (shape[0], shape[2]):
+            raise LeRobotError(f"camera {key!r} has shape {shape}; SOP episodes take RGB frames [H, W, 3]")
+        height, width = (shape[0], shape[1]) if shape[2] == 3 else (shape[1], shape[2])
+        if not (1 <= height <= 1024 and 1 <= width <= 1024):
+            raise LeRobotError(f"camera {key!r} has {height}x{width} frames; SOP episodes take at most 1024x1024")
 
     dims = task_dimensions(task)
     for role, key, index in (("state", state_key, 0), ("action", action_key, 1)):
@@ -975,7 +999,8 @@ def plan_import(meta: DatasetMeta, task, *, camera_map: dict[str, str] | None = 
         if dims is not None and width != dims[index]:
             raise LeRobotError(f"{role} feature {key!r} has {width} values, but task {task.name} takes {dims[index]} "
                                f"({dims[2]}); the dataset's float vector features: {listed}")
-    return ImportPlan(camera_key=camera_key, camera=camera, state_key=state_key, action_key=action_key)
+    return ImportPlan(camera_key=camera_key, camera=camera, state_key=state_key, action_key=action_key,
+                      extra=tuple(extra))
 
 
 def imported_episode_id(task, episode: DatasetEpisode, plan: ImportPlan) -> str:
@@ -983,7 +1008,7 @@ def imported_episode_id(task, episode: DatasetEpisode, plan: ImportPlan) -> str:
     camera and task string): the same episode imported again gets the same id, which the ingest is idempotent on,
     whichever export or --limit it came from."""
     digest = hashlib.sha256()
-    for part in (task.name, plan.camera_key, episode.task):
+    for part in (task.name, plan.camera_key, episode.task, *(key for key, _ in plan.extra)):
         digest.update(part.encode() + b"\x00")
     for key in (plan.state_key, plan.action_key, "timestamp"):
         if key in episode.columns:
@@ -996,10 +1021,14 @@ def episode_data_from(episode: DatasetEpisode, plan: ImportPlan, task, *, episod
     """An offline demonstration, as collect_demos records one: split offline, no checkpoint (policy_version -1);
     who drove each step from the dataset's control_source where it has one (else the demonstrator, code 0)."""
     t, cols, idx = episode.length, episode.columns, episode.index
-    images = episode.frames(plan.camera_key)
-    if images.ndim != 4 or images.shape[0] != t or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise LeRobotError(f"episode {idx}: camera {plan.camera_key!r} decoded to {images.dtype} {images.shape}, "
-                           f"expected uint8 [{t}, H, W, 3]")
+    views = {}
+    for key, name in ((plan.camera_key, plan.camera), *plan.extra):
+        frames = episode.frames(key)
+        if frames.ndim != 4 or frames.shape[0] != t or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise LeRobotError(f"episode {idx}: camera {key!r} decoded to {frames.dtype} {frames.shape}, "
+                               f"expected uint8 [{t}, H, W, 3]")
+        views[name] = frames
+    images = views.pop(plan.camera)
     states, actions = _float_matrix(cols, plan.state_key, t, idx), _float_matrix(cols, plan.action_key, t, idx)
     if "control_source" in cols:
         source = np.asarray(cols["control_source"]).reshape(-1)
@@ -1029,7 +1058,7 @@ def episode_data_from(episode: DatasetEpisode, plan: ImportPlan, task, *, episod
             "control_hz": float(episode.dataset.fps), "camera": plan.camera,
         },
         images=images, states=states, actions=actions, control_source=source, rewards=rewards,
-        successes=successes, timestamps=times, segments=_segments(source),
+        successes=successes, timestamps=times, segments=_segments(source), cameras=views,
     )
 
 

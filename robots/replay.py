@@ -199,7 +199,8 @@ def _codec() -> str:
 
 def encode_episode_video(source: Path, target: Path, fps: float,
                          progress: Callable[[float], None] = lambda fraction: None) -> Path:
-    """Encode the episode's camera frames as an MP4 at its control rate. Written to a temp file beside ``target`` and
+    """Encode the episode's camera frames as an MP4 at its control rate; an episode with more cameras shows them side
+    by side, the primary first, each scaled to the primary's height. Written to a temp file beside ``target`` and
     renamed, so that concurrent requests never serve (or write into) a half-written file."""
     import av
 
@@ -210,6 +211,7 @@ def encode_episode_video(source: Path, target: Path, fps: float,
     try:
         with EpisodeReader(source) as reader:
             h, w = reader.meta["image_shape"][:2]
+            w = sum(_width_at(shape, h) for shape in _shapes(reader))
             scale = max(1, min(8, math.ceil(256 / max(h, w))))  # small camera images are upscaled (nearest)
             out_h, out_w = h * scale + (h * scale) % 2, w * scale + (w * scale) % 2  # yuv420p needs even sizes
             codec = _codec()
@@ -240,8 +242,28 @@ def encode_episode_video(source: Path, target: Path, fps: float,
     return target
 
 
+def _shapes(reader) -> list[tuple]:
+    return [tuple(reader.meta["image_shape"]), *(tuple(s) for s in reader.meta["cameras"].values())]
+
+
+def _width_at(shape: tuple, height: int) -> int:
+    return max(1, round(shape[1] * height / shape[0]))
+
+
 def _frames(reader, block: int = 64):
-    """The episode's camera frames, read ``block`` at a time: a long episode never sits in memory whole."""
+    """The episode's camera frames (side by side when it has more cameras), read ``block`` at a time: a long episode
+    never sits in memory whole."""
+    datasets = ["observation/image", *(f"observation/cameras/{name}" for name in reader.meta["cameras"])]
+    h = reader.meta["image_shape"][0]
     for start in range(0, reader.steps, block):
-        yield from reader.column("observation/image", start, start + block)
+        views = [reader.column(name, start, start + block) for name in datasets]
+        if len(views) == 1:
+            yield from views[0]
+            continue
+        scaled = []
+        for frames in views:  # nearest-neighbour to the primary's height
+            fh, fw = frames.shape[1:3]
+            width = _width_at((fh, fw), h)
+            scaled.append(frames[:, (np.arange(h) * fh) // h][:, :, (np.arange(width) * fw) // width])
+        yield from np.concatenate(scaled, axis=2)
 

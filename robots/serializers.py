@@ -96,7 +96,7 @@ class RobotSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "connected", "state", "last_seen", "connected_at", "current_task", "current_prompt",
             "current_episode", "current_step", "policy_version", "policy_name", "policy_error", "control_source", "loop_hz",
-            "loop_p99_ms", "spool_pending", "capabilities", "agent_version", "revoked", "revoked_at",
+            "loop_p99_ms", "spool_pending", "capabilities", "cameras", "agent_version", "revoked", "revoked_at",
             "episode_count", "verified_episode_count", "successful_episode_count", "rated_online_count",
             "autonomous_success_count", "estopped", "estopped_by", "estopped_at", "deadman", "operator_name", "video_fps", "viewers",
         ]
@@ -131,7 +131,7 @@ class EpisodeSerializer(serializers.ModelSerializer):
         fields = [
             "id", "robot", "task", "prompt", "policy_name", "policy_version", "split", "started_at", "ended_at",
             "steps", "outcome", "success", "outcome_source", "intervention_count", "intervention_steps", "control_hz",
-            "image_shape", "status", "payload_size", "received_bytes", "verified_at", "created_at", "error",
+            "image_shape", "cameras", "status", "payload_size", "received_bytes", "verified_at", "created_at", "error",
         ]
         read_only_fields = fields
 

@@ -73,6 +73,7 @@ def console(launcher, namespace, django_user_model, tmp_path):
     agent = launcher.start("agent", namespace.wrap([
         sys.executable, "-m", "robots.agent", "--server", url, "--spool", str(tmp_path / "spool"),
         "--policy", "random", "--hz", "10", "--image-size", "64", "--video-fps", "15", "--video-size", "192",
+        "--extra-cameras", "gripperPOV",  # the scene and the wrist view, streamed side by side
     ]), SOP_ROBOT_TOKEN=token)
     wait_for(lambda: Robot.objects.get(pk=robot.pk).state == "running", 90, "the robot to run an episode",
              procs=(server, worker, agent))
@@ -246,6 +247,10 @@ def test_a_viewer_watches_but_cannot_take_over(console, browser):
     page.goto(f"{url}/robots/{robot.name}/")
     wait_for(lambda: frames_decoded(page, robot.name) > 5, 60, "video for a viewer", interval=0.5, procs=procs)
     assert page.get_by_test_id("takeover").is_disabled()
+    # both cameras the robot records arrive in the one track, side by side (192 px each), and the page says which
+    size = page.evaluate("() => { const v = document.querySelector('video'); return [v.videoWidth, v.videoHeight]; }")
+    assert size == [384, 192], size
+    assert page.get_by_test_id("cameras").inner_text() == "cameras: corner3, gripperPOV"
     shot(page, "robot-viewer")
 
 

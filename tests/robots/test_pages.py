@@ -10,6 +10,7 @@ import io
 import uuid
 
 import av
+import numpy as np
 import pytest
 from django.urls import reverse
 from django.utils import timezone
@@ -555,3 +556,22 @@ def test_help_precision_recall_operator_counters_and_coverage(client, viewer, ta
     # busy = 0.1 + (2 / 20) * 10 = 1.1 -> one operator covers 0.9 robots
     assert a["intervened_step_share"] == 0.1 and a["interventions_per_robot_hour"] == 360.0
     assert a["robots_per_operator"] == 0.9
+
+
+def test_the_replay_of_an_episode_with_more_cameras_shows_them_side_by_side(tmp_path):
+    from robots.episode_file import write_episode
+
+    from .factories import episode_data
+
+    data = episode_data(steps=6)
+    data.images[:] = 40
+    data.cameras = {"gripperPOV": np.full((6, 4, 4, 3), 220, np.uint8)}  # half the primary's 8 px: scaled to 8
+    write_episode(tmp_path / "e.h5", data)
+    replay.encode_episode_video(tmp_path / "e.h5", tmp_path / "e.mp4", 10.0)
+    with av.open(str(tmp_path / "e.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    assert len(frames) == 6
+    h, w, _ = frames[0].shape
+    assert w == 2 * h  # two square views of the same height
+    left, right = frames[3][:, : w // 2 - 4].mean(), frames[3][:, w // 2 + 4:].mean()
+    assert abs(left - 40) < 12 and abs(right - 220) < 12
