@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from robots.episode_file import EpisodeFileError, check_camera_names
+from robots.episode_file import CAMERA_NAME, EpisodeFileError, check_camera_names
 
 AGENT_VERSION = "0.1.0"
 
@@ -70,6 +70,8 @@ class AgentConfig:
             raise ValueError("control_hz and image_size must be positive, noise non-negative")
         if self.episodes is not None and self.episodes <= 0:
             raise ValueError("episodes must be positive")
+        if not CAMERA_NAME.fullmatch(self.camera):
+            raise ValueError(f"--camera {self.camera!r} is not a camera name ([A-Za-z0-9][A-Za-z0-9_-]*, at most 40)")
         try:
             check_camera_names(list(self.extra_cameras), self.camera)
         except EpisodeFileError as exc:

@@ -5,6 +5,7 @@ import json
 import threading
 import uuid
 
+import pytest
 from websockets.asyncio.server import serve
 
 from robots import protocol
@@ -96,3 +97,14 @@ async def _until(condition, timeout=5.0):
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.parametrize("camera, extra, message", [
+    ("corner3", ("corner3",), "is the primary camera"),
+    ("corner3", ("../x",), "is not"),
+    ("corner 3", (), "is not a camera name"),
+    ("corner3", tuple(f"c{i}" for i in range(5)), "besides the primary"),
+])
+def test_camera_options_are_checked_before_anything_starts(tmp_path, camera, extra, message):
+    with pytest.raises(ValueError, match=message):
+        AgentConfig(server="http://h:1", token=TOKEN, spool_dir=tmp_path, camera=camera, extra_cameras=extra)
