@@ -61,6 +61,7 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     url, (arm1, arm2), procs = console["url"], console["robots"], console["procs"]
     op1 = login(browser, url, "op1")
     op1.locator('[data-robot="arm-1"]').wait_for()
+    page_ready = time.time()  # the fleet page shows the fleet: its console socket is open
 
     # arm-2 stalls: its request is at the top of the queue and its tile first (arm-1 sorts first by name otherwise).
     item = op1.locator('[data-testid="help-item"][data-robot="arm-2"]')
@@ -68,9 +69,10 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
     shown_at = time.time()
     request = HelpRequest.objects.get(robot=arm2)
     assert (request.kind, request.status) == ("stall", "open") and "while the policy drove" in request.reason
-    # "within one heartbeat": from the robot raising it (its clock; same host) to the page showing it
+    # "within one heartbeat": from the robot raising it (its clock; same host), or from the page opening when the
+    # robot asked before (a loaded machine is slow to log in), to the page showing it
     assert request.robot_since is not None
-    latency = shown_at - request.robot_since.timestamp()
+    latency = shown_at - max(request.robot_since.timestamp(), page_ready)
     assert latency < settings.SOP_HEARTBEAT_S, f"the request took {latency:.2f} s to reach the page"
     assert len(request.trace) >= 15 and all(s["driver"] == "policy" for s in request.trace)
     op1.wait_for_function("document.querySelector('#tiles .tile[data-robot]').dataset.robot === 'arm-2'",
