@@ -189,6 +189,7 @@ class Seed:
         base, data = self.base(POLICY.get(name, "small_vla")), self.root / name
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(base, data, ignore=shutil.ignore_patterns("logs", "spool", "*.log", "ready"))
+        self.manage(data, "migrate", "-v0")  # a base made by an older checkout (the study spans sessions)
         return data
 
     # -- rows --------------------------------------------------------------------------------------------------

@@ -456,12 +456,14 @@ class FrameIndex:
         return np.concatenate(states), np.concatenate(actions), env_ids
 
     def episode_columns(self, episode: int) -> dict[str, np.ndarray]:
-        """All frames of one episode at once (``image`` uint8 [T, H, W, 3] at the file's camera size, ``state``
-        float32 [T, S]): for batched passes over whole episodes (RECAP's value function). Reads through a validating
-        ``EpisodeReader``, not the sampling LRU, so that it never evicts the files the sampler is using."""
+        """All frames of one episode at once (``image`` uint8 [T, H, W, 3] at the file's camera size: the camera
+        ``load_batch`` delivers as ``image``, ``state`` float32 [T, S]): for batched passes over whole episodes (RECAP's
+        value function, which trains on ``load_batch``'s ``image``). Reads through a validating ``EpisodeReader``, not
+        the sampling LRU, so that it never evicts the files the sampler is using."""
         entry = self.episodes[int(episode)]
+        dataset = entry.cameras[0][0] if entry.cameras else IMAGE
         with EpisodeReader(entry.path) as reader:
-            images = np.ascontiguousarray(reader.column("observation/image"), dtype=np.uint8)
+            images = np.ascontiguousarray(reader.column(dataset), dtype=np.uint8)
             states = np.asarray(reader.column("observation/state"), dtype=np.float32)
         if len(images) != entry.steps:
             raise ValueError(f"{entry.path} changed since it was indexed")

@@ -96,3 +96,13 @@ def test_a_batch_without_the_cameras_says_how_to_build_one(tmp_path):
     index.add_episode(make_episode(tmp_path / "a.h5", cameras={"gripperPOV": 16}))
     with pytest.raises(ValueError, match="FrameIndex built with those cameras"):
         policy.loss(index.load_batch(np.arange(4)), generator=torch.Generator())
+
+
+def test_whole_episode_reads_give_the_camera_the_batches_give(tmp_path):
+    """RECAP's value function trains on a batch's "image" and predicts on episode_columns' "image": one camera."""
+    index = FrameIndex(horizon=2, cameras=("gripperPOV", "corner3"))
+    index.add_episode(make_episode(tmp_path / "a.h5", steps=4, cameras={"gripperPOV": 12}))
+    whole = index.episode_columns(0)["image"]
+    batch = index.load_batch(np.arange(4))
+    np.testing.assert_array_equal(whole, batch["image"].numpy())
+    assert whole.shape == (4, 12, 12, 3)
