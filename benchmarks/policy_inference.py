@@ -4,11 +4,13 @@ Builds the preset's policy, embeds the task prompt once with the real packaged M
 carries it), round-trips the weights through a checkpoint file, and times ``act`` for N calls with fresh observations.
 
     .venv/bin/python benchmarks/policy_inference.py          # -> benchmarks/results/policy_inference.json
+    .venv/bin/python benchmarks/policy_inference.py --policy flow_vla   # -> ..._flow_vla.json (10 Euler steps)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,8 +31,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--camera-sizes", default="64,96", help="camera image sizes to time (resized to the input)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/policy_inference.json"))
+    parser.add_argument("--policy", default="", help="policy family (default: the preset's, small_vla)")
+    parser.add_argument("--out", help="default benchmarks/results/policy_inference[_POLICY].json")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks/results" / (
+        f"policy_inference_{args.policy}.json" if args.policy else "policy_inference.json"))
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
@@ -43,8 +48,9 @@ def main() -> None:
     import_s = time.perf_counter() - t0
     torch.set_num_threads(1)
     preset = get_preset(args.preset)
+    config = dataclasses.replace(preset.policy, name=args.policy) if args.policy else preset.policy
     prompt = "reach the red target"
-    policy = build_policy(preset.policy, seed=0)
+    policy = build_policy(config, seed=0)
     policy.prompts.get(prompt)  # the real MiniLM, once
     with tempfile.TemporaryDirectory() as tmp:
         saved = save_checkpoint(tmp, policy, version=1)
@@ -80,6 +86,7 @@ def main() -> None:
         "benchmark": "policy_inference",
         "command": " ".join([os.path.relpath(sys.executable, ROOT), os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
         "preset": args.preset,
+        "policy": config.name,
         "policy_input": preset.policy.image_size,
         "parameters": count_parameters(policy),
         "torch_threads": torch.get_num_threads(),
