@@ -146,7 +146,6 @@ class _DirectEpisode:
             raise
         self.layout = layout
         self.frame_shape = layout.frame_shape
-        self._frame_bytes = int(np.prod(layout.frame_shape))
         self._state_row = 4 * layout.state_dim
         self._action_row = 4 * layout.action_dim
 
@@ -396,10 +395,9 @@ class FrameIndex:
                 end = min(t + h, entry.steps)
                 state, rows = opened.read_rows(t, end)
                 if images is None:
-                    images = np.empty((b, *self.image_shape), np.uint8)
+                    images = extra[0] = np.empty((b, *self.image_shape), np.uint8)
                     states = np.empty((b, len(state)), np.float32)
                     actions = np.empty((b, h, rows.shape[1]), np.float32)
-                extra[0] = images
                 for j, (dataset, shape) in enumerate(entry.cameras or ((IMAGE, entry.image_shape),)):
                     if shape == wanted[j]:
                         opened.read_camera(dataset, t, extra[j][k: k + 1])

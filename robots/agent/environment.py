@@ -97,7 +97,6 @@ class MetaWorldEnvironment(Environment):
             raise ValueError(f"cameras {[camera, *extra_cameras]}: {'unknown ' + str(unknown) if unknown else 'repeated'}"
                              f"; {env_id} has {', '.join(sorted(names))}")
         self.extra_cameras = tuple(extra_cameras)
-        self._flip = flips(camera)
         # Held around every physics change (reset, step): the video capture thread (media.py) copies the scene under
         # it (~0.02 ms), so it never sees a half-stepped state and the control thread never waits longer than that.
         self.sim_lock = threading.Lock()
@@ -123,11 +122,6 @@ class MetaWorldEnvironment(Environment):
     def data(self):
         """The MuJoCo data: read it only under ``sim_lock``."""
         return self._env.data
-
-    @property
-    def flip_image(self) -> bool:
-        """Whether frames of ``camera`` come out upside down and need flipping (corner cameras)."""
-        return self._flip
 
     @property
     def state_dim(self) -> int:
