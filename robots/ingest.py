@@ -5,6 +5,7 @@ reads it; docs/protocol.md "HTTP ingest").
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -131,10 +132,13 @@ def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
     size, sha256 = meta["size"], meta["sha256"]
     if size > settings.SOP_MAX_EPISODE_BYTES:
         raise PayloadTooLarge(f"episode of {size} bytes exceeds the limit of {settings.SOP_MAX_EPISODE_BYTES}")
-    task = Task.objects.filter(name=meta["task"]).first()
-    if task is None:
+    task_id = Task.objects.filter(name=meta["task"]).values_list("pk", flat=True).first()
+    if task_id is None:
         raise UnknownTask(f"unknown task {meta['task']!r}")
-    fields = _announced_fields(meta, task)
+    fields = _announced_fields(meta, task_id)
+    opened = _open_quickly(robot, meta["id"], size, sha256, fields)
+    if opened is not None:
+        return opened
     with transaction.atomic():
         episode = Episode.objects.select_for_update().filter(pk=meta["id"]).first()
         if episode is None or episode.status != Episode.Status.UPLOADING:
@@ -161,7 +165,7 @@ def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
                 return episode, False  # a request is writing it now: resume from what the row says
             episode.received_bytes = _partial_bytes(episode)
         else:
-            # The first announcement after episode.started, a retry after a rejected upload, or new content.
+            # A retry after a rejected upload, new content, or an announcement racing another.
             partial_path(episode.id).unlink(missing_ok=True)
             episode.status = Episode.Status.UPLOADING
             episode.payload_size, episode.payload_sha256, episode.received_bytes = size, sha256, 0
@@ -174,6 +178,37 @@ def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
         # that a robot asking where to resume is not told "at the end" forever.
         return append_upload(robot, episode.id, size, b""), False
     return episode, False
+
+
+# Where an announcement finds its episode on the quick path: recorded over the socket and not uploaded yet, or
+# abandoned, or rejected (the robot sends it again from 0). The payload's fields replace what the row holds.
+_FRESH = (Episode.Status.RECORDING, Episode.Status.ABANDONED, Episode.Status.REJECTED)
+
+
+def _open_quickly(robot: Robot, episode_id, size: int, sha256: str,
+                  fields: dict[str, Any]) -> Optional[tuple[Episode, bool]]:
+    """The two common announcements in one statement each, no transaction: an episode the robot announced over the
+    socket (or one to send again from 0) is opened by a conditional UPDATE, an unknown one by an INSERT. None: let
+    the locking path decide (a resume, a verified episode, a conflict, another robot's id, a full upload quota).
+
+    The quota is counted first and the quick path is taken only when there is room, so both paths refuse alike.
+    """
+    if _open_upload_count(robot, episode_id) >= settings.SOP_MAX_OPEN_UPLOADS:
+        return None
+    opened = dict(status=Episode.Status.UPLOADING, payload_size=size, payload_sha256=sha256, received_bytes=0,
+                  error="", **fields)
+    if Episode.objects.filter(pk=episode_id, robot_id=robot.pk, status__in=_FRESH).update(**opened):
+        partial_path(episode_id).unlink(missing_ok=True)
+        return Episode(id=episode_id, robot=robot, **opened), False
+    try:
+        # A statement of its own (autocommit; a savepoint inside a caller's transaction): its IntegrityError aborts
+        # nothing else
+        with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+            episode = Episode.objects.create(id=episode_id, robot=robot, **opened)
+    except IntegrityError:  # it exists in a state the locking path handles (or another request created it)
+        return None
+    partial_path(episode_id).unlink(missing_ok=True)
+    return episode, True
 
 
 def append_upload(robot: Robot, episode_id, offset: int, data: bytes) -> Episode:
@@ -190,14 +225,17 @@ def append_upload(robot: Robot, episode_id, offset: int, data: bytes) -> Episode
     """
     if len(data) > settings.SOP_MAX_UPLOAD_CHUNK_BYTES:
         raise PayloadTooLarge(f"chunk of {len(data)} bytes exceeds {settings.SOP_MAX_UPLOAD_CHUNK_BYTES}")
-    episode = _own_episode(robot, episode_id)
-    if episode.status == Episode.Status.VERIFIED:
-        return episode  # a retried last chunk whose reply was lost: nothing left to do
-    if episode.status in (Episode.Status.RECORDING, Episode.Status.ABANDONED):
-        raise UploadNotOpen()
-    token = _lock_upload(episode)
+    token = _lock_upload(robot, episode_id)
+    if token is None:  # why not: the one read the common path never needs
+        episode = _own_episode(robot, episode_id)
+        if episode.status == Episode.Status.VERIFIED:
+            return episode  # a retried last chunk whose reply was lost: nothing left to do
+        if episode.status in (Episode.Status.RECORDING, Episode.Status.ABANDONED):
+            raise UploadNotOpen()
+        raise UploadBusy()
+    released = False
     try:
-        episode.refresh_from_db()
+        episode = Episode.objects.select_related("task").get(pk=episode_id)
         received = _partial_bytes(episode)
         if offset != received:
             raise OffsetMismatch(f"Upload-Offset is {offset}, the server has {received} bytes", offset=received)
@@ -207,16 +245,22 @@ def append_upload(robot: Robot, episode_id, offset: int, data: bytes) -> Episode
         if data:
             _check_partial_quota(robot, episode, end)
             _write_chunk(partial_path(episode.id), offset, data)
-        # Also resumes a rejected episode re-sent from 0. Fenced by the lock: a request that outlived its lock has
-        # written into a file that another request now reconciles (truncates); its bytes are not acknowledged.
-        if not _locked(episode, token).update(status=Episode.Status.UPLOADING, received_bytes=end, error=""):
-            raise UploadBusy("another request took over this upload; retry")
+        # Also resumes a rejected episode re-sent from 0.
         episode.status, episode.received_bytes, episode.error = Episode.Status.UPLOADING, end, ""
         if end == episode.payload_size:
-            return _finish(robot, episode, token)
+            released = True  # whatever happens now, _finish's last statement releases the lock
+            return _finish(robot, episode, token, whole=data if offset == 0 else None)
+        # One statement records the bytes and releases the lock. Fenced by the lock: a request that outlived its
+        # lock has written into a file that another request now reconciles (truncates); its bytes are not
+        # acknowledged.
+        released = True
+        if not _locked(episode, token).update(status=Episode.Status.UPLOADING, received_bytes=end, error="",
+                                              upload_token="", upload_locked_until=None):
+            raise UploadBusy("another request took over this upload; retry")
         return episode
     finally:
-        _locked(episode, token).update(upload_token="", upload_locked_until=None)
+        if not released:
+            _unlock(episode_id, token)
 
 
 def cleanup_stale_uploads() -> int:
@@ -268,11 +312,11 @@ def _abandon_stale_recordings() -> int:
 # ---------------------------------------------------------------- helpers
 
 
-def _announced_fields(meta: dict[str, Any], task: Task) -> dict[str, Any]:
+def _announced_fields(meta: dict[str, Any], task_id: int) -> dict[str, Any]:
     """Episode metadata as announced; verification replaces it with the payload's own."""
     segments = meta.get("interventions") or []
     return dict(
-        task=task,
+        task_id=task_id,
         prompt=meta.get("prompt", "")[:500],
         policy_name=meta.get("policy", "")[:100],
         policy_version=db_version(meta.get("policy_version")),
@@ -333,31 +377,39 @@ def _own_episode(robot: Robot, episode_id) -> Episode:
     return episode
 
 
-def _lock_upload(episode: Episode) -> str:
-    """Take the episode's upload lock (a conditional UPDATE; expires after UPLOAD_LOCK_S so a killed request cannot
-    keep it). Raises UploadBusy when another request holds it. Returns the lock's token."""
+def _lock_upload(robot: Robot, episode_id) -> Optional[str]:
+    """Take the upload lock of one of ``robot``'s open uploads (uploading, or rejected and sent again): a conditional
+    UPDATE that expires after UPLOAD_LOCK_S so a killed request cannot keep it. Returns the lock's token, or None
+    when there is no such upload or another request holds it (the caller finds out which)."""
     token = uuid.uuid4().hex
     now = timezone.now()
     free = Q(upload_locked_until__isnull=True) | Q(upload_locked_until__lt=now)
-    taken = Episode.objects.filter(free, pk=episode.pk, robot_id=episode.robot_id).update(
-        upload_token=token, upload_locked_until=now + dt.timedelta(seconds=UPLOAD_LOCK_S))
-    if not taken:
-        raise UploadBusy()
-    return token
+    taken = Episode.objects.filter(
+        free, pk=episode_id, robot_id=robot.pk, status__in=(Episode.Status.UPLOADING, Episode.Status.REJECTED),
+    ).update(upload_token=token, upload_locked_until=now + dt.timedelta(seconds=UPLOAD_LOCK_S))
+    return token if taken else None
 
 
 def _locked(episode: Episode, token: str):
     return Episode.objects.filter(pk=episode.pk, upload_token=token)
 
 
+def _unlock(episode_id, token: str) -> None:
+    Episode.objects.filter(pk=episode_id, upload_token=token).update(upload_token="", upload_locked_until=None)
+
+
 def _check_open_uploads(robot: Robot, episode_id) -> None:
     """A robot may have at most SOP_MAX_OPEN_UPLOADS uploads with bytes on the server at once (its uploader sends
     one at a time; partial files of abandoned uploads are cleaned up after SOP_STALE_UPLOAD_HOURS)."""
     limit = settings.SOP_MAX_OPEN_UPLOADS
-    open_count = (Episode.objects.filter(robot=robot, status=Episode.Status.UPLOADING, received_bytes__gt=0)
-                  .exclude(pk=episode_id).count())
+    open_count = _open_upload_count(robot, episode_id)
     if open_count >= limit:
         raise QuotaExceeded(f"robot {robot.name} has {open_count} unfinished uploads (at most {limit}); finish one")
+
+
+def _open_upload_count(robot: Robot, episode_id) -> int:
+    return (Episode.objects.filter(robot=robot, status=Episode.Status.UPLOADING, received_bytes__gt=0)
+            .exclude(pk=episode_id).count())
 
 
 def _check_partial_quota(robot: Robot, episode: Episode, end: int) -> None:
@@ -371,52 +423,62 @@ def _check_partial_quota(robot: Robot, episode: Episode, end: int) -> None:
                             "finish its other uploads first")
 
 
-def _finish(robot: Robot, episode: Episode, token: str) -> Episode:
-    """Verify a complete upload and store it. The hashing and checking run outside any transaction; the result is
-    committed in one short transaction, fenced by the upload lock."""
+def _finish(robot: Robot, episode: Episode, token: str, whole: Optional[bytes] = None) -> Episode:
+    """Verify a complete upload and store it; releases the upload lock in every case. The hashing and checking run
+    outside any transaction; the result is one short transaction: the fenced UPDATE, the segments (if any) and the
+    replay's job. ``whole``: the payload when one request carried all of it (hashed in memory, not read back)."""
     path = partial_path(episode.id)
-    digest = _sha256(path)
-    if digest != episode.payload_sha256:
-        _reject(episode, token, ChecksumMismatch(
-            f"sha256 of the received bytes is {digest}, announced {episode.payload_sha256}: upload again from 0",
-            offset=0))
     try:
-        meta = payload_check.default_checker().check(path, payload_limits())
-        fields = _payload_fields(meta, episode, robot)
-    except (EpisodeFileError, ValueError, SopError) as exc:
-        message = getattr(exc, "detail", None) or str(exc)
-        _reject(episode, token, InvalidPayload(f"invalid episode file: {message}", offset=0))
-    segments = fields.pop("segments")
-    key = storage.episode_key(str(stored_path(episode.id)))
-    # Object storage: the verified bytes go to the bucket first, outside any transaction (seconds for a large file),
-    # under the episode's own key; the row below is what makes them count.
-    try:
-        storage.upload(key, path)
-    except storage.StorageError as exc:
-        log.error("episode %s verified but not stored: %s", episode.id, exc)
-        raise StorageUnavailable() from None  # the partial file stays; the robot's retry finishes it
-    with transaction.atomic():
-        if not _locked(episode, token).select_for_update().exists():
-            raise UploadBusy("another request took over this upload; retry")
-        dest = storage.place(key, path)  # atomic: the store (or this host's cache) never holds half a file
+        digest = hashlib.sha256(whole).hexdigest() if whole is not None else _sha256(path)
+        if digest != episode.payload_sha256:
+            _reject(episode, token, ChecksumMismatch(
+                f"sha256 of the received bytes is {digest}, announced {episode.payload_sha256}: upload again from 0",
+                offset=0))
         try:
-            for name, value in fields.items():
+            meta = payload_check.default_checker().check(path, payload_limits())
+            fields = _payload_fields(meta, episode, robot)
+        except (EpisodeFileError, ValueError, SopError) as exc:
+            message = getattr(exc, "detail", None) or str(exc)
+            _reject(episode, token, InvalidPayload(f"invalid episode file: {message}", offset=0))
+        segments = fields.pop("segments")
+        key = storage.episode_key(str(stored_path(episode.id)))
+        # Object storage: the verified bytes go to the bucket first, outside any transaction (seconds for a large
+        # file), under the episode's own key; the row below is what makes them count.
+        try:
+            storage.upload(key, path)
+        except storage.StorageError as exc:
+            log.error("episode %s verified but not stored: %s", episode.id, exc)
+            raise StorageUnavailable() from None  # the partial file stays; the robot's retry finishes it
+    except BaseException:
+        # The row as this request leaves it (rejected, or every byte acknowledged: the retry resumes at the end)
+        _locked(episode, token).update(status=episode.status, received_bytes=episode.received_bytes,
+                                       error=episode.error, upload_token="", upload_locked_until=None)
+        raise
+    verified = dict(fields, payload_path=str(stored_path(episode.id)), status=Episode.Status.VERIFIED,
+                    verified_at=timezone.now(), error="", received_bytes=episode.payload_size)
+    try:
+        dest = storage.place(key, path)  # atomic: the store (or this host's cache) never holds half a file
+    except BaseException:
+        _unlock(episode.id, token)
+        raise
+    try:
+        with transaction.atomic():
+            # the fence, the verification and the lock's release in one statement
+            if not _locked(episode, token).update(**verified, upload_token="", upload_locked_until=None):
+                raise UploadBusy("another request took over this upload; retry")
+            for name, value in verified.items():
                 setattr(episode, name, value)
-            episode.payload_path = str(stored_path(episode.id))
-            episode.status = Episode.Status.VERIFIED
-            episode.verified_at = timezone.now()
-            episode.error = ""
-            episode.save()
-            _store_segments(episode, segments)
-        except BaseException:
-            os.replace(dest, path)  # the row did not change: the bytes go back to where the next attempt looks
-            raise
+            if segments:  # a verified episode is never uploaded again, so it has no segments to replace
+                _store_segments(episode, segments)
+            # its replay is made in the background now, so that nobody waits for an encoder later (robots/replay.py);
+            # the job's row commits with the verification, its Celery task is sent after the commit
+            replay.queue_replays(episode, new=True)
+    except BaseException:
+        os.replace(dest, path)  # the row did not change: the bytes go back to where the next attempt looks
+        _unlock(episode.id, token)
+        raise
     log.info("episode %s of robot %s verified (%d steps, %s)", episode.id, robot.name, episode.steps, episode.outcome,
              extra=ids(robot=robot.name, episode=episode.id))
-    try:  # its replay is made in the background now, so that nobody waits for an encoder later (robots/replay.py)
-        replay.queue_replays(episode)
-    except Exception:  # the episode is stored; a replay that cannot be queued is queued when someone asks for it
-        log.exception("episode %s: its replay could not be queued", episode.id)
     return episode
 
 
@@ -509,7 +571,6 @@ def _lease_of(episode: Episode, segment: Segment, started_at, verified: dict) ->
 
 
 def _store_segments(episode: Episode, segments: list[Segment]) -> None:
-    episode.segments.all().delete()
     leases: dict[int, Optional[ControlLease]] = {}
     rows = []
     for s in segments:

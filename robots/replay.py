@@ -150,9 +150,18 @@ VIDEO_TASK = "robots.render_episode_video"
 VALUE_TASK = "learner.render_episode_value"  # learner/tasks.py: V(o_t) of the newest value function, if there is one
 
 
-def queue_replays(episode: Episode) -> None:
-    """A verified episode: its MP4, and its value plot (the learner's task does nothing without a value function)."""
-    queue_video(episode)
+def queue_replays(episode: Episode, new: bool = False) -> None:
+    """A verified episode: its MP4, and its value plot (the learner's task does nothing without a value function).
+
+    ``new``: the episode was verified this instant, so no job of it can exist (jobs are made for verified episodes
+    only): one INSERT instead of a look-up first (ingest's hot path). A conflict would mean one does; the task then
+    finds it, as a redelivered task does."""
+    if new and episode.status == Episode.Status.VERIFIED and episode.payload_path:
+        MediaJob.objects.bulk_create([MediaJob(episode_id=episode.pk, kind=MediaJob.Kind.VIDEO,
+                                               key=video_key(episode))], ignore_conflicts=True)
+        _send_on_commit(VIDEO_TASK, [str(episode.pk)])
+    else:
+        queue_video(episode)
     _send_on_commit(VALUE_TASK, [str(episode.pk)])
 
 
