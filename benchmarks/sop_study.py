@@ -66,6 +66,10 @@ FULL = dict(demos="reach=8,window-open=2,drawer-close=2,window-close=2,1", pretr
 QUICK = dict(demos="1", pretrain_steps=60, budget_min=1.5, pace=5.0, checkpoint_every=100, eval_episodes=2,
              curve_minutes=(0.75,), hz=10.0)
 QUICK_TASKS, QUICK_HELD_OUT = ("reach",), ("window-close",)
+# A timed online run counts only if its learner held this share of the pinned pace (a shared machine slows it, and
+# its robots then train on fewer steps than the other rows'); declared before any rerun, applied to every row alike.
+PACE_HELD = 0.95
+DERIVED = {"hg_dagger": ("bc_long", "offline")}  # rows made from another row's run (its steps, its data)
 RECAP_BETA_SWEEP = (1.5, 2.5)  # besides 1.0, what the robots and the main evaluation use
 
 
@@ -82,6 +86,10 @@ def main() -> int:
     p.add_argument("--plot", help="PNG path (default docs/img/<results file name>.png)")
     p.add_argument("--demos", help="demonstrations per task, e.g. 'reach=8,1' (default: the study's)")
     p.add_argument("--report-only", action="store_true", help="recompute the summaries and plots from the file")
+    p.add_argument("--rerun-under-paced", action="store_true",
+                   help=f"run again the online runs of --rows/--seeds whose learner held less than "
+                        f"{PACE_HELD:.0%} of the pinned pace (the old run is kept under 'superseded'; the controls "
+                        "made from it, bc_long and offline, are run again too)")
     args = p.parse_args()
     knobs = dict(QUICK if args.quick else FULL)
     if args.demos:
@@ -107,7 +115,11 @@ def main() -> int:
     if not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",")]:
             study = Seed(seed, work / f"seed-{seed}", tasks, held_out, knobs, args)
-            for row in rows:  # in ROWS order: bc_long and offline need the hg_dagger run of their seed
+            seed_rows = rows
+            if args.rerun_under_paced:
+                again = supersede_under_paced(results, rows, seed, knobs["pace"])
+                seed_rows = [r for r in ROWS if r in rows or r in again]
+            for row in seed_rows:  # in ROWS order: bc_long and offline need the hg_dagger run of their seed
                 key = f"{row}/seed-{seed}"
                 if key in results["runs"]:
                     log(f"{key}: in {results_path.name} already, skipped")
@@ -535,6 +547,32 @@ def summarise(results: dict) -> None:
     results["summary"] = table
 
 
+def supersede_under_paced(results: dict, rows: list[str], seed: int, pace: float) -> list[str]:
+    """Move the seed's under-paced online runs of ``rows`` (and the rows derived from them) to
+    ``results["superseded"]``, with the reason, so that the loop runs them again. Nothing is deleted: the report
+    lists what was superseded and why. Returns the rows to run again."""
+    runs, again = results["runs"], []
+    for row in rows:
+        key = f"{row}/seed-{seed}"
+        run = runs.get(key)
+        if run is None or row not in FLEET:
+            continue
+        rate = run.get("learner_steps_per_s") or 0.0
+        if rate >= PACE_HELD * pace:
+            continue
+        reason = f"learner {rate:.2f} steps/s < {PACE_HELD:.0%} of the pinned {pace:g}"
+        for victim in (row, *DERIVED.get(row, ())):
+            old = runs.pop(f"{victim}/seed-{seed}", None)
+            if old is not None:
+                why = reason if victim == row else f"made from {key}, which was run again ({reason})"
+                results.setdefault("superseded", []).append({"key": f"{victim}/seed-{seed}", "reason": why,
+                                                             "superseded_at": time.strftime("%Y-%m-%d %H:%M"),
+                                                             "run": old})
+                log(f"{victim}/seed-{seed}: superseded ({why}); it runs again")
+                again.append(victim)
+    return again
+
+
 def timeline_rate(timeline: list[dict]):
     """Learner steps/s between the first and the last snapshot of the online phase: both are read the same way, so
     the start-up before the first and the stop after the last (when the run's step still moves) do not count."""
@@ -638,6 +676,14 @@ def tables(results: dict) -> str:
     lines += ["", "Time to a level is interpolated between evaluated checkpoints (minutes "
               f"{', '.join(f'{m:g}' for m in protocol['curve_minutes'])} and the end); '> budget' means the run "
               "never reached it. The speed-up compares mean times over the seeds that reached the level.", ""]
+    if results.get("superseded"):
+        lines += ["## Superseded runs (kept in the results file; not in any table)", "",
+                  f"A timed run is run again when its learner held less than {PACE_HELD:.0%} of the pinned pace; the "
+                  "controls made from it go with it.", "", "| run | reason | its post-trained mean |", "|---|---|---|"]
+        for old in results["superseded"]:
+            mean = old["run"].get("mean_post_trained")
+            lines.append(f"| {old['key']} | {old['reason']} | {'-' if mean is None else f'{mean:.2f}'} |")
+        lines.append("")
     return "\n".join(lines)
 
 
