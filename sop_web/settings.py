@@ -150,9 +150,14 @@ def _database(url: str) -> dict:
     }
     if not url:
         return sqlite
+    pool_max = env_int("SOP_DB_POOL_MAX", 20)
     try:
-        # Reuse connections: a fresh PostgreSQL connection per request was 12% of the ingest server's time.
-        cfg = dj_database_url.parse(url, conn_max_age=env_int("SOP_DB_CONN_MAX_AGE", 60), conn_health_checks=True)
+        # Under ASGI every request runs in a thread of its own, so a persistent connection (CONN_MAX_AGE) is never
+        # reused by the next request: each request opened a PostgreSQL connection (a server process forked, TLS,
+        # auth). A pool per process hands them over instead (Django's psycopg pool; SOP_DB_POOL_MAX=0 turns it
+        # off and SOP_DB_CONN_MAX_AGE applies again). Health checks: a connection PostgreSQL dropped is replaced.
+        cfg = dj_database_url.parse(url, conn_max_age=0 if pool_max > 0 else env_int("SOP_DB_CONN_MAX_AGE", 60),
+                                    conn_health_checks=True)
     except ValueError as exc:
         raise ValueError(f"DATABASE_URL is not a database URL ({exc}); use postgresql:// or sqlite:///") from None
     if cfg["ENGINE"] == "django.db.backends.sqlite3":  # sqlite:////absolute/path.sqlite3 (test servers use this)
@@ -162,6 +167,11 @@ def _database(url: str) -> dict:
         return {**sqlite, "NAME": cfg["NAME"], "TEST": {"NAME": cfg["NAME"]}}
     if cfg["ENGINE"] != "django.db.backends.postgresql":
         raise ValueError(f"DATABASE_URL engine {cfg['ENGINE']!r} is not supported (use postgresql:// or sqlite:///)")
+    if pool_max > 0:
+        # min 1: a process that never touches the database (an agent's import, a beat) holds one at most; idle
+        # connections above it close after a minute; a request waits at most SOP_DB_POOL_TIMEOUT_S for one.
+        cfg.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": pool_max, "max_idle": 60.0,
+                                                 "timeout": float(env_int("SOP_DB_POOL_TIMEOUT_S", 10))}
     return cfg
 
 

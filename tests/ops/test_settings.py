@@ -12,13 +12,21 @@ def test_postgres_url_keeps_credentials_and_query_options():
     assert (db["NAME"], db["USER"], db["PASSWORD"], db["HOST"], int(db["PORT"])) == (
         "fleet", "sop", "p@ss/word", "db.internal", 6543)
     # These were silently dropped by the old hand-written parser: a TLS-only database then failed, or worse, did not.
+    pool = db["OPTIONS"].pop("pool")
     assert db["OPTIONS"] == {"sslmode": "verify-full", "sslrootcert": "/etc/sop/ca.pem"}
-    assert db["CONN_MAX_AGE"] == 60 and db["CONN_HEALTH_CHECKS"] is True
+    # a pool per process (each ASGI request has a thread of its own: a persistent connection is never reused)
+    assert (pool["min_size"], pool["max_size"]) == (1, 20)
+    assert db["CONN_MAX_AGE"] == 0 and db["CONN_HEALTH_CHECKS"] is True  # Django refuses a pool with persistence
 
 
-def test_conn_max_age_comes_from_the_environment(monkeypatch):
+def test_the_pool_can_be_turned_off_and_then_conn_max_age_applies(monkeypatch):
+    monkeypatch.setenv("SOP_DB_POOL_MAX", "0")
+    assert "pool" not in sop_settings._database("postgres://localhost/sop").get("OPTIONS", {})
+    assert sop_settings._database("postgres://localhost/sop")["CONN_MAX_AGE"] == 60
     monkeypatch.setenv("SOP_DB_CONN_MAX_AGE", "0")
     assert sop_settings._database("postgres://localhost/sop")["CONN_MAX_AGE"] == 0
+    monkeypatch.setenv("SOP_DB_POOL_MAX", "8")
+    assert sop_settings._database("postgres://localhost/sop")["OPTIONS"]["pool"]["max_size"] == 8
 
 
 def test_sqlite_url_shares_one_file_with_child_processes(tmp_path):
