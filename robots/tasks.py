@@ -22,8 +22,12 @@ def expire_leases() -> int:
 
 
 @shared_task(name="robots.render_episode_video", acks_late=True)
-def render_episode_video(episode_id: str) -> str:
-    """An episode's MP4, made once after it was verified (robots/replay.py); its progress is in its MediaJob."""
+def render_episode_video(episode_id: str, value_too: bool = False) -> str:
+    """An episode's MP4, made once after it was verified (robots/replay.py); its progress is in its MediaJob.
+    ``value_too``: the episode was verified just now and its value plot's task is sent from here, first, so that
+    it never waits for the encoder (the web process sends one message per verified episode)."""
+    if value_too:
+        replay.send_value_task(episode_id)
     job = replay.render_video(episode_id)
     return job.state if job is not None else "none"
 

@@ -345,6 +345,24 @@ def test_a_verified_upload_queues_its_replay_at_once(client, viewer, tasks, robo
     assert ingest.payload_file is replay.payload_file
 
 
+def test_an_episode_verified_just_now_sends_one_message_and_the_media_worker_sends_the_value_task(
+        tasks, robots, data_dirs, monkeypatch, django_capture_on_commit_callbacks):
+    from celery import current_app
+
+    from robots import tasks as robot_tasks
+
+    ep = _stored_episode(tasks[0], robots[0], steps=5)
+    sent = []
+    monkeypatch.setattr(current_app, "send_task", lambda name, args: sent.append((name, args)))
+    with django_capture_on_commit_callbacks(execute=True):
+        replay.queue_replays(ep, new=True)
+    assert sent == [("robots.render_episode_video", [str(ep.pk), True])]
+    assert MediaJob.objects.get(episode=ep).state == "queued"
+    robot_tasks.render_episode_video(*sent[0][1])  # the worker's side: the value task first, then the MP4
+    assert sent[1] == ("learner.render_episode_value", [str(ep.pk)])
+    assert MediaJob.objects.get(episode=ep).state == "done"
+
+
 def test_no_video_for_an_episode_without_frames(client, viewer, tasks, robots, data_dirs):
     ep = make_episode(tasks[0], robots[0], status=Episode.Status.RECORDING, outcome="")
     client_for(client, viewer)
