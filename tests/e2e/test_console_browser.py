@@ -151,7 +151,7 @@ def test_operator_takes_over_drives_releases_estops_and_labels(console, browser)
     shot(op1, "fleet")
 
     # Live video on the fleet page: the browser decodes frames and keeps decoding.
-    tile = op1.locator(f'[data-robot="{robot.name}"]')
+    tile = op1.locator(f'#tiles .tile[data-robot="{robot.name}"]')  # not its help-queue item, if it asks for help
     tile.wait_for()
     first = wait_for(lambda: frames_decoded(op1, robot.name) > 5 and frames_decoded(op1, robot.name), 60,
                      "decoded video frames on the fleet page", interval=0.5, procs=procs)

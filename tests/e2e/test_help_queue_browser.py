@@ -60,7 +60,7 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
                                                                                                      browser):
     url, (arm1, arm2), procs = console["url"], console["robots"], console["procs"]
     op1 = login(browser, url, "op1")
-    op1.locator('[data-robot="arm-1"]').wait_for()
+    op1.locator('#tiles .tile[data-robot="arm-1"]').wait_for()
     page_ready = time.time()  # the fleet page shows the fleet: its console socket is open
 
     # arm-2 stalls: its request is at the top of the queue and its tile first (arm-1 sorts first by name otherwise).
@@ -185,7 +185,7 @@ def test_a_stalled_robot_asks_an_operator_answers_drives_resolves_and_the_episod
 
     # The live pages in a dark system theme, for a person to look at (and the page background is the dark one).
     dark = login(browser, url, "op2", color_scheme="dark")
-    dark.locator('[data-robot="arm-1"]').wait_for()
+    dark.locator('#tiles .tile[data-robot="arm-1"]').wait_for()
     assert dark.evaluate("getComputedStyle(document.documentElement).backgroundColor") == "rgb(15, 20, 27)"
     shot(dark, "fleet-dark")
     dark.goto(f"{url}/robots/arm-1/")
