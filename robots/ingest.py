@@ -431,7 +431,7 @@ def _finish(robot: Robot, episode: Episode, token: str, whole: Optional[bytes] =
     try:
         digest = hashlib.sha256(whole).hexdigest() if whole is not None else _sha256(path)
         if digest != episode.payload_sha256:
-            _reject(episode, token, ChecksumMismatch(
+            _reject(episode, ChecksumMismatch(
                 f"sha256 of the received bytes is {digest}, announced {episode.payload_sha256}: upload again from 0",
                 offset=0))
         try:
@@ -439,7 +439,7 @@ def _finish(robot: Robot, episode: Episode, token: str, whole: Optional[bytes] =
             fields = _payload_fields(meta, episode, robot)
         except (EpisodeFileError, ValueError, SopError) as exc:
             message = getattr(exc, "detail", None) or str(exc)
-            _reject(episode, token, InvalidPayload(f"invalid episode file: {message}", offset=0))
+            _reject(episode, InvalidPayload(f"invalid episode file: {message}", offset=0))
         segments = fields.pop("segments")
         key = storage.episode_key(str(stored_path(episode.id)))
         # Object storage: the verified bytes go to the bucket first, outside any transaction (seconds for a large
@@ -595,10 +595,10 @@ def _store_segments(episode: Episode, segments: list[Segment]) -> None:
     InterventionSegment.objects.bulk_create(rows)
 
 
-def _reject(episode: Episode, token: str, error: SopError):
-    """Discard the partial bytes, store the rejection (fenced by the upload lock), raise ``error``."""
+def _reject(episode: Episode, error: SopError):
+    """Discard the partial bytes, mark ``episode`` rejected and raise ``error``; _finish stores the row (fenced by
+    the upload lock, in the statement that releases it)."""
     partial_path(episode.id).unlink(missing_ok=True)
-    _locked(episode, token).update(status=Episode.Status.REJECTED, received_bytes=0, error=str(error.detail)[:500])
     episode.status, episode.received_bytes, episode.error = Episode.Status.REJECTED, 0, str(error.detail)[:500]
     log.warning("episode %s of robot %s rejected: %s", episode.id, episode.robot_id, error.detail,
                 extra=ids(episode=episode.id))

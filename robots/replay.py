@@ -86,13 +86,14 @@ def queue(episode: Episode, kind: str, key: str, task: str, args: list, send: bo
     return job
 
 
-def _send_on_commit(task: str, args: list) -> None:
+def _send(task: str, args: list) -> None:
     from celery import current_app
 
-    def send():
-        current_app.send_task(task, args=args)
+    current_app.send_task(task, args=args)
 
-    transaction.on_commit(send, robust=True)
+
+def _send_on_commit(task: str, args: list) -> None:
+    transaction.on_commit(lambda: _send(task, args), robust=True)
 
 
 class Progress:
@@ -169,9 +170,7 @@ def queue_replays(episode: Episode, new: bool = False) -> None:
 
 def send_value_task(episode_id: str) -> None:
     """The value plot's task, sent now (the media worker's half of queue_replays)."""
-    from celery import current_app
-
-    current_app.send_task(VALUE_TASK, args=[episode_id])
+    _send(VALUE_TASK, [episode_id])
 
 
 def video_ready(episode: Episode) -> Optional[Path]:
