@@ -8,8 +8,6 @@ committed as docs/openapi.json.
 
 from __future__ import annotations
 
-import re
-
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404
@@ -25,9 +23,9 @@ from rest_framework.views import APIView
 
 from sop_web.files import send_stored
 
-from . import exports, helpqueue, ingest, metrics, selectors
+from . import exports, helpqueue, ingest_http, selectors
 from .auth import IsOperator, IsRobot, RobotTokenAuthentication, UserTokenAuthentication
-from .exceptions import PayloadTooLarge, SopError
+from .exceptions import PayloadTooLarge
 from .models import DatasetExport, Episode, Robot
 from .parsers import StrictJSONParser
 from .serializers import (
@@ -108,7 +106,7 @@ PAGE_ERRORS = {404: error("no such page (not_found)")}
 
 
 class UploadStateSerializer(serializers.Serializer):
-    """Where an episode upload stands (``_upload_state``)."""
+    """Where an episode upload stands: the body of every successful ingest reply."""
 
     id = serializers.UUIDField()
     status = serializers.ChoiceField(Episode.Status.choices)
@@ -126,17 +124,6 @@ class RobotAPIView(APIView):
     authentication_classes = [RobotTokenAuthentication]
     permission_classes = [IsRobot]
     parser_classes = [StrictJSONParser]
-
-
-def _upload_state(episode: Episode) -> dict:
-    verified = episode.status == Episode.Status.VERIFIED
-    return {
-        "id": str(episode.id),
-        "status": episode.status,
-        "offset": episode.payload_size if verified else episode.received_bytes,
-        "size": episode.payload_size,
-        "upload_url": reverse("robot-episode-payload", args=[episode.id]),
-    }
 
 
 class RobotEpisodesView(RobotAPIView):
@@ -158,10 +145,8 @@ class RobotEpisodesView(RobotAPIView):
     )
     def post(self, request):
         """Announce a payload: 201 (new) or 200 (known) with the offset to upload from."""
-        announcement = EpisodeAnnouncementSerializer(data=request.data)
-        announcement.is_valid(raise_exception=True)
-        episode, created = ingest.open_upload(request.auth, announcement.validated_data)
-        return Response(_upload_state(episode), status=201 if created else 200)
+        status, state = ingest_http.announce(request.auth, request.data)
+        return Response(state, status=status)
 
 
 class HelpButtonSerializer(serializers.Serializer):
@@ -204,12 +189,7 @@ class RobotEpisodeView(RobotAPIView):
                    403: error("another robot's episode (forbidden)"), 404: error("no such episode (not_found)")},
     )
     def get(self, request, episode_id):
-        return Response(_upload_state(selectors.robot_episode(request.auth, episode_id)))
-
-
-# At most 19 ASCII digits: every offset a payload can have, and never near int()'s 4300-digit limit (a 500).
-# fullmatch, not ^...$: "$" also matches before a trailing newline.
-_OFFSET = re.compile(r"[0-9]{1,19}")
+        return Response(ingest_http.upload_state(selectors.robot_episode(request.auth, episode_id)))
 
 
 class RobotEpisodePayloadView(RobotAPIView):
@@ -245,16 +225,12 @@ class RobotEpisodePayloadView(RobotAPIView):
     )
     def put(self, request, episode_id):
         """Append the body at ``Upload-Offset``; the chunk that completes the payload verifies it."""
-        raw = request.headers.get("Upload-Offset", "")
-        if not _OFFSET.fullmatch(raw):
-            raise SopError("Upload-Offset header must be a non-negative integer of at most 19 digits.")
         try:
             body = request.body
         except RequestDataTooBig:  # a body without Content-Length (chunked) past DATA_UPLOAD_MAX_MEMORY_SIZE
             raise PayloadTooLarge(f"chunk exceeds {settings.SOP_MAX_UPLOAD_CHUNK_BYTES} bytes") from None
-        episode = ingest.append_upload(request.auth, episode_id, int(raw), body)
-        metrics.inc("sop_ingest_bytes_total", len(body))
-        return Response(_upload_state(episode))
+        status, state = ingest_http.append(request.auth, episode_id, request.headers.get("Upload-Offset", ""), body)
+        return Response(state, status=status)
 
 
 # ---------------------------------------------------------------- operator read API

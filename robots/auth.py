@@ -79,23 +79,38 @@ class RobotIdentity:
         return f"robot:{self.robot.name}"
 
 
+ROBOT_AUTH_HEADER = 'Bearer realm="robots"'  # WWW-Authenticate of a robot endpoint's 401
+
+
+def robot_from_authorization(header) -> Robot:
+    """The robot an ``Authorization`` header (bytes or str, as received) names; raises NotAuthenticated without one,
+    AuthenticationFailed for a malformed, unknown or revoked token. Every robot HTTP request comes through here (the
+    DRF views by RobotTokenAuthentication, the ingest route of robots/ingest_http.py directly)."""
+    if isinstance(header, str):
+        header = header.encode("latin-1")
+    if not header:
+        raise exceptions.NotAuthenticated()
+    raw = _bearer(header)
+    if raw is None:
+        raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <robot token>'.")
+    robot = authenticate_token(raw)
+    if robot is None:
+        raise exceptions.AuthenticationFailed("Unknown or revoked robot token.")
+    return robot
+
+
 class RobotTokenAuthentication(authentication.BaseAuthentication):
     """``Authorization: Bearer sop_...``. Sets ``request.user`` to a RobotIdentity and ``request.auth`` to the Robot."""
 
     def authenticate(self, request):
         header = authentication.get_authorization_header(request)
         if not header:
-            return None
-        raw = _bearer(header)
-        if raw is None:
-            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <robot token>'.")
-        robot = authenticate_token(raw)
-        if robot is None:
-            raise exceptions.AuthenticationFailed("Unknown or revoked robot token.")
+            return None  # DRF answers NotAuthenticated (401) once every class had its say
+        robot = robot_from_authorization(header)
         return RobotIdentity(robot), robot
 
     def authenticate_header(self, request):
-        return 'Bearer realm="robots"'  # makes DRF answer 401 (not 403) without credentials
+        return ROBOT_AUTH_HEADER  # makes DRF answer 401 (not 403) without credentials
 
 
 class IsRobot(permissions.BasePermission):

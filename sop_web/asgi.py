@@ -2,6 +2,7 @@
 
 /ws/robots/  robot agents, authenticated by per-robot token (robots/auth.py)
 /ws/console/ browsers, authenticated by session, origin-checked: scheme, host and port (robots/origin.py)
+POST /api/robot/episodes/ and PUT /api/robot/episodes/<uuid>/payload: the ingest route (robots/ingest_http.py)
 
 Request bodies are limited by path (sop_web/limits.py): by the BodySizeLimit middleware under any server, and, under
 daphne, already by daphne's Twisted request while the body arrives (daphne buffers whole bodies before the app runs).
@@ -22,6 +23,7 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from robots import routing as robot_routing  # noqa: E402
+from robots.ingest_http import IngestRoute  # noqa: E402
 from robots.origin import SameOriginValidator  # noqa: E402
 from sop_web.limits import BodySizeLimit, install_daphne_body_limit  # noqa: E402
 
@@ -29,7 +31,9 @@ from sop_web.limits import BodySizeLimit, install_daphne_body_limit  # noqa: E40
 if "daphne.server" in sys.modules:
     install_daphne_body_limit()
 
-http_app = BodySizeLimit(ASGIStaticFilesHandler(django_http) if settings.SOP_SERVE_STATIC else django_http)
+# The robot ingest's two hot requests (announce, append bytes) are served beside Django, with the same checks
+# (robots/ingest_http.py); every other request goes to Django.
+http_app = BodySizeLimit(IngestRoute(ASGIStaticFilesHandler(django_http) if settings.SOP_SERVE_STATIC else django_http))
 
 application = ProtocolTypeRouter(
     {
