@@ -53,13 +53,11 @@ _PAYLOAD_PATH = re.compile(
 # At most 19 ASCII digits: every offset a payload can have, and never near int()'s 4300-digit limit (a 500).
 # fullmatch, not ^...$: "$" also matches before a trailing newline.
 _OFFSET = re.compile(r"[0-9]{1,19}")
-UPLOADS_PREFIX = "/api/robot/episodes"  # what the upload metrics count (sop_web.observability)
 
 # Threads that run the ingest work (database, fsync, sha256, the payload check's round trip). Long-lived, so each
 # request does not start one; a handful is plenty on any host (the work is I/O-bound or holds the GIL) and stays
 # well inside the per-process database pool (SOP_DB_POOL_MAX, default 20).
 INGEST_THREADS = 8
-_executor: Optional[ThreadPoolExecutor] = None
 
 
 # ---------------------------------------------------------------- the endpoints' logic (both paths call these)
@@ -102,6 +100,7 @@ class IngestRoute:
 
     def __init__(self, app):
         self.app = app
+        self._executor: Optional[ThreadPoolExecutor] = None  # made on the first request, in the serving process
 
     async def __call__(self, scope, receive, send):
         handler = self._handler(scope) if scope["type"] == "http" else None
@@ -110,10 +109,9 @@ class IngestRoute:
         body = await _read_body(receive)
         if body is None:  # the client went away (or the body limit refused it and answered already)
             return
-        global _executor
-        if _executor is None:
-            _executor = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="ingest")
-        status, payload, headers = await sync_to_async(_serve, thread_sensitive=False, executor=_executor)(
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="ingest")
+        status, payload, headers = await sync_to_async(_serve, thread_sensitive=False, executor=self._executor)(
             handler, _headers(scope), body, _secure(scope))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
