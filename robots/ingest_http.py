@@ -2,9 +2,9 @@
 (``POST /api/robot/episodes/``) and appending its bytes (``PUT /api/robot/episodes/<uuid>/payload``).
 
 Why a route of its own: an upload is two requests per episode, and through Django each paid for a thread of its own
-(asgiref starts one per request), the middleware stack, DRF's request wrapping and negotiation, and a body spooled to
-a temporary file on disk and read back (a chunk is 4 MiB, Django spools past 2.5 MiB). Here the body stays the bytes
-daphne received, the work runs in a small pool of long-lived threads, and nothing else happens per request
+(asgiref starts one per request), the middleware stack, DRF's request wrapping and negotiation, and two copies of the
+body (into Django's spooled request file, then out of it as ``request.body``; a chunk is 4 MiB). Here the body stays
+the bytes daphne received, the work runs in a small pool of long-lived threads, and nothing else happens per request
 (issue 14, item 9; benchmarks/README.md, "Against the floor").
 
 The same door and the same checks as the DRF views in robots/api.py, by construction: both call ``announce`` and
