@@ -648,7 +648,8 @@ def tables(results: dict) -> str:
         if not e:
             lines.append(f"| {robots} | not run yet | | | | | | |")
             continue
-        runs = [r for r in results["runs"].values() if r["row"] == row]
+        # in seed order, as the seeds column and the per-seed times (a rerun is stored after the runs it followed)
+        runs = sorted((r for r in results["runs"].values() if r["row"] == row), key=lambda r: r["seed"])
         hz = [min(h for snap in r.get("loop_hz", []) for h in snap) for r in runs if r.get("loop_hz")]
         sps = [r.get("learner_steps_per_s") for r in runs if r.get("learner_steps_per_s") is not None]
 
