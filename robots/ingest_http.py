@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import codecs
 import io
-import logging
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from typing import Callable, Optional
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
-from django.urls import reverse, set_script_prefix
+from django.urls import reverse
 from django.utils.http import parse_header_parameters
 from rest_framework.exceptions import APIException, UnsupportedMediaType
 from rest_framework.renderers import JSONRenderer
@@ -44,12 +43,9 @@ from .exceptions import SopError, api_exception_handler
 from .models import Episode, Robot
 from .parsers import StrictJSONParser
 from .serializers import EpisodeAnnouncementSerializer
-
-log = logging.getLogger(__name__)
+from sop_web.limits import PAYLOAD_PATH
 
 EPISODES_PATH = "/api/robot/episodes/"
-_PAYLOAD_PATH = re.compile(
-    r"/api/robot/episodes/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/payload")
 # At most 19 ASCII digits: every offset a payload can have, and never near int()'s 4300-digit limit (a 500).
 # fullmatch, not ^...$: "$" also matches before a trailing newline.
 _OFFSET = re.compile(r"[0-9]{1,19}")
@@ -126,7 +122,7 @@ class IngestRoute:
         if method == "POST" and path == EPISODES_PATH:
             return _announce
         if method == "PUT":
-            match = _PAYLOAD_PATH.fullmatch(path)
+            match = PAYLOAD_PATH.fullmatch(path)
             if match:
                 episode_id = uuid.UUID(match["id"])  # as Django's <uuid:> converter hands it to the view
                 return lambda robot, headers, body: append(robot, episode_id, headers.get(b"upload-offset", ""),
@@ -150,7 +146,6 @@ def _announce(robot: Robot, headers: dict, body: bytes) -> tuple[int, dict]:
 def _serve(handler: Callable, headers: dict, body: bytes, secure: bool) -> tuple[int, bytes, list]:
     """One request, in an ingest thread: database connections handled as Django handles a request's."""
     close_old_connections()
-    set_script_prefix("/")
     try:
         try:
             robot = robot_from_authorization(headers.get(b"authorization"))

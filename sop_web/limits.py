@@ -30,13 +30,15 @@ from django.conf import settings
 log = logging.getLogger(__name__)
 
 # The robot payload PUT (robots/urls.py "robot-episode-payload"); uuid as Django's <uuid:> converter matches it.
-_PAYLOAD_PATH = re.compile(r"/api/robot/episodes/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/payload")
+# Also what robots/ingest_http.py serves (its ``id`` group: the episode).
+PAYLOAD_PATH = re.compile(
+    r"/api/robot/episodes/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/payload")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,19}")  # fullmatch; int() of thousands of digits raises
 
 
 def body_limit(method: str, path: str) -> int:
     """The largest request body, in bytes, for ``method`` on ``path`` (the decoded path, no query string)."""
-    if method.upper() == "PUT" and _PAYLOAD_PATH.fullmatch(path):
+    if method.upper() == "PUT" and PAYLOAD_PATH.fullmatch(path):
         return settings.SOP_MAX_UPLOAD_CHUNK_BYTES
     return settings.SOP_MAX_REQUEST_BYTES
 
