@@ -19,6 +19,7 @@ within ``TIMEOUT_S``; rank 0 then ends the round as a transient error and the ru
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -70,8 +71,13 @@ def init(rank_: int, world: int, init_method: str, backend: str = "gloo", timeou
 
 
 def shutdown() -> None:
+    """Leave the process group and free it now. destroy_process_group only drops torch's references; the group object
+    can stay alive in a reference cycle until the interpreter exits, and gloo's threads torn down that late abort the
+    process ("terminate called without an active exception", SIGABRT) in ~15 % of exits on this machine. Collecting
+    right after frees it while everything it needs is still alive (0 of 60 runs abort with it, 11 of 60 without)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
     _world.update(size=1, rank=0)
 
 
