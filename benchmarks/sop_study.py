@@ -88,7 +88,7 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true", help="recompute the summaries and plots from the file")
     p.add_argument("--rerun-under-paced", action="store_true",
                    help=f"run again the online runs of --rows/--seeds whose learner held less than "
-                        f"{PACE_HELD:.0%} of the pinned pace (the old run is kept under 'superseded'; the controls "
+                        f"{PACE_HELD:.0%}% of the pinned pace (the old run is kept under 'superseded'; the controls "
                         "made from it, bc_long and offline, are run again too)")
     args = p.parse_args()
     knobs = dict(QUICK if args.quick else FULL)
