@@ -17,10 +17,13 @@ BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")  # the sc
 OURS = sorted((name, app) for name, app in get_commands().items() if app in ("robots", "learner"))
 
 
-@pytest.mark.parametrize("script", BENCHMARKS)
-def test_each_benchmark_prints_its_usage(script):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+# what a person types after the interpreter: each benchmark script, and the robot agent (the sop-agent console script)
+SCRIPTS = [[str(ROOT / "benchmarks" / name)] for name in BENCHMARKS] + [["-m", "robots.agent"]]
+
+
+@pytest.mark.parametrize("argv", SCRIPTS, ids=[argv[-1].rpartition("/")[2] for argv in SCRIPTS])
+def test_each_script_prints_its_usage(argv):
+    done = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:"), done.stdout[:500]
 
@@ -34,9 +37,3 @@ def test_each_management_command_prints_its_usage(name, app):
     parser = load_command_class(app, name).create_parser("manage.py", name)
     assert parser.format_help().startswith(f"usage: manage.py {name}")
 
-
-def test_the_robot_agent_prints_its_usage():
-    done = subprocess.run([sys.executable, "-m", "robots.agent", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("usage:"), done.stdout[:500]
