@@ -12,6 +12,7 @@ from typing import Optional
 
 from rest_framework import authentication, exceptions, permissions
 
+from . import hotsql
 from .models import ApiToken, Robot
 
 TOKEN_PREFIX = "sop_"
@@ -38,7 +39,8 @@ def authenticate_token(raw: Optional[str]) -> Optional[Robot]:
     if not raw or not raw.startswith(TOKEN_PREFIX) or len(raw) > MAX_TOKEN_CHARS:
         return None
     # Revocation clears token_hash, so a revoked token can never match; revoked_at is checked as a second lock.
-    return Robot.objects.filter(token_hash=hash_token(raw), revoked_at__isnull=True).first()
+    # Plain SQL: every robot request and socket starts here (robots/hotsql.py says why).
+    return hotsql.one(Robot, "token_hash = %s AND revoked_at IS NULL", [hash_token(raw)])
 
 
 def token_from_scope(scope) -> Optional[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -18,10 +19,10 @@ from typing import Any, Optional
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q, Sum
+from django.db.models import Q
 from django.utils import timezone
 
-from . import payload_check, protocol, replay, tasking
+from . import hotsql, payload_check, protocol, replay, tasking
 from .episode_file import EpisodeFileError, Limits, Segment
 from .exceptions import (
     ChecksumMismatch,
@@ -132,7 +133,7 @@ def open_upload(robot: Robot, meta: dict[str, Any]) -> tuple[Episode, bool]:
     size, sha256 = meta["size"], meta["sha256"]
     if size > settings.SOP_MAX_EPISODE_BYTES:
         raise PayloadTooLarge(f"episode of {size} bytes exceeds the limit of {settings.SOP_MAX_EPISODE_BYTES}")
-    task_id = Task.objects.filter(name=meta["task"]).values_list("pk", flat=True).first()
+    task_id = hotsql.scalar(_task_id_sql(), [meta["task"]])
     if task_id is None:
         raise UnknownTask(f"unknown task {meta['task']!r}")
     fields = _announced_fields(meta, task_id)
@@ -197,15 +198,19 @@ def _open_quickly(robot: Robot, episode_id, size: int, sha256: str,
         return None
     opened = dict(status=Episode.Status.UPLOADING, payload_size=size, payload_sha256=sha256, received_bytes=0,
                   error="", **fields)
-    if Episode.objects.filter(pk=episode_id, robot_id=robot.pk, status__in=_FRESH).update(**opened):
+    if hotsql.update(Episode, opened, "id = %s AND robot_id = %s AND status IN (%s, %s, %s)",
+                     [_pk(episode_id), robot.pk, *(status.value for status in _FRESH)]):
         partial_path(episode_id).unlink(missing_ok=True)
         return Episode(id=episode_id, robot=robot, **opened), False
+    episode = Episode(id=episode_id, robot=robot, **opened)
     try:
-        # A statement of its own (autocommit; a savepoint inside a caller's transaction): its IntegrityError aborts
-        # nothing else
+        # A statement of its own (autocommit; a savepoint inside a caller's transaction): an IntegrityError (a task
+        # deleted this instant) aborts nothing else
         with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
-            episode = Episode.objects.create(id=episode_id, robot=robot, **opened)
-    except IntegrityError:  # it exists in a state the locking path handles (or another request created it)
+            created = hotsql.insert(episode, ignore_conflicts=True)
+    except IntegrityError:
+        return None
+    if not created:  # it exists in a state the locking path handles (or another request created it)
         return None
     partial_path(episode_id).unlink(missing_ok=True)
     return episode, True
@@ -235,7 +240,7 @@ def append_upload(robot: Robot, episode_id, offset: int, data: bytes) -> Episode
         raise UploadBusy()
     released = False
     try:
-        episode = Episode.objects.select_related("task").get(pk=episode_id)
+        episode = _upload_row(episode_id)
         received = _partial_bytes(episode)
         if offset != received:
             raise OffsetMismatch(f"Upload-Offset is {offset}, the server has {received} bytes", offset=received)
@@ -254,8 +259,8 @@ def append_upload(robot: Robot, episode_id, offset: int, data: bytes) -> Episode
         # lock has written into a file that another request now reconciles (truncates); its bytes are not
         # acknowledged.
         released = True
-        if not _locked(episode, token).update(status=Episode.Status.UPLOADING, received_bytes=end, error="",
-                                              upload_token="", upload_locked_until=None):
+        if not _fenced(episode.pk, token, status=Episode.Status.UPLOADING, received_bytes=end, error="",
+                       upload_token="", upload_locked_until=None):
             raise UploadBusy("another request took over this upload; retry")
         return episode
     finally:
@@ -333,6 +338,35 @@ def _announced_fields(meta: dict[str, Any], task_id: int) -> dict[str, Any]:
     )
 
 
+def _pk(episode_id) -> Any:
+    """An episode id as the database compares it (SQLite keeps UUIDs as 32 hex characters)."""
+    return hotsql.prep(Episode, "id", episode_id)
+
+
+@functools.cache
+def _task_id_sql() -> str:
+    return f"SELECT id FROM {Task._meta.db_table} WHERE name = %s"
+
+
+@functools.cache
+def _row_sql() -> str:
+    return (f"SELECT {hotsql.columns(Episode, 'e')}, t.name FROM {Episode._meta.db_table} e "
+            f"LEFT JOIN {Task._meta.db_table} t ON t.id = e.task_id WHERE e.id = %s")
+
+
+def _upload_row(episode_id) -> Episode:
+    """The episode an upload request holds the lock of, with its task's name (what verification compares the file
+    with) and nothing else of the task loaded."""
+    row = hotsql.fetchone(_row_sql(), [_pk(episode_id)])
+    if row is None:
+        raise EpisodeNotFound()
+    episode, (task_name,) = hotsql.instance(Episode, row)
+    if episode.task_id is not None:
+        Episode.task.field.set_cached_value(episode, Task.from_db(connection.alias, ["id", "name"],
+                                                                  [episode.task_id, task_name]))
+    return episode
+
+
 def _partial_bytes(episode: Episode) -> int:
     """How many bytes of the upload the server really has, reconciling the row with the partial file."""
     path = partial_path(episode.id)
@@ -383,19 +417,22 @@ def _lock_upload(robot: Robot, episode_id) -> Optional[str]:
     when there is no such upload or another request holds it (the caller finds out which)."""
     token = uuid.uuid4().hex
     now = timezone.now()
-    free = Q(upload_locked_until__isnull=True) | Q(upload_locked_until__lt=now)
-    taken = Episode.objects.filter(
-        free, pk=episode_id, robot_id=robot.pk, status__in=(Episode.Status.UPLOADING, Episode.Status.REJECTED),
-    ).update(upload_token=token, upload_locked_until=now + dt.timedelta(seconds=UPLOAD_LOCK_S))
+    taken = hotsql.update(
+        Episode, dict(upload_token=token, upload_locked_until=now + dt.timedelta(seconds=UPLOAD_LOCK_S)),
+        "id = %s AND robot_id = %s AND status IN (%s, %s) "
+        "AND (upload_locked_until IS NULL OR upload_locked_until < %s)",
+        [_pk(episode_id), robot.pk, Episode.Status.UPLOADING.value, Episode.Status.REJECTED.value,
+         hotsql.prep(Episode, "upload_locked_until", now)])
     return token if taken else None
 
 
-def _locked(episode: Episode, token: str):
-    return Episode.objects.filter(pk=episode.pk, upload_token=token)
+def _fenced(episode_id, token: str, **values) -> int:
+    """``UPDATE`` the episode only if ``token`` still holds its upload lock; returns the rows changed (0 or 1)."""
+    return hotsql.update(Episode, values, "id = %s AND upload_token = %s", [_pk(episode_id), token])
 
 
 def _unlock(episode_id, token: str) -> None:
-    Episode.objects.filter(pk=episode_id, upload_token=token).update(upload_token="", upload_locked_until=None)
+    _fenced(episode_id, token, upload_token="", upload_locked_until=None)
 
 
 def _check_open_uploads(robot: Robot, episode_id) -> None:
@@ -408,15 +445,17 @@ def _check_open_uploads(robot: Robot, episode_id) -> None:
 
 
 def _open_upload_count(robot: Robot, episode_id) -> int:
-    return (Episode.objects.filter(robot=robot, status=Episode.Status.UPLOADING, received_bytes__gt=0)
-            .exclude(pk=episode_id).count())
+    return hotsql.scalar(f"SELECT COUNT(*) FROM {Episode._meta.db_table} WHERE robot_id = %s AND status = %s "
+                         "AND received_bytes > 0 AND id <> %s",
+                         [robot.pk, Episode.Status.UPLOADING.value, _pk(episode_id)])
 
 
 def _check_partial_quota(robot: Robot, episode: Episode, end: int) -> None:
     """Partial bytes a robot holds on the server, all its unfinished uploads together, stay within
     SOP_MAX_PARTIAL_BYTES_PER_ROBOT: one robot (or one stolen token) cannot fill the payload disk."""
-    others = (Episode.objects.filter(robot=robot, status=Episode.Status.UPLOADING).exclude(pk=episode.pk)
-              .aggregate(n=Sum("received_bytes"))["n"] or 0)
+    others = hotsql.scalar(f"SELECT SUM(received_bytes) FROM {Episode._meta.db_table} WHERE robot_id = %s "
+                           "AND status = %s AND id <> %s",
+                           [robot.pk, Episode.Status.UPLOADING.value, _pk(episode.pk)]) or 0
     limit = settings.SOP_MAX_PARTIAL_BYTES_PER_ROBOT
     if others + end > limit:
         raise QuotaExceeded(f"robot {robot.name} would hold {others + end} partial bytes (at most {limit}); "
@@ -451,8 +490,8 @@ def _finish(robot: Robot, episode: Episode, token: str, whole: Optional[bytes] =
             raise StorageUnavailable() from None  # the partial file stays; the robot's retry finishes it
     except BaseException:
         # The row as this request leaves it (rejected, or every byte acknowledged: the retry resumes at the end)
-        _locked(episode, token).update(status=episode.status, received_bytes=episode.received_bytes,
-                                       error=episode.error, upload_token="", upload_locked_until=None)
+        _fenced(episode.pk, token, status=episode.status, received_bytes=episode.received_bytes,
+                error=episode.error, upload_token="", upload_locked_until=None)
         raise
     verified = dict(fields, payload_path=str(stored_path(episode.id)), status=Episode.Status.VERIFIED,
                     verified_at=timezone.now(), error="", received_bytes=episode.payload_size)
@@ -464,7 +503,7 @@ def _finish(robot: Robot, episode: Episode, token: str, whole: Optional[bytes] =
     try:
         with transaction.atomic():
             # the fence, the verification and the lock's release in one statement
-            if not _locked(episode, token).update(**verified, upload_token="", upload_locked_until=None):
+            if not _fenced(episode.pk, token, **verified, upload_token="", upload_locked_until=None):
                 raise UploadBusy("another request took over this upload; retry")
             for name, value in verified.items():
                 setattr(episode, name, value)

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from sop_web import storage
 
+from . import hotsql
 from .episode_file import EpisodeFileError, EpisodeReader
 from .models import Episode, MediaJob
 
@@ -158,8 +159,8 @@ def queue_replays(episode: Episode, new: bool = False) -> None:
     only): one INSERT instead of a look-up first (ingest's hot path). A conflict would mean one does; the task then
     finds it, as a redelivered task does."""
     if new and episode.status == Episode.Status.VERIFIED and episode.payload_path:
-        MediaJob.objects.bulk_create([MediaJob(episode_id=episode.pk, kind=MediaJob.Kind.VIDEO,
-                                               key=video_key(episode))], ignore_conflicts=True)
+        hotsql.insert(MediaJob(episode_id=episode.pk, kind=MediaJob.Kind.VIDEO, key=video_key(episode)),
+                      ignore_conflicts=True)
         # one message from the web process (a broker round trip is ~2-4 ms of an upload's time): the media worker
         # sends the value task when it takes this one (robots/tasks.py)
         _send_on_commit(VIDEO_TASK, [str(episode.pk), True])
