@@ -19,7 +19,7 @@ import enum
 import functools
 from typing import Any, Iterable, Optional
 
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import Model
 
 
@@ -98,8 +98,11 @@ def columns(model: type[Model], alias: str = "") -> str:
 
 
 @functools.cache
-def _converters(model: type[Model], ops) -> list[tuple[int, list]]:
-    """What the ORM's compiler applies to each column as it reads a row (per connection: threads have their own)."""
+def _converters(model: type[Model], alias: str) -> list[tuple[int, list]]:
+    """What the ORM's compiler applies to each column as it reads a row. Built once per model and database, not per
+    connection (threads have their own, and a server makes threads without end): a backend's converters read the
+    settings (USE_TZ, the database's time zone), never the connection they were taken from."""
+    ops = connections[alias].ops
     out = []
     for i, field in enumerate(model._meta.concrete_fields):
         found = ops.get_db_converters(field.cached_col) + field.get_db_converters(ops.connection)
@@ -112,7 +115,7 @@ def instance(model: type[Model], row: tuple) -> tuple[Model, tuple]:
     """A row that starts with ``columns(model)``: the model instance (as the ORM would load it) and the rest."""
     fields = model._meta.concrete_fields
     values = list(row[:len(fields)])
-    for i, converters in _converters(model, connection.ops):
+    for i, converters in _converters(model, connection.alias):
         for converter in converters:
             values[i] = converter(values[i], fields[i].cached_col, connection)
     return model.from_db(connection.alias, [f.attname for f in fields], values), tuple(row[len(fields):])

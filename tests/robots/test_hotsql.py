@@ -95,3 +95,24 @@ def test_an_insert_stores_what_save_stores_and_a_conflict_is_skipped_without_an_
     assert not hotsql.insert(MediaJob(episode_id=mine.pk, kind=MediaJob.Kind.VIDEO, key="k"), ignore_conflicts=True)
     assert list(MediaJob.objects.filter(episode_id=mine.pk).values_list("kind", "key", "state")) == [
         ("video", "k", "queued")]
+
+
+def test_rows_read_in_new_threads_reuse_the_converters(transactional_db, robot):
+    """A server makes threads without end (one per request on Django's own path): what is cached must not grow."""
+    import threading
+
+    instance, token = robot
+    assert authenticate_token(token).pk == instance.pk
+    size = hotsql._converters.cache_info().currsize
+    found = []
+
+    def read():
+        found.append(authenticate_token(token))
+        connection.close()
+
+    for _ in range(4):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    assert [robot.pk for robot in found] == [instance.pk] * 4
+    assert hotsql._converters.cache_info().currsize == size
