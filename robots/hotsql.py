@@ -15,7 +15,6 @@ The statement budgets of tests/robots/test_ingest.py count these like any other 
 
 from __future__ import annotations
 
-import enum
 import functools
 from typing import Any, Iterable, Optional
 
@@ -26,8 +25,6 @@ from django.db.models import Model
 def prep(model: type[Model], name: str, value: Any) -> Any:
     """``value`` of field ``name`` as the database takes it (a model instance for a foreign key: its pk)."""
     field = model._meta.get_field(name)
-    if isinstance(value, enum.Enum):
-        value = value.value  # a TextChoices member: its value, as the ORM stores it
     if field.remote_field is not None and hasattr(value, "prepare_database_save"):
         value = value.prepare_database_save(field)
     return field.get_db_prep_save(value, connection)
@@ -67,6 +64,7 @@ def _insert_sql(model: type[Model], ignore_conflicts: bool) -> str:
     return sql + " ON CONFLICT DO NOTHING" if ignore_conflicts else sql
 
 
+@functools.cache
 def _insert_fields(model: type[Model]) -> list:
     return [f for f in model._meta.local_concrete_fields if f is not model._meta.auto_field]
 

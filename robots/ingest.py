@@ -198,11 +198,11 @@ def _open_quickly(robot: Robot, episode_id, size: int, sha256: str,
         return None
     opened = dict(status=Episode.Status.UPLOADING, payload_size=size, payload_sha256=sha256, received_bytes=0,
                   error="", **fields)
+    episode = Episode(id=episode_id, robot=robot, **opened)
     if hotsql.update(Episode, opened, "id = %s AND robot_id = %s AND status IN (%s, %s, %s)",
                      [_pk(episode_id), robot.pk, *(status.value for status in _FRESH)]):
         partial_path(episode_id).unlink(missing_ok=True)
-        return Episode(id=episode_id, robot=robot, **opened), False
-    episode = Episode(id=episode_id, robot=robot, **opened)
+        return episode, False
     try:
         # A statement of its own (autocommit; a savepoint inside a caller's transaction): an IntegrityError (a task
         # deleted this instant) aborts nothing else
